@@ -1,0 +1,188 @@
+"""The `phi3local` command: parse, load the recipe, call one stage, print. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.syntax import Syntax
+
+from phi3local.config import RecipeError, load_recipe
+
+console = Console()
+
+EPILOG = "Recipes are YAML files (see recipes/); any key can be overridden: training.lr=1e-4 data.max_seq_len=2048"
+
+
+def _recipe(args) -> object:
+    overrides = [o for o in args.overrides if o != "resume=auto"]
+    if "resume=auto" in args.overrides:
+        args.resume = True
+    recipe = load_recipe(args.recipe, overrides)
+    console.rule(f"recipe {args.recipe}")
+    console.print(Syntax(recipe.to_yaml(), "yaml", background_color="default"))
+    return recipe
+
+
+def cmd_prepare(args) -> int:
+    from phi3local.data.prepare import prepare
+    from phi3local.model.load import resolve_model_path
+    from phi3local.model.tokenizer import load_tokenizer
+
+    recipe = _recipe(args)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path))
+    out = Path(args.out) if args.out else None
+    result = prepare(recipe, tokenizer, out_dir=out, console=console)
+    console.print(f"prepared data in [bold]{result.out_dir}[/]")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from phi3local.train.recipe import TrainingInterrupted, run_training
+
+    recipe = _recipe(args)
+    try:
+        summary = run_training(recipe, resume=args.resume, overwrite=args.overwrite, console=console)
+    except TrainingInterrupted as e:
+        console.print(f"[yellow]{e}[/]")
+        return 128 + e.signum
+    console.print(f"adapter saved in [bold]{Path(recipe.output_dir) / 'adapter'}[/]")
+    return 0 if summary else 1
+
+
+def cmd_eval(args) -> int:
+    from phi3local.train.evaluate import evaluate_model
+
+    result = evaluate_model(Path(args.model), Path(args.data), args.overrides, console=console)
+    console.print_json(json.dumps(result))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from phi3local.export.merge import merge_adapter
+
+    report = merge_adapter(Path(args.run), Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
+    console.print_json(json.dumps(report, default=str))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from phi3local.export.onnx import export_onnx
+
+    report = export_onnx(Path(args.model), Path(args.out), precision=args.precision, target=args.target)
+    console.print_json(json.dumps(report, default=str))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from phi3local.export.chat import chat
+
+    chat(Path(args.model), prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+         temperature=args.temperature, top_p=args.top_p)
+    return 0
+
+
+def cmd_not_yet(args) -> int:
+    console.print(f"[red]phi3local {args.command}: not yet implemented[/] (see the project's issues)")
+    return 2
+
+
+def cmd_bench(args) -> int:
+    import subprocess
+
+    target = {"all": "bench", "train": "bench-train", "kernels": "bench-kernels"}[args.which]
+    return subprocess.call(["make", target])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phi3local",
+        description="Fine-tune Microsoft Phi-3 models with 4-bit QLoRA on one machine, export to ONNX, "
+                    "chat locally, hand the result to Azure.",
+        epilog="Start with: phi3local train recipes/tiny-cpu.yaml   (a tiny model, CPU, a few minutes)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log library messages too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_recipe(p):
+        p.add_argument("recipe", help="YAML recipe, e.g. recipes/phi3-mini-4k-qlora.yaml")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-4")
+
+    p = sub.add_parser("prepare", help="validate, clean, tokenise and split the recipe's data", epilog=EPILOG)
+    with_recipe(p)
+    p.add_argument("--out", help="output folder (default: data.prepared_dir or <output_dir>/prepared)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="fine-tune with (Q)LoRA: prepare, train, evaluate, save the adapter",
+                       epilog=EPILOG + ". resume=auto is the same as --resume.")
+    with_recipe(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run, checkpoint or merged model on a data file")
+    p.add_argument("model", help="run folder, checkpoint folder, adapter folder or merged model folder")
+    p.add_argument("--data", required=True, help="data file in any format prepare reads")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.max_seq_len=1024")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into full-precision base weights")
+    p.add_argument("run", help="run folder or adapter folder")
+    p.add_argument("--out", required=True, help="folder for the merged Hugging Face model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="export a merged model to ONNX (onnxruntime-genai) and check parity")
+    p.add_argument("model", help="merged model folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--precision", default="int4", choices=["int4", "fp16", "bf16", "fp32"])
+    p.add_argument("--target", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("chat", help="chat with an exported ONNX model (onnxruntime-genai)")
+    p.add_argument("model", help="exported ONNX folder")
+    p.add_argument("--prompt", help="answer one prompt and exit (for scripts)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve an exported model over HTTP through score.py (not yet implemented)")
+    p.add_argument("model", nargs="?")
+    p.set_defaults(func=cmd_not_yet)
+
+    p = sub.add_parser("azure", help="register, deploy, invoke on Azure ML (not yet implemented)")
+    p.add_argument("action", nargs="?")
+    p.set_defaults(func=cmd_not_yet)
+
+    p = sub.add_parser("bench", help="run the benchmarks (make bench, bench-train, bench-kernels)")
+    p.add_argument("which", nargs="?", default="all", choices=["all", "train", "kernels"])
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except RecipeError as e:
+        console.print(f"[red]recipe error:[/] {e}")
+        return 2
+    except Exception as e:  # every stage's own errors carry a message meant for the user
+        known = type(e).__name__ in {"DataError", "TrainingError", "NonFiniteLossError", "ModelSetupError",
+                                     "ExportError", "MergeError", "TokenizerError"}
+        if not known or args.verbose:
+            raise
+        console.print(f"[red]{type(e).__name__}:[/] {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

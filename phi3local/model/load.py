@@ -1,0 +1,179 @@
+"""Load a Phi-3-family model for training: 4-bit NF4 base (bitsandbytes), LoRA adapter (peft), attention choice."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from phi3local.config import Recipe
+
+log = logging.getLogger(__name__)
+
+# Aliases for the models the project makes itself, so recipes and tests need no download.
+EMBEDDED_MODELS = ("tiny", "stories260k")
+
+
+class ModelSetupError(RuntimeError):
+    """The recipe asks for something this model or machine cannot do; the message says what to change."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PHI3LOCAL_CACHE", Path.home() / ".cache" / "phi3local"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn an embedded alias into the folder that holds it (building it on first use)."""
+    if name_or_path == "tiny":
+        from phi3local.data.demo import demo_texts
+        from phi3local.model.tiny import ensure_tiny_default
+
+        return str(ensure_tiny_default(cache_dir() / "tiny", demo_texts()))
+    if name_or_path == "stories260k":
+        from phi3local.model.llama2c import ensure_stories260k
+
+        return str(ensure_stories260k(cache_dir() / "stories260k"))
+    return name_or_path
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On CPU fp32 is both the exact and (without AMX) the fastest choice.
+    return torch.float32
+
+
+def pick_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    flash_ok = (
+        device.type == "cuda"
+        and importlib.util.find_spec("flash_attn") is not None
+        and dtype in (torch.bfloat16, torch.float16)
+        and torch.cuda.get_device_capability()[0] >= 8
+    )
+    if requested == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    if requested == "flash_attention_2" and not flash_ok:
+        raise ModelSetupError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU of compute capability >= 8.0, "
+            "the flash-attn package (pip install 'phi3local[cuda]') and a 16-bit compute dtype; "
+            "use model.attn_implementation=sdpa (exact, slower) or auto"
+        )
+    return requested
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """The distinct short names of the model's linear layers (what LoRA `target_modules` can name)."""
+    import bitsandbytes as bnb
+
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)):
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    present = linear_layer_names(model)
+    missing = [t for t in targets if t not in present]
+    if missing:
+        hint = ""
+        if {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} & set(missing):
+            hint = (" Phi-3 fuses q/k/v into 'qkv_proj' and gate/up into 'gate_up_proj'"
+                    " (names copied from Llama notebooks do not exist here).")
+        raise ModelSetupError(
+            f"lora.target_modules names {missing}, which this model does not have. "
+            f"Its linear layers are: {present}.{hint}"
+        )
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a peft model (or the plain model when lora.enabled is false)
+    device: torch.device
+    compute_dtype: torch.dtype
+    attn_implementation: str
+    base_path: str
+
+
+def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) -> LoadedModel:
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    device = device or pick_device()
+    dtype = pick_compute_dtype(recipe.model.compute_dtype, device)
+    attn = pick_attn_implementation(recipe.model.attn_implementation, device, dtype)
+    base_path = resolve_model_path(recipe.model.name_or_path)
+    quant = recipe.quantization
+    kwargs: dict = {"attn_implementation": attn, "dtype": dtype}
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            # Storing 4-bit weights in the compute dtype lets FSDP/compile treat them like any parameter.
+            bnb_4bit_quant_storage=dtype,
+        )
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index else device.type}
+    if recipe.task == "classification":
+        labels = recipe.model.labels
+        if len(labels) < 2:
+            raise ModelSetupError("task=classification needs model.labels with at least two label names")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)}, **kwargs,
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    if not quant.load_in_4bit:
+        model.to(device)
+    log.info("attention implementation: %s, compute dtype: %s, device: %s", attn, dtype, device)
+
+    if recipe.training.gradient_checkpointing:
+        gc_kwargs = {"use_reentrant": False}
+        if quant.load_in_4bit:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kwargs
+            )
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    elif quant.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.config.use_cache = False
+
+    if recipe.lora.enabled:
+        check_target_modules(model, recipe.lora.target_modules)
+        modules_to_save = list(recipe.lora.modules_to_save)
+        if recipe.task == "classification" and "score" not in modules_to_save:
+            modules_to_save.append("score")
+        lora_config = LoraConfig(
+            r=recipe.lora.r,
+            lora_alpha=recipe.lora.alpha,
+            lora_dropout=recipe.lora.dropout,
+            target_modules=recipe.lora.target_modules,
+            use_dora=recipe.lora.use_dora,
+            use_rslora=recipe.lora.use_rslora,
+            modules_to_save=modules_to_save or None,
+            task_type=TaskType.SEQ_CLS if recipe.task == "classification" else TaskType.CAUSAL_LM,
+        )
+        model = get_peft_model(model, lora_config)
+        # peft stores the path it was given; keep the resolved folder so merge finds the base offline.
+        model.peft_config["default"].base_model_name_or_path = base_path
+    return LoadedModel(model=model, device=device, compute_dtype=dtype, attn_implementation=attn,
+                       base_path=base_path)
+
+
+def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying *ForCausalLM / *ForSequenceClassification under any peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -1,0 +1,115 @@
+"""Turn prepared documents into micro-batches: packing without cross-document attention, or padding.
+
+Packed rows hold several documents back to back; `position_ids` restart at 0 for each document,
+from which transformers builds a block-diagonal causal mask for SDPA/eager and flash-attn uses
+variable-length kernels, so attention never crosses documents. Targets are shifted inside each
+document, so no document is trained to predict the next one's first token.
+Right padding needs no attention mask: with a causal mask, real tokens never see the pads after them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L]
+    targets: torch.Tensor  # [B, L] next-token ids, -100 where untrained
+    attention_mask: torch.Tensor | None  # only for classification
+    doc_ids: list[int]
+    trained_tokens: int
+    real_tokens: int  # non-padding tokens
+    padded_tokens: int  # B * L, what the model processes
+    class_labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> MicroBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return MicroBatch(move(self.input_ids), move(self.position_ids), move(self.targets),
+                          move(self.attention_mask), self.doc_ids, self.trained_tokens,
+                          self.real_tokens, self.padded_tokens, move(self.class_labels))
+
+
+def pack_rows(lengths: list[int], order: list[int], max_seq_len: int) -> list[list[int]]:
+    """First-fit packing of documents (in `order`) into rows of at most max_seq_len tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for doc in order:
+        n = lengths[doc]
+        for i, free in enumerate(room):
+            if n <= free:
+                rows[i].append(doc)
+                room[i] -= n
+                break
+        else:
+            rows.append([doc])
+            room.append(max_seq_len - n)
+    return rows
+
+
+def plan_epoch(
+    lengths: list[int], max_seq_len: int, micro_batch_size: int, packing: bool, seed: int, epoch: int
+) -> list[list[list[int]]]:
+    """The micro-batches of one epoch, each a list of rows, each row a list of document indices.
+
+    Deterministic in (seed, epoch), which is what makes resuming mid-epoch exact.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if packing:
+        rows = pack_rows(lengths, order, max_seq_len)
+        # Similar-length rows together: the last, fuller rows would otherwise pad short ones.
+        rows.sort(key=lambda r: -sum(lengths[d] for d in r))
+    else:
+        # Length-grouped padding: sort within windows of 32 micro-batches, keep randomness across them.
+        window = micro_batch_size * 32
+        rows = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda d: lengths[d])
+            rows.extend([d] for d in chunk)
+    batches = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(
+    rows: list[list[int]],
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    pad_id: int,
+    class_labels: list[int] | None = None,
+) -> MicroBatch:
+    """Build tensors for one micro-batch from per-document token and label lists."""
+    width = max(sum(len(input_ids[d]) for d in row) for row in rows)
+    batch = len(rows)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((batch, width), dtype=torch.long)
+    tgt = torch.full((batch, width), -100, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long) if class_labels is not None else None
+    doc_ids, real, trained = [], 0, 0
+    for b, row in enumerate(rows):
+        at = 0
+        for d in row:
+            toks, labs = input_ids[d], labels[d]
+            n = len(toks)
+            ids[b, at : at + n] = torch.as_tensor(toks)
+            pos[b, at : at + n] = torch.arange(n)
+            shifted = torch.as_tensor(labs[1:] + [-100])
+            tgt[b, at : at + n] = shifted
+            trained += int((shifted != -100).sum())
+            at += n
+            doc_ids.append(d)
+        # Pads continue the last document's positions, so they form no new segment (no mask work).
+        if at < width:
+            start = int(pos[b, at - 1]) + 1 if at else 0
+            pos[b, at:] = torch.arange(start, start + width - at)
+        if mask is not None:
+            mask[b, :at] = 1
+        real += at
+    cls = torch.as_tensor([class_labels[row[0]] for row in rows]) if class_labels is not None else None
+    return MicroBatch(ids, pos, tgt, mask, doc_ids, trained, real, batch * width, cls)

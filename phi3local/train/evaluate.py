@@ -1,0 +1,63 @@
+"""`phi3local eval`: the training loop's metrics for any run, checkpoint, adapter or merged model."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from rich.console import Console
+
+from phi3local.config import Recipe, load_recipe
+
+
+def _locate(path: Path) -> tuple[Path | None, Path | None, Path | None]:
+    """(recipe file, adapter folder, merged model folder) for what the user pointed at."""
+    if (path / "adapter" / "adapter_config.json").is_file():  # a run or a checkpoint folder
+        recipe = path / "recipe.yaml"
+        return (recipe if recipe.is_file() else None), path / "adapter", None
+    if (path / "adapter_config.json").is_file():
+        recipe = path.parent / "recipe.yaml"
+        return (recipe if recipe.is_file() else None), path, None
+    if (path / "config.json").is_file():
+        return None, None, path
+    raise FileNotFoundError(f"{path}: not a run, checkpoint, adapter or model folder "
+                            "(no adapter/adapter_config.json, adapter_config.json or config.json)")
+
+
+def evaluate_model(path: Path, data_file: Path, overrides: list[str] | None = None,
+                   console: Console | None = None) -> dict:
+    from peft import PeftModel
+
+    from phi3local.data.prepare import load_prepared, prepare
+    from phi3local.model.load import load_model, pick_device
+    from phi3local.model.tokenizer import load_tokenizer
+    from phi3local.train.recipe import Documents, evaluate
+
+    console = console or Console()
+    recipe_file, adapter, merged = _locate(Path(path))
+    recipe: Recipe = load_recipe(recipe_file, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe.data.train_file, recipe.data.validation_file = str(data_file), None
+        recipe.data.val_fraction, recipe.data.prepared_dir = 0.0, str(Path(tmp) / "prepared")
+        recipe.data.dedupe = False  # evaluate every row given
+        if merged is not None:
+            recipe.model.name_or_path, recipe.lora.enabled = str(merged), False
+            recipe.quantization.load_in_4bit = False
+        recipe.training.gradient_checkpointing = False
+        tokenizer = load_tokenizer(str(adapter or merged))
+        prepared = prepare(recipe, tokenizer, console=console)
+        docs_ds, _ = load_prepared(prepared.out_dir)
+        lora_enabled = recipe.lora.enabled
+        recipe.lora.enabled = False  # the adapter is loaded from disk, not created
+        loaded = load_model(recipe, tokenizer, pick_device())
+        model = loaded.model
+        if adapter is not None and lora_enabled:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        model.eval()
+        run = SimpleNamespace(model=model, recipe=recipe, tokenizer=tokenizer, device=loaded.device)
+        with torch.no_grad():
+            result = evaluate(run, Documents.from_dataset(docs_ds))
+    result["rows"] = len(docs_ds)
+    return result

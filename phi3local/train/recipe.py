@@ -1,0 +1,570 @@
+"""The training recipe: setup() -> train() -> cleanup(), read top to bottom.
+
+A custom PyTorch loop (no HF Trainer): 4-bit QLoRA model from `phi3local.model.load`, packed
+micro-batches from `phi3local.train.batching`, the chunked loss from `phi3local.train.loss`,
+atomic checkpoints from `phi3local.train.checkpoint`, the live panel from `phi3local.train.display`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from phi3local.config import Recipe
+from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
+from phi3local.model.load import LoadedModel, base_causal_lm, load_model, resolve_model_path
+from phi3local.train import checkpoint as ckpt
+from phi3local.train.batching import MicroBatch, collate, plan_epoch
+from phi3local.train.display import MetricsLog, TrainDisplay, format_bytes, peak_memory_bytes, plot_losses
+from phi3local.train.loss import chunked_cross_entropy
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or go on; the message says why and what to change."""
+
+
+class NonFiniteLossError(TrainingError):
+    pass
+
+
+class TrainingInterrupted(TrainingError):
+    def __init__(self, signum: int, checkpoint: Path):
+        self.signum = signum
+        self.checkpoint = checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved in {checkpoint}; "
+                         "continue with: phi3local train RECIPE --resume")
+
+
+# A share of trained tokens below this almost always means a broken template or mask.
+MIN_TRAINED_SHARE = 0.002
+
+
+@dataclass
+class Documents:
+    """A prepared split held in memory as plain lists: tokenised once, never in the loop."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    sources: list[str]
+    class_labels: list[int] | None = None
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+    @classmethod
+    def from_dataset(cls, ds) -> Documents:
+        cols = ds.column_names
+        return cls(
+            input_ids=ds["input_ids"] if len(ds) else [],
+            labels=ds["labels"] if "labels" in cols and len(ds) else [list(x) for x in ds["input_ids"]],
+            sources=ds["source"] if "source" in cols else [str(i) for i in range(len(ds))],
+            class_labels=ds["label"] if "label" in cols else None,
+        )
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    run_dir: Path
+    console: Console
+    tokenizer: object
+    loaded: LoadedModel
+    train_docs: Documents
+    val_docs: Documents
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: ckpt.TrainerState
+    total_steps: int
+    flops_per_token: float
+    peak_flops: float
+    metrics: MetricsLog
+    stop_signal: list[int] = field(default_factory=list)
+    previous_handlers: dict = field(default_factory=dict)
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Never overwrite a run by accident: a finished or started run needs --resume or --overwrite."""
+    if overwrite and run_dir.exists():
+        for child in run_dir.iterdir():
+            if child.name != "prepared":  # keep the tokenised data cache
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return
+    state_file = run_dir / "trainer_state.json"
+    if state_file.is_file() and json.loads(state_file.read_text()).get("finished") and not resume:
+        raise TrainingError(f"{run_dir} holds a finished run; pass --overwrite to replace it, "
+                            "or choose another output_dir=...")
+    if ckpt.list_checkpoints(run_dir) and not resume:
+        raise TrainingError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
+                            "or --overwrite to start again")
+
+
+def check_label_mask(docs: Documents, tokenizer, task: str) -> None:
+    if task == "classification":
+        return
+    total = sum(len(x) for x in docs.input_ids)
+    trained = sum(sum(1 for t in lab if t != -100) for lab in docs.labels)
+    if total and trained / total >= MIN_TRAINED_SHARE:
+        return
+    example = docs.input_ids[0] if docs.input_ids else []
+    shown = tokenizer.decode(example[:200]) if example else "(no documents)"
+    raise TrainingError(
+        f"only {trained} of {total} tokens ({100 * trained / max(total, 1):.3f}%) are trained: the label mask "
+        f"leaves almost nothing to learn. Check the data format and chat template. First example:\n{shown}"
+    )
+
+
+def make_optimizer(model, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("no trainable parameters: enable lora or list modules in lora.modules_to_save")
+    choice = recipe.training.optimizer
+    if choice == "auto":
+        choice = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+    if choice == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=recipe.training.lr, weight_decay=recipe.training.weight_decay)
+    return torch.optim.AdamW(params, lr=recipe.training.lr, weight_decay=recipe.training.weight_decay)
+
+
+def lr_lambda(recipe: Recipe, total_steps: int):
+    t = recipe.training
+    warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        if t.lr_schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
+
+    return factor
+
+
+def count_total_steps(recipe: Recipe, docs: Documents) -> tuple[int, int]:
+    plan = plan_epoch(docs.lengths, recipe.data.max_seq_len, recipe.training.micro_batch_size,
+                      recipe.data.packing and recipe.task == "causal_lm", recipe.seed, 0)
+    steps_per_epoch = math.ceil(len(plan) / recipe.training.grad_accum)
+    total = recipe.training.max_steps or recipe.training.epochs * steps_per_epoch
+    return total, steps_per_epoch
+
+
+def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False,
+          console: Console | None = None) -> Run:
+    from phi3local.data.prepare import load_prepared, prepare
+    from phi3local.model.tokenizer import load_tokenizer
+
+    console = console or Console()
+    run_dir = Path(recipe.output_dir)
+    check_run_dir(run_dir, resume, overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_stale_temporaries(run_dir)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml() + "\n# versions: "
+                                         + json.dumps(ckpt.package_versions()) + "\n")
+    seed_everything(recipe.seed)
+
+    tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path))
+    prepared = prepare(recipe, tokenizer, console=console)
+    train_ds, val_ds = load_prepared(prepared.out_dir)
+    train_docs, val_docs = Documents.from_dataset(train_ds), Documents.from_dataset(val_ds)
+    if not train_docs.input_ids:
+        raise TrainingError(f"no training rows after prepare (see {prepared.out_dir / 'stats.json'})")
+    check_label_mask(train_docs, tokenizer, recipe.task)
+
+    loaded = load_model(recipe, tokenizer)
+    console.print(f"[bold]model[/] {loaded.base_path}  attention={loaded.attn_implementation}  "
+                  f"dtype={loaded.compute_dtype}  device={loaded.device}  "
+                  f"4-bit={recipe.quantization.load_in_4bit}")
+    trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    console.print(f"trainable parameters: {trainable:,}")
+    optimizer = make_optimizer(loaded.model, recipe, loaded.device)
+    total_steps, _ = count_total_steps(recipe, train_docs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
+    state = ckpt.TrainerState()
+    if resume:
+        existing = ckpt.list_checkpoints(run_dir)
+        if existing:
+            state = ckpt.load_checkpoint(existing[-1], loaded.model, optimizer, scheduler)
+            console.print(f"resumed from {existing[-1]} (step {state.step})")
+        else:
+            console.print("--resume: no checkpoint yet, starting from step 0")
+
+    config = base_causal_lm(loaded.model).config
+    mean_len = float(np.mean(train_docs.lengths))
+    flops_per_token = training_flops_per_token(config, int(mean_len))
+    peak = recipe.training.peak_flops or measured_matmul_peak(loaded.device, loaded.compute_dtype)
+    run = Run(recipe, run_dir, console, tokenizer, loaded, train_docs, val_docs, optimizer, scheduler, state,
+              total_steps, flops_per_token, peak, MetricsLog(run_dir))
+    install_signal_handlers(run)
+    return run
+
+
+def install_signal_handlers(run: Run) -> None:
+    """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit cleanly."""
+
+    def handler(signum, frame):
+        if run.stop_signal:  # a second signal: stop now
+            raise KeyboardInterrupt
+        run.stop_signal.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            run.previous_handlers[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. a test runner's worker): no handler
+            pass
+
+
+# --------------------------------------------------------------------------------------------- steps
+
+def forward_loss(run: Run, batch: MicroBatch, count_correct: bool = False):
+    """Sum of per-token (or per-example) losses of one micro-batch, and its correct-prediction count."""
+    if run.recipe.task == "classification":
+        logits = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        loss_sum = F.cross_entropy(logits, batch.class_labels, reduction="sum")
+        return loss_sum, (logits.argmax(-1) == batch.class_labels).sum(), logits
+    base = base_causal_lm(run.model)
+    hidden = base.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    loss_sum, correct = chunked_cross_entropy(hidden, batch.targets, base.get_output_embeddings(),
+                                              run.recipe.training.loss_chunk_size, count_correct)
+    return loss_sum, correct, None
+
+
+def batch_units(run: Run, batch: MicroBatch) -> int:
+    """What the loss is averaged over: trained tokens (causal LM) or examples (classification)."""
+    return len(batch.doc_ids) if run.recipe.task == "classification" else batch.trained_tokens
+
+
+def make_batches(run: Run, docs: Documents, epoch: int, packing: bool | None = None) -> list[list[list[int]]]:
+    r = run.recipe
+    packing = r.data.packing and r.task == "causal_lm" if packing is None else packing
+    return plan_epoch(docs.lengths, r.data.max_seq_len, r.training.micro_batch_size, packing, r.seed, epoch)
+
+
+def next_micro_batches(run: Run, plans: dict[int, list]) -> list[MicroBatch]:
+    """The micro-batches of the next optimizer step; a step never crosses an epoch boundary."""
+    s = run.state
+    if s.epoch not in plans:
+        plans.clear()
+        plans[s.epoch] = make_batches(run, run.train_docs, s.epoch)
+    plan = plans[s.epoch]
+    chosen = plan[s.batch_in_epoch : s.batch_in_epoch + run.recipe.training.grad_accum]
+    s.batch_in_epoch += len(chosen)
+    if s.batch_in_epoch >= len(plan):
+        s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+    pad = run.tokenizer.pad_token_id
+    docs = run.train_docs
+    return [collate(rows, docs.input_ids, docs.labels, pad, docs.class_labels) for rows in chosen]
+
+
+def train_step(run: Run, batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over grad_accum micro-batches, normalised by the step's trained tokens."""
+    units = sum(batch_units(run, b) for b in batches)
+    if units == 0:
+        return torch.zeros(()), torch.zeros(())
+    loss_total = torch.zeros((), device=run.device)
+    per_batch = []
+    for batch in batches:
+        loss_sum, _, _ = forward_loss(run, batch.to(run.device))
+        (loss_sum / units).backward()
+        per_batch.append(loss_sum.detach())
+        loss_total += loss_sum.detach()
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.recipe.training.max_grad_norm or float("inf"))
+    # One host sync per optimizer step: a non-finite loss must stop the run before it poisons the weights.
+    if not bool(torch.isfinite(loss_total) & torch.isfinite(grad_norm)):
+        bad = [b for b, loss in zip(batches, per_batch) if not torch.isfinite(loss)] or batches
+        sources = [run.train_docs.sources[d] for b in bad for d in b.doc_ids][:10]
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {run.state.step + 1} (loss sum {float(loss_total)}, "
+            f"grad norm {float(grad_norm)}); documents in the batch: {sources}. Hint: lower training.lr, "
+            "check those rows, or use compute_dtype=bfloat16 instead of float16")
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_total / units, grad_norm
+
+
+@torch.no_grad()
+def evaluate(run: Run, docs: Documents, max_batches: int = 0) -> dict:
+    """Validation loss, perplexity, next-token accuracy on trained tokens (or accuracy/F1 for classification)."""
+    if not docs.input_ids:
+        return {}
+    was_training = run.model.training
+    run.model.eval()
+    loss_sum, units, correct = 0.0, 0, 0
+    predictions, truths = [], []
+    plan = make_batches(run, docs, epoch=0)
+    if max_batches:
+        plan = plan[:max_batches]
+    for rows in plan:
+        batch = collate(rows, docs.input_ids, docs.labels, run.tokenizer.pad_token_id, docs.class_labels)
+        batch = batch.to(run.device)
+        ls, c, logits = forward_loss(run, batch, count_correct=True)
+        loss_sum += float(ls)
+        correct += int(c)
+        units += batch_units(run, batch)
+        if logits is not None:
+            predictions += logits.argmax(-1).tolist()
+            truths += batch.class_labels.tolist()
+    run.model.train(was_training)
+    loss = loss_sum / max(units, 1)
+    result = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_accuracy": correct / max(units, 1)}
+    if run.recipe.task == "classification":
+        result.update(classification_metrics(truths, predictions, len(run.recipe.model.labels)))
+    return result
+
+
+def classification_metrics(truths: list[int], predictions: list[int], num_labels: int) -> dict:
+    confusion = [[0] * num_labels for _ in range(num_labels)]
+    for t, p in zip(truths, predictions):
+        confusion[t][p] += 1
+    f1s = []
+    for k in range(num_labels):
+        tp = confusion[k][k]
+        fp = sum(confusion[i][k] for i in range(num_labels)) - tp
+        fn = sum(confusion[k]) - tp
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"val_macro_f1": sum(f1s) / num_labels, "confusion_matrix": confusion}
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Every id that ends a turn: Phi-3's <|end|> and <|endoftext|>, plus the tokenizer's eos."""
+    ids = []
+    for token in ("<|end|>", "<|endoftext|>", tokenizer.eos_token):
+        if token is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is not None and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+@torch.no_grad()
+def sample_generations(run: Run, docs: Documents, count: int, max_new_tokens: int) -> list[dict]:
+    """Greedy answers to the first validation prompts (everything before the first trained token)."""
+    if run.recipe.task != "causal_lm" or count <= 0:
+        return []
+    was_training = run.model.training
+    run.model.eval()
+    samples = []
+    for ids, labels in list(zip(docs.input_ids, docs.labels))[:count]:
+        first = next((i for i, t in enumerate(labels) if t != -100), None)
+        if not first:
+            continue
+        prompt = torch.tensor([ids[:first]], device=run.device)
+        out = run.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stop_token_ids(run.tokenizer),
+                                 pad_token_id=run.tokenizer.pad_token_id, use_cache=True)
+        expected = [t for t in labels if t != -100]
+        samples.append({
+            "prompt": run.tokenizer.decode(ids[:first]),
+            "expected": run.tokenizer.decode(expected),
+            "generated": run.tokenizer.decode(out[0, first:].tolist()),
+        })
+    run.model.train(was_training)
+    return samples
+
+
+# --------------------------------------------------------------------------------------------- train
+
+def save(run: Run) -> Path:
+    path = ckpt.save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.state,
+                                run.recipe.to_yaml(), run.tokenizer)
+    ckpt.prune_checkpoints(run.run_dir, run.recipe.training.keep_checkpoints, run.state.best_step)
+    return path
+
+
+def run_eval(run: Run) -> dict:
+    result = evaluate(run, run.val_docs, run.recipe.eval.max_batches)
+    if not result:
+        return {}
+    s = run.state
+    if s.best_val_loss is None or result["val_loss"] < s.best_val_loss:
+        s.best_val_loss, s.best_step = result["val_loss"], s.step
+    record = {"step": s.step, **{k: v for k, v in result.items() if k != "confusion_matrix"}}
+    s.history.append(record)
+    run.metrics.write(record)
+    return result
+
+
+def train(run: Run) -> dict:
+    r, s = run.recipe, run.state
+    run.model.train()
+    plans: dict[int, list] = {}
+    display = TrainDisplay(run.total_steps, r.training.display, run.console)
+    window_tokens = window_real = window_padded = 0
+    window_start = time.perf_counter()
+    run_start = time.perf_counter() - s.elapsed_seconds
+    total_real = total_padded = 0
+    with display:
+        while s.step < run.total_steps:
+            batches = next_micro_batches(run, plans)
+            try:
+                loss, grad_norm = train_step(run, batches)
+            except torch.OutOfMemoryError as e:
+                raise TrainingError(
+                    f"out of GPU memory at step {s.step + 1} (micro_batch_size={r.training.micro_batch_size}, "
+                    f"max_seq_len={r.data.max_seq_len}, gradient_checkpointing={r.training.gradient_checkpointing})."
+                    " Lower training.micro_batch_size (raise training.grad_accum to keep the batch), lower "
+                    "data.max_seq_len, or turn on training.gradient_checkpointing=true") from e
+            s.step += 1
+            for b in batches:
+                window_tokens += b.trained_tokens
+                window_real += b.real_tokens
+                window_padded += b.padded_tokens
+            s.trained_tokens += sum(b.trained_tokens for b in batches)
+
+            if s.step % r.training.log_every == 0 or s.step == run.total_steps:
+                if run.device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                seconds = now - window_start
+                total_real += window_real
+                total_padded += window_padded
+                steps_in_window = r.training.log_every if s.step % r.training.log_every == 0 else 1
+                record = {
+                    "step": s.step, "epoch": s.epoch, "loss": float(loss), "lr": run.scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm), "tokens_per_second": window_tokens / seconds,
+                    "step_seconds": seconds / steps_in_window,
+                    "mfu": window_real * run.flops_per_token / seconds / run.peak_flops,
+                    "padding_share": 1.0 - total_real / max(total_padded, 1),
+                    "peak_memory_bytes": peak_memory_bytes(run.device), "trained_tokens": s.trained_tokens,
+                    "eta_seconds": (now - run_start) / s.step * (run.total_steps - s.step),
+                }
+                run.metrics.write(record)
+                display.update(record)
+                window_tokens = window_real = window_padded = 0
+                window_start = time.perf_counter()
+
+            if r.eval.every and s.step % r.eval.every == 0 and s.step < run.total_steps:
+                display.update(run_eval(run))
+            s.elapsed_seconds = time.perf_counter() - run_start
+            if r.training.checkpoint_every and s.step % r.training.checkpoint_every == 0:
+                save(run)
+            if run.stop_signal:
+                raise TrainingInterrupted(run.stop_signal[0], save(run))
+
+    final = run_eval(run)
+    s.finished = True
+    s.elapsed_seconds = time.perf_counter() - run_start
+    samples = sample_generations(run, run.val_docs, r.eval.generate_samples, r.eval.max_new_tokens)
+    save(run)
+    save_adapter(run)
+    summary = {
+        "steps": s.step, "trained_tokens": s.trained_tokens, "seconds": s.elapsed_seconds,
+        "tokens_per_second": s.trained_tokens / max(s.elapsed_seconds, 1e-9),
+        "padding_share": 1.0 - total_real / max(total_padded, 1),
+        "peak_memory_bytes": peak_memory_bytes(run.device), "first_val_loss": None,
+        "best_val_loss": s.best_val_loss, "best_step": s.best_step, "final": final, "samples": samples,
+        "attn_implementation": run.loaded.attn_implementation,
+    }
+    vals = [h["val_loss"] for h in s.history if "val_loss" in h]
+    summary["first_val_loss"] = vals[0] if vals else None
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run.run_dir / "trainer_state.json").write_text(json.dumps(ckpt.asdict(s), indent=2))
+    print_summary(run, summary)
+    return summary
+
+
+def save_adapter(run: Run) -> Path:
+    """The final adapter: a peft folder with tokenizer and a generation_config listing every stop id."""
+    from transformers import GenerationConfig
+
+    out = run.run_dir / "adapter"
+    tmp = run.run_dir / ".tmp-adapter"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    run.model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    if run.recipe.task == "causal_lm":
+        try:
+            gen = GenerationConfig.from_pretrained(run.loaded.base_path)
+        except OSError:
+            gen = GenerationConfig()
+        gen.eos_token_id = stop_token_ids(run.tokenizer)
+        gen.pad_token_id = run.tokenizer.pad_token_id
+        gen.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def print_summary(run: Run, summary: dict) -> None:
+    table = Table(title=f"run {run.run_dir}")
+    table.add_column("metric", style="cyan")
+    table.add_column("value")
+    final = summary["final"] or {}
+    rows = [
+        ("steps", str(summary["steps"])),
+        ("trained tokens", f"{summary['trained_tokens']:,}"),
+        ("trained tokens/s", f"{summary['tokens_per_second']:.1f}"),
+        ("padding share", f"{100 * summary['padding_share']:.1f}%"),
+        ("peak memory", format_bytes(summary["peak_memory_bytes"])),
+        ("first → final val loss", f"{summary['first_val_loss']} → {final.get('val_loss')}"),
+        ("best val loss (step)", f"{summary['best_val_loss']} ({summary['best_step']})"),
+    ]
+    if "val_macro_f1" in final:
+        rows.append(("val accuracy / macro-F1", f"{final['val_accuracy']:.3f} / {final['val_macro_f1']:.3f}"))
+    for k, v in rows:
+        table.add_row(k, v)
+    run.console.print(table)
+    for sample in summary["samples"]:
+        run.console.print(f"[dim]prompt:[/] {sample['prompt']!r}\n[green]generated:[/] {sample['generated']!r}")
+
+
+def cleanup(run: Run) -> None:
+    for sig, previous in run.previous_handlers.items():
+        signal.signal(sig, previous)
+    run.metrics.close()
+    metrics = run.run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        plot_losses(metrics, run.run_dir / "loss.png")
+
+
+def run_training(recipe: Recipe, resume: bool = False, overwrite: bool = False,
+                 console: Console | None = None) -> dict:
+    run = setup(recipe, resume=resume, overwrite=overwrite, console=console)
+    try:
+        if run.state.step == 0:
+            run_eval(run)  # the starting point of the validation curve (eval uses no randomness)
+        return train(run)
+    finally:
+        cleanup(run)
