@@ -66,12 +66,14 @@ class Documents:
 
     @classmethod
     def from_dataset(cls, ds) -> Documents:
-        cols = ds.column_names
+        # Plain Python lists once: datasets' lazy columns would read Arrow on every index in the loop.
+        data = ds.to_dict()
+        n = len(data["input_ids"])
         return cls(
-            input_ids=ds["input_ids"] if len(ds) else [],
-            labels=ds["labels"] if "labels" in cols and len(ds) else [list(x) for x in ds["input_ids"]],
-            sources=ds["source"] if "source" in cols else [str(i) for i in range(len(ds))],
-            class_labels=ds["label"] if "label" in cols else None,
+            input_ids=data["input_ids"],
+            labels=data.get("labels") or [list(x) for x in data["input_ids"]],
+            sources=data.get("source") or [str(i) for i in range(n)],
+            class_labels=data.get("label"),
         )
 
 

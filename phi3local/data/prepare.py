@@ -1,0 +1,472 @@
+"""The `prepare` stage: read -> validate -> clean -> encode -> split -> save (Arrow) + stats.json + summary.
+
+Output folder (default `data.prepared_dir`, else `<output_dir>/prepared`):
+- `train/`, `validation/`: `datasets` save_to_disk folders with columns
+  `input_ids` list[int32], `labels` list[int32] (aligned with input_ids, -100 where not trained),
+  `doc_id` int64 (unique across both splits), `source` str ("file:line" / "file:row N"),
+  and for task=classification `label` int64 (index into model.labels).
+- `stats.json`: counts per step, skipped and filtered rows with reasons, token statistics, the cache key.
+The folder is written under a temporary name and renamed into place, so a crash never leaves half of it.
+If `stats.json` already records the same input hashes, tokenizer hash and data settings, the folder is
+reused instead of tokenising again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phi3local.config import Recipe
+from phi3local.data import clean
+from phi3local.data.formats import detect_format, read_records, to_example
+from phi3local.data.records import (
+    Conversation,
+    DataError,
+    Example,
+    FormatError,
+    RowProblem,
+    StepCounts,
+)
+from phi3local.data.report import histogram, length_summary, print_summary
+from phi3local.data.template import Encoded, OverLength, TemplateRejected, encode_conversation, encode_text
+from phi3local.data.validate import check_record, collect_or_raise, resolve_label
+
+# Bump when the output of prepare changes for the same inputs, so old caches are not reused.
+PIPELINE_VERSION = 1
+# DataConfig fields that change what prepare writes (prepared_dir, packing and max_errors_shown do not).
+CACHE_FIELDS = ("format", "columns", "val_fraction", "split_seed", "on_error", "max_seq_len", "truncation",
+                "min_tokens", "max_tokens", "dedupe", "normalize_whitespace", "system_prompt")
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    train: Any  # datasets.Dataset
+    validation: Any  # datasets.Dataset
+    stats: dict[str, Any]
+    reused: bool = False
+
+
+@dataclass
+class FileResult:
+    """What one input file gave: the kept (example, encoding) pairs and the account of every other row."""
+
+    shown: str
+    fmt: str
+    rows: list[tuple[Example, Encoded]] = field(default_factory=list)
+    counts: StepCounts = field(default_factory=StepCounts)
+    problems: list[RowProblem] = field(default_factory=list)
+    filtered: list[dict[str, Any]] = field(default_factory=list)
+    truncated: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def resolve_data_path(value: str, recipe: Recipe) -> Path:
+    """A data path as written in the recipe: absolute, else next to the recipe file, else from the cwd."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    source = Path(recipe.source)
+    if recipe.source not in ("<defaults>", "<dict>") and source.is_file():
+        beside = source.parent / path
+        if beside.exists():
+            return beside
+    return path
+
+
+def demo_file(task: str) -> Path:
+    return ASSETS / ("demo_classification.jsonl" if task == "classification" else "demo_chat.jsonl")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, or of every file (relative name and bytes) in a folder."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir():
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over what decides the ids: the tokenizer definition, special tokens and the chat template."""
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    h.update(json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True).encode())
+    h.update(str([tokenizer.bos_token_id, tokenizer.eos_token_id]).encode())
+    return h.hexdigest()
+
+
+def cache_key(recipe: Recipe, inputs: dict[str, dict[str, Any]], tokenizer_hash: str) -> dict[str, Any]:
+    data = {name: getattr(recipe.data, name) for name in CACHE_FIELDS}
+    key = {
+        "version": PIPELINE_VERSION,
+        "task": recipe.task,
+        "labels": list(recipe.model.labels) if recipe.task == "classification" else [],
+        "data": data,
+        "inputs": {name: {"path": v["path"], "sha256": v["sha256"]} for name, v in inputs.items()},
+        "tokenizer_sha256": tokenizer_hash,
+    }
+    return json.loads(json.dumps(key))
+
+
+# ------------------------------------------------------------------------------------------ one file
+
+
+def _sort_key(p: RowProblem) -> tuple:
+    return (p.file, p.line if p.line is not None else -1, p.row if p.row is not None else -1)
+
+
+def process_file(path: Path, shown: str, recipe: Recipe, tokenizer) -> FileResult:
+    """Read, validate, clean and encode one file. Row problems are collected, not raised."""
+    cfg = recipe.data
+    labels = list(recipe.model.labels)
+    records, problems, _ = read_records(path, cfg.columns, shown)
+    fmt = detect_format(records, recipe.task, cfg.format, shown)
+    if fmt == "classification" and len(labels) < 2:
+        found = sorted({str(r.data.get("label")) for r in records if isinstance(r.data, dict)})[:20]
+        raise FormatError(
+            f"{shown}: task=classification needs model.labels (at least two names, in the order of the "
+            f"classifier's outputs); the labels in the data are {found}"
+        )
+    result = FileResult(shown, fmt)
+    counts = result.counts
+    counts.read = len(records) + len(problems)
+    examples: list[Example] = []
+    for rec in records:
+        problem = check_record(rec.data, fmt, rec.loc, labels)
+        if problem:
+            problems.append(problem)
+        else:
+            examples.append(to_example(rec, fmt))
+    counts.invalid = len(problems)
+
+    if cfg.normalize_whitespace:
+        normalized = []
+        for ex in examples:
+            ex, changed = clean.normalize_example(ex)
+            counts.whitespace_normalized += changed
+            normalized.append(ex)
+        examples = normalized
+    if cfg.system_prompt:
+        with_system = []
+        for ex in examples:
+            ex, added = clean.add_system_prompt(ex, cfg.system_prompt)
+            counts.system_prompt_added += added
+            with_system.append(ex)
+        examples = with_system
+    if cfg.dedupe:
+        examples, dropped = clean.dedupe(examples)
+        counts.duplicates = len(dropped)
+        for dup, first in dropped:
+            result.filtered.append({"where": dup.source, "step": "duplicates",
+                                    "reason": f"exact duplicate of {first.source}"})
+
+    for ex in examples:
+        field_name = "messages" if isinstance(ex, Conversation) else "text"
+        try:
+            if isinstance(ex, Conversation):
+                enc = encode_conversation(tokenizer, ex.messages, cfg.max_seq_len, cfg.truncation)
+            elif ex.label is not None:
+                enc = encode_text(tokenizer, ex.text, cfg.max_seq_len, label=resolve_label(ex.label, labels),
+                                  truncation=cfg.truncation)
+            else:
+                enc = encode_text(tokenizer, ex.text, cfg.max_seq_len, train_all=True, truncation=cfg.truncation)
+        except OverLength as e:
+            problems.append(RowProblem(ex.loc, field_name, f"over-length: {e}"))
+            counts.over_length += 1
+            continue
+        except TemplateRejected as e:
+            problems.append(RowProblem(ex.loc, field_name, str(e)))
+            counts.invalid += 1
+            continue
+        reason = clean.length_filter(enc.full_length, cfg.min_tokens, cfg.max_tokens)
+        if reason:
+            setattr(counts, reason, getattr(counts, reason) + 1)
+            limit = f"min_tokens {cfg.min_tokens}" if reason == "too_short" else f"max_tokens {cfg.max_tokens}"
+            result.filtered.append({"where": ex.source, "step": reason,
+                                    "reason": f"{enc.full_length} tokens, {limit}"})
+            continue
+        if enc.truncated:
+            counts.truncated += 1
+            result.truncated.append({"where": ex.source, "truncated_turns": enc.truncated_turns,
+                                     "tokens_before": enc.full_length, "tokens_after": len(enc.input_ids)})
+        result.rows.append((ex, enc))
+    counts.kept = len(result.rows)
+    result.problems = sorted(problems, key=_sort_key)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- split/save
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of n rows: (train indices, validation indices), each in the original order."""
+    n_val = math.floor(n * val_fraction + 0.5)  # round half up (Python's round(98.5) is 98)
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    else:
+        n_val = 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val = set(order[:n_val])
+    return [i for i in range(n) if i not in val], sorted(val)
+
+
+def features(task: str):
+    import datasets
+
+    cols = {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "doc_id": datasets.Value("int64"),
+        "source": datasets.Value("string"),
+    }
+    if task == "classification":
+        cols["label"] = datasets.Value("int64")
+    return datasets.Features(cols)
+
+
+def _to_dataset(rows: list[tuple[int, Example, Encoded]], task: str):
+    import datasets
+
+    data: dict[str, list] = {
+        "input_ids": [enc.input_ids for _, _, enc in rows],
+        "labels": [enc.labels for _, _, enc in rows],
+        "doc_id": [doc for doc, _, _ in rows],
+        "source": [ex.source for _, ex, _ in rows],
+    }
+    if task == "classification":
+        data["label"] = [enc.label for _, _, enc in rows]
+    return datasets.Dataset.from_dict(data, features=features(task))
+
+
+def _save(ds, path: Path) -> None:
+    # datasets 5.2 writes 0 shards for an empty dataset and then cannot load it back; force one shard.
+    ds.save_to_disk(str(path), num_shards=1 if len(ds) == 0 else None)
+
+
+def load_prepared(directory: str | Path):
+    """(train, validation) `datasets.Dataset`s from a prepared folder."""
+    import datasets
+
+    directory = Path(directory)
+    missing = [name for name in ("train", "validation") if not (directory / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: no prepared data ({', '.join(missing)} missing); run `prepare` first")
+    return datasets.load_from_disk(str(directory / "train")), datasets.load_from_disk(str(directory / "validation"))
+
+
+def read_stats(directory: str | Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / "stats.json").read_text())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(out_dir: Path) -> None:
+    """Remove what a crashed prepare left next to out_dir: `.NAME.tmp-PID-*` of dead processes, and
+    `.NAME.old-*` (restored as out_dir if a crash fell between the two renames)."""
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return
+    for p in parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = p.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if not (pid.isdigit() and _pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(parent.glob(f".{out_dir.name}.old-*")):
+        if not out_dir.exists() and (p / "stats.json").exists():
+            p.rename(out_dir)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished tmp folder to out_dir, replacing an older prepared folder."""
+    if out_dir.exists():
+        if not (out_dir / "stats.json").exists() and any(out_dir.iterdir()):
+            raise FileExistsError(f"{out_dir} exists and is not a prepared-data folder; refusing to replace it")
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+
+
+# ------------------------------------------------------------------------------------------- prepare
+
+
+def _default_console():
+    from rich.console import Console
+
+    return Console()
+
+
+def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, console=None) -> PrepareResult:
+    """Run the prepare stage for `recipe` with `tokenizer`; see the module docstring for the output."""
+    started = time.time()
+    console = console or _default_console()
+    cfg = recipe.data
+    out_dir = Path(out_dir or cfg.prepared_dir or Path(recipe.output_dir) / "prepared")
+
+    files: dict[str, tuple[Path, str]] = {}
+    if cfg.train_file:
+        files["train"] = (resolve_data_path(cfg.train_file, recipe), cfg.train_file)
+    else:
+        demo = demo_file(recipe.task)
+        files["train"] = (demo, demo.name)
+        console.print(f"data.train_file is not set: using the embedded demo data {demo.name}")
+    if cfg.validation_file:
+        files["validation"] = (resolve_data_path(cfg.validation_file, recipe), cfg.validation_file)
+    for name, (path, shown) in files.items():
+        if not path.exists():
+            raise FormatError(f"data.{name}_file: {shown} not found")
+
+    clean_stale_temporaries(out_dir)
+    inputs = {name: {"path": shown, "sha256": file_digest(path)} for name, (path, shown) in files.items()}
+    key = cache_key(recipe, inputs, tokenizer_fingerprint(tokenizer))
+    stats_path = out_dir / "stats.json"
+    if stats_path.exists():
+        try:
+            old = json.loads(stats_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("cache_key") == key:
+            try:
+                train, validation = load_prepared(out_dir)
+            except Exception as e:  # noqa: BLE001 - a damaged folder is simply prepared again
+                console.print(f"{out_dir}: stats.json matches but the data cannot be loaded ({e}); preparing again")
+            else:
+                shown_stats = {**old, "reused": True, "out_dir": str(out_dir)}
+                print_summary(shown_stats, console, cfg.max_errors_shown)
+                return PrepareResult(out_dir, train, validation, shown_stats, reused=True)
+
+    results = {name: process_file(path, shown, recipe, tokenizer) for name, (path, shown) in files.items()}
+    all_problems = [p for r in results.values() for p in r.problems]
+    collect_or_raise(all_problems, cfg.on_error, cfg.max_errors_shown)
+
+    train_res = results["train"]
+    if "validation" in results:
+        val_res = results["validation"]
+        train_rows = [(i, ex, enc) for i, (ex, enc) in enumerate(train_res.rows)]
+        offset = len(train_rows)
+        val_rows = [(offset + i, ex, enc) for i, (ex, enc) in enumerate(val_res.rows)]
+        train_keys = {clean.example_key(ex) for _, ex, _ in train_rows}
+        overlap = sum(clean.example_key(ex) in train_keys for _, ex, _ in val_rows)
+        split_info = {"method": "file", "validation_rows_also_in_train": overlap}
+    else:
+        tr, va = split_indices(len(train_res.rows), cfg.val_fraction, cfg.split_seed)
+        train_rows = [(i, *train_res.rows[i]) for i in tr]
+        val_rows = [(i, *train_res.rows[i]) for i in va]
+        split_info = {"method": "seeded", "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
+    if not train_rows:
+        raise DataError(all_problems, cfg.max_errors_shown,
+                        header=f"no training rows left after validation and cleaning of {train_res.shown}")
+    split_info.update({"train_rows": len(train_rows), "validation_rows": len(val_rows)})
+
+    def summary(rows):
+        return length_summary([len(enc.input_ids) for _, _, enc in rows], [enc.n_trained for _, _, enc in rows])
+
+    all_rows = train_rows + val_rows
+    stats: dict[str, Any] = {
+        "version": PIPELINE_VERSION,
+        "task": recipe.task,
+        "cache_key": key,
+        "inputs": {name: {**inputs[name], "format": results[name].fmt} for name in results},
+        "steps": {name: {k: v for k, v in dataclasses.asdict(r.counts).items() if k != "extra"}
+                  for name, r in results.items()},
+        "split": split_info,
+        "skipped_rows": [{"split": name, **p.to_dict()} for name, r in results.items() for p in r.problems],
+        "filtered_rows": [{"split": name, **f} for name, r in results.items() for f in r.filtered],
+        "tokens": {"train": summary(train_rows), "validation": summary(val_rows), "all": summary(all_rows)},
+        "histogram": histogram([len(enc.input_ids) for _, _, enc in all_rows]),
+        "truncated": {
+            "rows": sum(len(r.truncated) for r in results.values()),
+            "turns_dropped": sum(t["truncated_turns"] for r in results.values() for t in r.truncated),
+            "max_seq_len": cfg.max_seq_len,
+            "list": [{"split": name, **t} for name, r in results.items() for t in r.truncated],
+        },
+    }
+    if recipe.task == "classification":
+        names = list(recipe.model.labels)
+
+        def label_counts(rows):
+            counts = {n: 0 for n in names}
+            for _, _, enc in rows:
+                counts[names[enc.label]] += 1
+            return counts
+
+        stats["labels"] = {"names": names, "train": label_counts(train_rows), "validation": label_counts(val_rows)}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    import datasets
+
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        tmp.mkdir()
+        _save(_to_dataset(train_rows, recipe.task), tmp / "train")
+        _save(_to_dataset(val_rows, recipe.task), tmp / "validation")
+        stats["seconds"] = round(time.time() - started, 2)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    train, validation = load_prepared(out_dir)
+    shown_stats = {**stats, "reused": False, "out_dir": str(out_dir)}
+    print_summary(shown_stats, console, cfg.max_errors_shown)
+    return PrepareResult(out_dir, train, validation, shown_stats, reused=False)
+
+
+__all__ = [
+    "PIPELINE_VERSION",
+    "FileResult",
+    "PrepareResult",
+    "cache_key",
+    "clean_stale_temporaries",
+    "demo_file",
+    "features",
+    "file_digest",
+    "load_prepared",
+    "prepare",
+    "process_file",
+    "read_stats",
+    "resolve_data_path",
+    "split_indices",
+    "tokenizer_fingerprint",
+]

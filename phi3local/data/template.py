@@ -1,0 +1,298 @@
+"""Encode examples with the tokenizer's own chat template and a loss mask on the assistant turns only.
+
+How the mask is found, for any template that renders a conversation as a growing prefix:
+- the conversation is rendered with `apply_chat_template(..., tokenize=False)` and tokenised once, with
+  `add_special_tokens=False` (the template writes any BOS itself) and character offsets;
+- assistant turn k is trained from len(render(messages[:k], add_generation_prompt=True)) (just after the
+  generation prompt) to len(render(messages[:k+1])) minus the template's end-of-conversation suffix
+  (Phi-3 appends eos_token when add_generation_prompt is false; the suffix is found by rendering probes);
+- a token is trained when its character span overlaps a trained span (a token that straddles the start
+  only through whitespace, e.g. a chat tag with rstrip that swallowed the content's leading space, is not).
+For Phi-3 this trains exactly the assistant content and its `<|end|>`; tags, system and user turns and the
+final `<|endoftext|>` get label -100. If a template does not render prefixes as prefixes (some templates
+rewrite earlier turns), a ChatTemplateError says so instead of training on a wrong mask.
+
+Labels are aligned with input_ids (not shifted): labels[i] is input_ids[i] when token i is a target.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE = -100
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template cannot be used to find the assistant spans (or rejected a row)."""
+
+
+class TemplateRejected(ChatTemplateError):
+    """The chat template raised an error for one conversation (a row problem, not a template problem)."""
+
+
+class OverLength(ValueError):
+    """A row does not fit max_seq_len (with truncation=error, or even after dropping all older turns)."""
+
+    def __init__(self, n_tokens: int, max_seq_len: int, reason: str):
+        self.n_tokens = n_tokens
+        self.max_seq_len = max_seq_len
+        super().__init__(reason)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # -100 where the token is not trained
+    truncated_turns: int = 0  # (user, assistant) exchanges dropped from the start to fit max_seq_len
+    full_length: int = 0  # tokens before truncation
+    label: int | None = None  # class index for task=classification
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.input_ids) < self.full_length
+
+
+# --------------------------------------------------------------------------------------------- render
+
+
+def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    # Only role and content reach the template (`weight` is ours, and templates may choke on extra keys).
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, written by the tokenizer's own chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            "the tokenizer has no chat_template (tokenizer_config.json 'chat_template'); chat data needs one"
+        )
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover - jinja2 comes with transformers
+        TemplateError = Exception
+    try:
+        text = tokenizer.apply_chat_template(
+            _template_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as e:
+        raise TemplateRejected(f"the chat template rejected this conversation: {e}") from e
+    if not isinstance(text, str):
+        raise ChatTemplateError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not text")
+    return text
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatTemplateError(
+            f"{type(tokenizer).__name__} is a slow tokenizer; the loss mask needs character offsets "
+            "(return_offsets_mapping), which only fast tokenizers give. Load it with PreTrainedTokenizerFast."
+        )
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _template_key(tokenizer) -> tuple:
+    # What a probe's result depends on; not id(tokenizer), which Python reuses after garbage collection.
+    return (type(tokenizer).__name__, str(tokenizer.chat_template), str(tokenizer.bos_token),
+            str(tokenizer.eos_token), len(tokenizer))
+
+
+_SUFFIX_CACHE: dict[tuple, str] = {}
+
+
+def end_suffix(tokenizer) -> str:
+    """What the template writes after the last message when add_generation_prompt is false (Phi-3: eos).
+
+    Found by rendering a probe conversation three ways: the divergence point against the generation
+    prompt version and against a longer conversation, moved back to a token boundary (Phi-3's tags all
+    start with '<|', which a character comparison would otherwise count as shared).
+    """
+    key = _template_key(tokenizer)
+    if key in _SUFFIX_CACHE:
+        return _SUFFIX_CACHE[key]
+    probe = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "General Kenobi"}]
+    plain = render(tokenizer, probe)
+    with_prompt = render(tokenizer, probe, add_generation_prompt=True)
+    longer = render(tokenizer, probe + [{"role": "user", "content": "Again"},
+                                        {"role": "assistant", "content": "Indeed"}])
+    cut = min(_common_prefix_len(plain, with_prompt), _common_prefix_len(plain, longer))
+    if cut < len(plain):
+        _, offsets = _offsets(tokenizer, plain)
+        for start, end in offsets:
+            if start < cut < end:
+                cut = min(cut, start)
+    suffix = plain[cut:]
+    if "General Kenobi" in suffix:
+        raise ChatTemplateError(
+            "the chat template does not render a conversation as a prefix of a longer one (or of itself with "
+            "add_generation_prompt=True), so the assistant spans cannot be found by prefix rendering; "
+            "use a template that renders turns in order without rewriting earlier ones"
+        )
+    _SUFFIX_CACHE[key] = suffix
+    return suffix
+
+
+# --------------------------------------------------------------------------------------------- encode
+
+
+def _assistant_spans(tokenizer, messages: list[dict[str, Any]], full: str) -> list[tuple[int, int]]:
+    suffix = end_suffix(tokenizer)
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, messages[:k], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: k + 1])
+        if not full.startswith(prompt):
+            raise ChatTemplateError(
+                f"the chat template does not render message {k}'s generation prompt as a prefix of the whole "
+                "conversation (render(messages[:k], add_generation_prompt=True) is not a prefix of "
+                "render(messages)); this template cannot be masked by prefix rendering"
+            )
+        end = len(upto) - len(suffix) if suffix and upto.endswith(suffix) else len(upto)
+        if not full.startswith(upto[:end]):
+            raise ChatTemplateError(
+                f"the chat template renders the conversation up to message {k} differently from the whole "
+                "conversation (it is not a prefix); this template cannot be masked by prefix rendering"
+            )
+        if end <= len(prompt):
+            raise ChatTemplateError(f"assistant message {k} renders to no text after the generation prompt")
+        if m.get("weight", 1) != 0:
+            spans.append((len(prompt), end))
+    return spans
+
+
+def _mask(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], text: str
+          ) -> list[int]:
+    labels = [IGNORE] * len(ids)
+    starts = [s for s, _ in offsets]
+    for a, b in spans:
+        # Tokens are in text order: look from the first token that could end after a.
+        i = bisect.bisect_left(starts, a)
+        while i > 0 and offsets[i - 1][1] > a:
+            i -= 1
+        while i < len(ids) and offsets[i][0] < b:
+            s, e = offsets[i]
+            if e > a and (s >= a or text[a:min(e, b)].strip()):
+                labels[i] = ids[i]
+            i += 1
+    return labels
+
+
+_SYSTEM_CACHE: dict[tuple, bool] = {}
+
+
+def supports_system(tokenizer) -> bool:
+    """Whether the chat template writes a system message at all (Phi-3's April-2024 template drops it)."""
+    key = _template_key(tokenizer)
+    if key not in _SYSTEM_CACHE:
+        probe = [{"role": "system", "content": "Sentinel system text"}, {"role": "user", "content": "x"}]
+        try:
+            _SYSTEM_CACHE[key] = "Sentinel system text" in render(tokenizer, probe)
+        except ChatTemplateError:
+            _SYSTEM_CACHE[key] = False
+    return _SYSTEM_CACHE[key]
+
+
+def _encode_full(tokenizer, messages: list[dict[str, Any]]
+                 ) -> tuple[list[int], list[int], list[tuple[int, int]], str]:
+    if messages and messages[0]["role"] == "system" and not supports_system(tokenizer):
+        raise ChatTemplateError(
+            "this chat template drops (or rejects) system messages; leave out data.system_prompt or put "
+            "the instructions into the first user turn"
+        )
+    full = render(tokenizer, messages)
+    ids, offsets = _offsets(tokenizer, full)
+    labels = _mask(ids, offsets, _assistant_spans(tokenizer, messages, full), full)
+    return ids, labels, offsets, full
+
+
+def _split_turns(messages: list[dict[str, Any]]) -> tuple[list[dict], list[list[dict]]]:
+    """(leading system messages, [(user, assistant), ...]) of a validated conversation."""
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    rest = messages[head:]
+    return messages[:head], [rest[i : i + 2] for i in range(0, len(rest), 2)]
+
+
+def encode_conversation(tokenizer, messages: list[dict[str, Any]], max_seq_len: int,
+                        truncation: str = "turns") -> Encoded:
+    """Token ids and labels of a conversation; with truncation=turns, drop the oldest exchanges to fit.
+
+    The system message is always kept; whole (user, assistant) pairs are dropped, oldest first. Raises
+    OverLength if the row does not fit (truncation=error, or the last exchange alone is too long).
+    """
+    ids, labels, offsets, _ = _encode_full(tokenizer, messages)
+    full_length = len(ids)
+    if full_length <= max_seq_len:
+        return Encoded(ids, labels, 0, full_length)
+    if truncation == "error":
+        raise OverLength(full_length, max_seq_len,
+                         f"{full_length} tokens, over max_seq_len {max_seq_len} (data.truncation=error)")
+    system, pairs = _split_turns(messages)
+    if len(pairs) <= 1:
+        raise OverLength(full_length, max_seq_len,
+                         f"{full_length} tokens, over max_seq_len {max_seq_len}, and it has a single exchange "
+                         "that cannot be dropped")
+    # Start from an estimate of how many pairs to drop (from each pair's length in the full encoding).
+    starts = [s for s, _ in offsets]
+    pair_token_start = []
+    for j in range(len(pairs)):
+        char_start = len(render(tokenizer, system + [m for p in pairs[:j] for m in p]))
+        pair_token_start.append(bisect.bisect_left(starts, char_start))
+    drop = 1
+    while drop < len(pairs) - 1 and full_length - (pair_token_start[drop] - pair_token_start[0]) > max_seq_len:
+        drop += 1
+    while drop < len(pairs):
+        kept = system + [m for p in pairs[drop:] for m in p]
+        ids, labels, _, _ = _encode_full(tokenizer, kept)
+        if len(ids) <= max_seq_len:
+            if all(x == IGNORE for x in labels):
+                break  # only weight-0 turns left: nothing to train
+            return Encoded(ids, labels, drop, full_length)
+        drop += 1
+    raise OverLength(full_length, max_seq_len,
+                     f"{full_length} tokens, over max_seq_len {max_seq_len}, and even its last exchange "
+                     f"alone has {len(ids)} tokens")
+
+
+def encode_text(tokenizer, text: str, max_seq_len: int, label: int | None = None, *, train_all: bool = False,
+                truncation: str = "turns") -> Encoded:
+    """Encode a plain text.
+
+    Classification (label given): ids with the tokenizer's special tokens, no LM target (labels all -100).
+    Causal LM plain text (train_all=True): ids + eos, every token trained.
+    Too long: truncation=error raises OverLength; otherwise the text is cut to its first max_seq_len tokens
+    (a cut text gets no eos, since it does not end there).
+    """
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if train_all and eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    full_length = len(ids)
+    if full_length > max_seq_len:
+        if truncation == "error":
+            raise OverLength(full_length, max_seq_len,
+                             f"{full_length} tokens, over max_seq_len {max_seq_len} (data.truncation=error)")
+        ids = ids[:max_seq_len]
+    labels = list(ids) if train_all else [IGNORE] * len(ids)
+    return Encoded(ids, labels, 0, full_length, label)

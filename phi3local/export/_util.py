@@ -1,0 +1,198 @@
+"""Small helpers the export stages share: atomic output folders, tokenizer files, stop ids, versions."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+# Files that make up a tokenizer folder. onnxruntime-genai (onnxruntime-extensions) needs tokenizer.json
+# AND tokenizer_config.json: without the config it fails with "Failed to open a json file".
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+# Tokens that end a Phi-3 turn or text, when the vocabulary has them.
+STOP_TOKENS = ("<|end|>", "<|endoftext|>")
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and is not empty; pass overwrite=True to replace it."""
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A fresh folder beside out_dir to build into; removed if the block raises."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished staging folder to out_dir (replacing an old one only when overwrite is set)."""
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files byte for byte and make sure tokenizer_config.json carries the chat template.
+
+    The files are copied rather than re-saved through transformers: transformers 5 re-saves a
+    `LlamaTokenizer` as `TokenizersBackend`, moves the chat template out into chat_template.jinja and
+    rewrites tokenizer.json, and its `AutoTokenizer` encodes Phi-3 text differently from the tokenizer.json.
+    """
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    cfg_path = dst / "tokenizer_config.json"
+    jinja = dst / "chat_template.jinja"
+    if cfg_path.is_file() and jinja.is_file():
+        cfg = read_json(cfg_path)
+        if not cfg.get("chat_template"):
+            cfg["chat_template"] = jinja.read_text(encoding="utf-8")
+            write_json(cfg_path, cfg)
+    return copied
+
+
+def find_tokenizer_dir(*candidates: Path | None) -> Path | None:
+    for c in candidates:
+        if c is not None and (Path(c) / "tokenizer.json").is_file():
+            return Path(c)
+    return None
+
+
+def load_hf_tokenizer(folder: Path):
+    """The project's tokenizer loader when present, else a PreTrainedTokenizerFast from tokenizer.json."""
+    folder = Path(folder)
+    try:
+        from phi3local.model.tokenizer import load_tokenizer
+    except ImportError:
+        load_tokenizer = None
+    if load_tokenizer is not None:
+        return load_tokenizer(folder)
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    kwargs = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = cfg.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value is not None:
+            kwargs[key] = value
+    template = cfg.get("chat_template")
+    if not template and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if template:
+        kwargs["chat_template"] = template
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **kwargs)
+
+
+def token_ids_in_vocab(tokenizer_json: Path, tokens) -> dict[str, int]:
+    """Ids of the given token strings in tokenizer.json (added tokens and model vocabulary)."""
+    data = read_json(tokenizer_json)
+    vocab = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    model_vocab = data.get("model", {}).get("vocab")
+    found = {}
+    for tok in tokens:
+        if tok in vocab:
+            found[tok] = int(vocab[tok])
+        elif isinstance(model_vocab, dict) and tok in model_vocab:
+            found[tok] = int(model_vocab[tok])
+    return found
+
+
+def as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def collect_stop_ids(model_dir: Path, tokenizer_dir: Path | None = None) -> list[int]:
+    """Every id that ends generation: eos of config/generation_config/tokenizer, `<|end|>`, `<|endoftext|>`."""
+    model_dir = Path(model_dir)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        if (model_dir / name).is_file():
+            ids += as_id_list(read_json(model_dir / name).get("eos_token_id"))
+    tok_json = tokenizer_dir / "tokenizer.json"
+    if tok_json.is_file():
+        ids += list(token_ids_in_vocab(tok_json, STOP_TOKENS).values())
+        cfg_path = tokenizer_dir / "tokenizer_config.json"
+        if cfg_path.is_file():
+            eos = read_json(cfg_path).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if eos:
+                ids += list(token_ids_in_vocab(tok_json, [eos]).values())
+    return sorted(set(ids))
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,273 @@
+"""Chat with an exported onnxruntime-genai model: one-shot or an interactive REPL, streaming tokens.
+
+The prompt is rendered with the model's own chat template (tokenizer_config.json `chat_template`, or
+chat_template.jinja) with jinja2 the way transformers renders it (sandboxed, trim_blocks, lstrip_blocks),
+then tokenized by onnxruntime-genai's tokenizer. Generation stops at any of genai_config.json's
+eos_token_id (the export writes every stop id there) or after max_new_tokens.
+
+`OnnxChatModel` loads a model once and serves many requests (for a server); `generate_onnx` is the
+one-call form; `chat` is the command-line front end.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from phi3local.export._util import as_id_list, read_json
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+def load_chat_template(model_dir: Path) -> str | None:
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "tokenizer_config.json"
+    if cfg_path.is_file():
+        template = read_json(cfg_path).get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            by_name = {t.get("name"): t.get("template") for t in template}
+            template = by_name.get("default") or next(iter(by_name.values()), None)
+        if template:
+            return template
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    return None
+
+
+def _special_tokens(model_dir: Path) -> dict[str, str]:
+    cfg_path = Path(model_dir) / "tokenizer_config.json"
+    cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+    out = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = cfg.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        out[key] = value or ""
+    return out
+
+
+def render_chat_template(template: str, messages: Sequence[Message], add_generation_prompt: bool = True,
+                         **variables) -> str:
+    """Render a Hugging Face chat template the way transformers does."""
+    from datetime import datetime
+
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                            **variables)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float  # generation time (prompt + decode), model load excluded
+    time_to_first_token: float
+    tokens_per_second: float  # new tokens / seconds
+    finish_reason: str  # "stop" (a stop id) or "length"
+    prompt: str = field(repr=False, default="")
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _stream_fn(stream: Callable | None) -> Callable[[str], None] | None:
+    if stream is None:
+        return None
+    if stream is builtins.print:
+        return lambda piece: print(piece, end="", flush=True)
+    return stream
+
+
+class OnnxChatModel:
+    """An onnxruntime-genai model, its tokenizer and chat template, loaded once."""
+
+    def __init__(self, model_dir: Path):
+        import onnxruntime_genai as og
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "genai_config.json").is_file():
+            raise FileNotFoundError(f"{self.model_dir} has no genai_config.json (export the model with export_onnx)")
+        self.genai_config = read_json(self.model_dir / "genai_config.json")
+        self.stop_ids = set(as_id_list(self.genai_config["model"].get("eos_token_id")))
+        self.context_length = int(self.genai_config["model"].get("context_length", 4096))
+        self.template = load_chat_template(self.model_dir)
+        self.special_tokens = _special_tokens(self.model_dir)
+        self.model = og.Model(str(self.model_dir))
+        self.tokenizer = og.Tokenizer(self.model)
+
+    @staticmethod
+    def _piece(decoder, token: int, first: bool) -> str:
+        piece = decoder.decode(token)
+        if first and piece.startswith(" "):
+            # SentencePiece-style tokenizers mark the first word with a space that transformers'
+            # decode strips (its Strip decoder); onnxruntime-genai's stream keeps it.
+            piece = piece[1:]
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of generated tokens exactly as `generate` streams it (stop ids left out)."""
+        decoder = self.tokenizer.create_stream()
+        pieces: list[str] = []
+        for tok in tokens:
+            if int(tok) in self.stop_ids:
+                break
+            piece = self._piece(decoder, int(tok), first=not pieces)
+            if piece:
+                pieces.append(piece)
+        return "".join(pieces)
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        if self.template is None:  # no template: plain concatenation of the contents
+            return "\n".join(m["content"] for m in messages)
+        return render_chat_template(self.template, messages, add_generation_prompt, **self.special_tokens)
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stream: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        import onnxruntime_genai as og
+
+        prompt = self.render(messages)
+        ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int32)
+        if len(ids) >= self.context_length:
+            raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {self.context_length}")
+        max_length = min(len(ids) + max_new_tokens, self.context_length)
+        options = {"max_length": max_length}
+        if temperature and temperature > 0:
+            options.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
+            if top_k is not None:
+                options["top_k"] = int(top_k)
+            if seed is not None:
+                options["random_seed"] = int(seed)
+        else:
+            options["do_sample"] = False
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(**options)
+        emit = _stream_fn(stream)
+        t0 = time.perf_counter()
+        ttft = 0.0
+        generator = og.Generator(self.model, params)
+        decoder = self.tokenizer.create_stream()
+        generator.append_tokens(ids)
+        tokens: list[int] = []
+        pieces: list[str] = []
+        while not generator.is_done() and len(tokens) < max_new_tokens:
+            generator.generate_next_token()
+            tok = int(generator.get_next_tokens()[0])
+            if not tokens:
+                ttft = time.perf_counter() - t0
+            tokens.append(tok)
+            if tok in self.stop_ids:
+                break
+            piece = self._piece(decoder, tok, first=not pieces)
+            if piece:
+                pieces.append(piece)
+                if emit is not None:
+                    emit(piece)
+        seconds = time.perf_counter() - t0
+        del generator
+        text = "".join(pieces)
+        finish = "stop" if tokens and tokens[-1] in self.stop_ids else "length"
+        return GenerationResult(
+            text=text, tokens=tokens, prompt_tokens=len(ids), new_tokens=len(tokens), seconds=seconds,
+            time_to_first_token=ttft, tokens_per_second=len(tokens) / seconds if seconds > 0 else 0.0,
+            finish_reason=finish, prompt=prompt,
+        )
+
+
+def generate_onnx(
+    model_dir: Path | OnnxChatModel,
+    messages: Sequence[Message],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stream: Callable[[str], None] | None = None,
+) -> dict:
+    """Generate an assistant reply for `messages` (chat-template rendered) with an ONNX model.
+
+    model_dir: an exported folder or an already loaded OnnxChatModel (a server keeps one).
+    Returns {"text", "tokens", "prompt_tokens", "new_tokens", "seconds", "time_to_first_token",
+    "tokens_per_second", "finish_reason", "prompt"}.
+    """
+    model = model_dir if isinstance(model_dir, OnnxChatModel) else OnnxChatModel(Path(model_dir))
+    return model.generate(messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, seed=seed, stream=stream).to_dict()
+
+
+def chat(
+    model_dir: Path,
+    prompt: str | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stream: Callable | None = print,
+    input_fn: Callable[[str], str] = input,
+) -> dict | None:
+    """Chat with the ONNX model in model_dir.
+
+    With `prompt`: one turn; streams the answer to `stream` and returns the generate_onnx dict (text,
+    tokens, tokens_per_second, ...). Without: a REPL (`/reset` forgets the conversation, `/exit` or
+    end of input quits); returns None.
+    """
+    model = OnnxChatModel(Path(model_dir))
+    emit = _stream_fn(stream)
+    base: list[Message] = [{"role": "system", "content": system}] if system else []
+
+    if prompt is not None:
+        result = model.generate(base + [{"role": "user", "content": prompt}], max_new_tokens, temperature, top_p,
+                                stream=emit)
+        if emit is not None and stream is builtins.print:
+            print(flush=True)
+        return result.to_dict()
+
+    history = list(base)
+    say = emit or (lambda s: None)
+    say(f"chatting with {model.model_dir} (/reset to start over, /exit to quit)\n")
+    while True:
+        try:
+            line = input_fn("> ")
+        except (EOFError, KeyboardInterrupt):
+            say("\n")
+            return None
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return None
+        if line == "/reset":
+            history = list(base)
+            continue
+        history.append({"role": "user", "content": line})
+        result = model.generate(history, max_new_tokens, temperature, top_p, stream=emit)
+        history.append({"role": "assistant", "content": result.text})
+        say(f"\n[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s]\n")

@@ -1,0 +1,350 @@
+"""Export a merged Phi-3 folder to an onnxruntime-genai model with its model builder, then check parity.
+
+Uses the builder's Python API (onnxruntime_genai.models.builder):
+    extra = parse_extra_options(model_name, input_path, output_dir, precision, execution_provider,
+                                cache_dir, ["key=value", ...])     # loads config + tokenizer (hf_details)
+    create_model(model_name, input_path, output_dir, precision, execution_provider, cache_dir, **extra)
+
+Known builder defects handled here:
+  * LM head by shape: the builder walks `model.modules()` and takes every `nn.Linear` whose
+    out_features == vocab_size for the LM head, including the q/k/v and gate/up projections it creates
+    while splitting Phi-3's fused qkv_proj / gate_up_proj (and o_proj/down_proj when hidden == vocab).
+    Such a model is exported wrong. We detect the collision from config.json and, while the builder runs,
+    make its `has_lm_head` match only the model's real output embeddings (`get_output_embeddings()`);
+    parity then shows the export is correct. vocab_collision="refuse" refuses instead.
+  * Tokenizer files: the builder re-saves the tokenizer through transformers' AutoTokenizer, which in
+    transformers 5 writes tokenizer_class "TokenizersBackend", moves the chat template to
+    chat_template.jinja and rewrites tokenizer.json. We copy the model folder's own files back
+    (onnxruntime-genai needs tokenizer.json and tokenizer_config.json).
+  * Stop ids: genai_config.json gets every stop id (`<|end|>`, `<|endoftext|>`, eos of the configs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from phi3local.export._util import (
+    as_id_list,
+    check_output_dir,
+    collect_stop_ids,
+    copy_tokenizer_files,
+    dir_size,
+    publish_dir,
+    read_json,
+    staging_dir,
+    versions,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("int4", "fp16", "bf16", "fp32")
+TARGETS = ("cpu", "cuda")
+# What the builder can make (its own list: FP32 CPU, FP32 CUDA, FP16 CUDA, BF16 CUDA, INT4 CPU, INT4 CUDA).
+VALID_COMBINATIONS = {("fp32", "cpu"), ("int4", "cpu"), ("fp32", "cuda"), ("fp16", "cuda"), ("bf16", "cuda"),
+                      ("int4", "cuda")}
+# fp32 exports must match PyTorch to this fraction of the logit scale at every position.
+FP32_PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked; the message says why and what to do."""
+
+
+class VocabCollisionError(ExportError):
+    """A projection's width equals vocab_size, which the builder mistakes for the LM head."""
+
+
+class ParityError(ExportError):
+    """The exported model's logits differ from PyTorch's by more than the tolerance."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def vocab_collisions(config: dict) -> list[str]:
+    """Linear layers (as the builder sees them) whose out_features equal vocab_size, from config.json."""
+    vocab = int(config["vocab_size"])
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    inter = int(config["intermediate_size"])
+    q, kv = heads * head_dim, kv_heads * head_dim
+    widths = {
+        "self_attn.qkv_proj": q + 2 * kv,
+        "self_attn.q_proj (split from qkv_proj)": q,
+        "self_attn.k_proj (split from qkv_proj)": kv,
+        "self_attn.v_proj (split from qkv_proj)": kv,
+        "self_attn.o_proj": hidden,
+        "mlp.gate_up_proj": 2 * inter,
+        "mlp.gate_proj (split from gate_up_proj)": inter,
+        "mlp.up_proj (split from gate_up_proj)": inter,
+        "mlp.down_proj": hidden,
+    }
+    return [f"{name} (out_features {w})" for name, w in widths.items() if w == vocab]
+
+
+def _import_builder():
+    try:
+        with _quiet_builder_logging():
+            from onnxruntime_genai.models import builder
+    except ImportError as e:
+        raise ExportError(
+            f"the onnxruntime-genai model builder cannot be imported ({e}); install the export extras: "
+            "pip install onnxruntime-genai onnx onnx-ir"
+        ) from e
+    # The builder imports its submodules as top-level modules (it puts its folder on sys.path).
+    base_mod = sys.modules.get("builders.base")
+    if base_mod is None:
+        import importlib
+
+        base_mod = importlib.import_module("builders.base")
+    return builder, base_mod
+
+
+@contextlib.contextmanager
+def _quiet_builder_logging():
+    """onnxruntime's quantizer calls logging.basicConfig(level=INFO) on import and logs every MatMul;
+    keep the root logger as it was and the quantizer at WARNING."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    ort_logger = logging.getLogger("onnxruntime")
+    ort_level = ort_logger.level
+    ort_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+        ort_logger.setLevel(ort_level)
+
+
+@contextlib.contextmanager
+def _lm_head_matches_output_embeddings(base_mod):
+    """While the builder runs, only the model's real output embeddings count as the LM head."""
+    import torch
+
+    model_cls = getattr(base_mod, "Model", None)
+    original = getattr(model_cls, "has_lm_head", None)
+    if original is None:
+        raise VocabCollisionError("this onnxruntime-genai builder has no Model.has_lm_head to correct")
+
+    def has_lm_head(self, module):
+        weights = getattr(self, "weights", None)
+        get_head = getattr(weights, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if isinstance(head, torch.nn.Linear):
+            return module is head
+        return original(self, module)
+
+    model_cls.has_lm_head = has_lm_head
+    try:
+        yield
+    finally:
+        model_cls.has_lm_head = original
+
+
+def _fix_genai_config(out: Path, stop_ids: list[int]) -> dict:
+    cfg = read_json(out / "genai_config.json")
+    model = cfg["model"]
+    ids = sorted(set(as_id_list(model.get("eos_token_id"))) | set(stop_ids))
+    model["eos_token_id"] = ids if len(ids) != 1 else ids[0]
+    if model.get("pad_token_id") is None and ids:
+        model["pad_token_id"] = ids[0]
+    write_json(out / "genai_config.json", cfg)
+    return cfg
+
+
+def export_onnx(
+    model_dir: Path,
+    out_dir: Path,
+    precision: str = "int4",
+    target: str = "cpu",
+    adapter_path: Path | None = None,
+    *,
+    overwrite: bool = False,
+    check: bool = True,
+    prompts=None,
+    new_tokens: int = 32,
+    vocab_collision: str = "fix",
+    extra_options: dict | None = None,
+    show: bool = True,
+) -> dict:
+    """Export the HF folder model_dir (a merged Phi-3) to an onnxruntime-genai folder out_dir.
+
+    precision: int4 | fp16 | bf16 | fp32; target: cpu | cuda (fp16/bf16 need cuda).
+    adapter_path: a peft adapter folder the builder applies on top of model_dir (unmerged LoRA MatMuls).
+    check: run check_parity (written to out_dir/parity.json) when the export can run here; an fp32 export
+        fails (ParityError, nothing written) if any position's max |logit diff| > 1e-4 x logit scale;
+        int4/fp16/bf16 report error and greedy agreement only.
+    vocab_collision: "fix" (export correctly, see the module docstring) or "refuse" (VocabCollisionError).
+    extra_options: more builder options, as its --extra_options take them (e.g. {"block_size": 64} or
+        {"accuracy_level": 0} for int4; the CPU int4 default accuracy_level=4 also rounds activations to int8).
+    Returns the report also written to out_dir/export_report.json.
+    """
+    t0 = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if target not in TARGETS:
+        raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
+    if (precision, target) not in VALID_COMBINATIONS:
+        raise ExportError(f"the model builder does not make {precision} models for {target}; "
+                          "use fp32 or int4 for cpu, or target=cuda for fp16/bf16")
+    if vocab_collision not in ("fix", "refuse"):
+        raise ExportError(f"vocab_collision must be 'fix' or 'refuse', got {vocab_collision!r}")
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir} has no config.json (export takes a merged HF folder; run merge first)")
+    if (model_dir / "adapter_config.json").is_file():
+        raise ExportError(f"{model_dir} is an adapter folder; merge it first or pass it as adapter_path")
+    check_output_dir(out_dir, overwrite)
+    config = read_json(model_dir / "config.json")
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch != "Phi3ForCausalLM":
+        what = "a sequence classifier" if arch.endswith("ForSequenceClassification") else arch
+        raise ExportError(f"{model_dir} is {what}; onnxruntime-genai exports Phi3ForCausalLM models only")
+    if config.get("quantization_config"):
+        raise ExportError(f"{model_dir} is a quantized checkpoint; export the merged unquantised folder")
+    if not (model_dir / "tokenizer.json").is_file() or not (model_dir / "tokenizer_config.json").is_file():
+        raise ExportError(f"{model_dir} needs tokenizer.json and tokenizer_config.json (onnxruntime-genai reads both)")
+
+    collisions = vocab_collisions(config)
+    if collisions and vocab_collision == "refuse":
+        raise VocabCollisionError(
+            f"vocab_size {config['vocab_size']} equals the width of {', '.join(collisions)}: the onnxruntime-genai "
+            "model builder takes every nn.Linear with out_features == vocab_size for the LM head and would "
+            "export this model wrong. Use vocab_collision='fix' (matches only the real lm_head) or change "
+            "vocab_size (e.g. pad the embeddings to a multiple of 64 that differs from every projection width)."
+        )
+
+    builder, base_mod = _import_builder()
+    kv = [f"{k}={v}" for k, v in (extra_options or {}).items()]
+    if adapter_path is not None:
+        adapter_path = Path(adapter_path)
+        if (adapter_path / "adapter" / "adapter_config.json").is_file():
+            adapter_path = adapter_path / "adapter"
+        kv.append(f"adapter_path={adapter_path}")
+    stop_ids = collect_stop_ids(model_dir)
+
+    with staging_dir(out_dir) as tmp:
+        cache = tmp / "_builder_cache"
+        log_path = tmp / "builder.log"
+        patch = _lm_head_matches_output_embeddings(base_mod) if collisions else contextlib.nullcontext()
+        tb = time.perf_counter()
+        buf = io.StringIO()
+        try:
+            with patch, _quiet_builder_logging(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+                extra = builder.parse_extra_options(None, str(model_dir), str(tmp), precision, target, str(cache), kv)
+                builder.create_model(None, str(model_dir), str(tmp), precision, target, str(cache), **extra)
+        except Exception as e:
+            raise ExportError(f"the model builder failed: {e}\n--- builder output ---\n{buf.getvalue()[-4000:]}") from e
+        finally:
+            log_path.write_text(buf.getvalue(), encoding="utf-8")
+        build_seconds = time.perf_counter() - tb
+        shutil.rmtree(cache, ignore_errors=True)
+
+        tokenizer_files = copy_tokenizer_files(model_dir, tmp)
+        genai_cfg = _fix_genai_config(tmp, stop_ids)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        model_bytes = sum(s for n, s in files.items() if n.endswith((".onnx", ".onnx.data")))
+        report = {
+            "model_dir": str(model_dir),
+            "adapter_path": str(adapter_path) if adapter_path else None,
+            "precision": precision,
+            "target": target,
+            "export_seconds": round(build_seconds, 3),
+            "model_bytes": model_bytes,
+            "files": files,
+            "source_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
+            "vocab_size": config["vocab_size"],
+            "vocab_collision": collisions,
+            "vocab_collision_fix": "has_lm_head matched only get_output_embeddings()" if collisions else None,
+            "eos_token_id": genai_cfg["model"]["eos_token_id"],
+            "tokenizer_files": tokenizer_files,
+            "versions": versions(),
+        }
+
+        parity = None
+        provider = None
+        if target == "cuda" and not _cuda_available():
+            # No CUDA here: fp16 and int4 CUDA graphs still run on the CPU EP, so parity can be measured
+            # (bf16 MatMul has no CPU kernel; the fp32 CUDA graph does not load on the CPU EP).
+            provider = "cpu" if precision in ("fp16", "int4") else None
+        runnable = target == "cpu" or _cuda_available() or provider == "cpu"
+        if check and runnable:
+            from phi3local.export.parity import check_parity
+
+            tol = FP32_PARITY_TOLERANCE if precision == "fp32" else None
+            try:
+                parity = check_parity(tmp, model_dir, prompts, new_tokens, adapter_path=adapter_path,
+                                      tolerance=tol, execution_provider=provider, show=show)
+            except Exception as e:
+                if provider is None:
+                    raise
+                # A CUDA graph that does not run on the CPU EP after all: report it, don't fail the export.
+                parity = None
+                report["parity"] = {"skipped": f"{precision} for {target} does not run on the CPU EP here: "
+                                               f"{str(e).splitlines()[0][:300]}"}
+        if parity is not None:
+            report["parity"] = {k: parity[k] for k in (
+                "max_abs_diff", "logit_scale", "relative_error", "greedy_identical", "greedy_compared",
+                "greedy_all_agree", "tokenizer_match", "logits_alignment_ok", "execution_provider", "seconds")
+                if k in parity}
+            if "passed" in parity:
+                report["parity"]["passed"] = parity["passed"]
+                report["parity"]["tolerance_relative"] = tol
+            if tol is not None and not parity["passed"]:
+                raise ParityError(
+                    f"fp32 export differs from PyTorch by {parity['max_abs_diff']:.3g} (relative "
+                    f"{parity['relative_error']:.3g} of the logit scale, tolerance {tol:g}); greedy "
+                    f"{parity['greedy_identical']}/{parity['greedy_compared']}. Nothing was written to {out_dir}.",
+                    parity,
+                )
+        elif check and not runnable:
+            report["parity"] = {"skipped": f"{precision} for {target} cannot run on this machine"}
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        # The model as shipped: everything but the reports (parity.json, export_report.json).
+        report["size_bytes"] = dir_size(tmp) - sum(
+            (tmp / n).stat().st_size for n in ("parity.json", "export_report.json") if (tmp / n).exists())
+        write_json(tmp / "export_report.json", report)
+        publish_dir(tmp, out_dir, overwrite)
+
+    if parity is not None:  # point the report at the published folder
+        parity["onnx_dir"] = str(out_dir)
+        write_json(out_dir / "parity.json", parity)
+    if show:
+        _print_report(report)
+    return report
+
+
+def _cuda_available() -> bool:
+    try:
+        import onnxruntime_genai as og
+
+        return bool(og.is_cuda_available())
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+
+
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    mib = report["size_bytes"] / 2**20
+    line = (f"exported {report['precision']}/{report['target']} in {report['export_seconds']:.1f} s, "
+            f"{mib:.2f} MiB on disk")
+    p = report.get("parity") or {}
+    if "max_abs_diff" in p:
+        line += (f"; parity max |Δ| {p['max_abs_diff']:.3g} ({p['relative_error']:.2e} of scale), "
+                 f"greedy {p['greedy_identical']}/{p['greedy_compared']}")
+    console.print(line)

@@ -1,0 +1,285 @@
+"""Compare an onnxruntime-genai export with the PyTorch model it came from, position by position.
+
+For each prompt:
+  * the prompt pass: logits of every prompt position, onnxruntime-genai vs PyTorch;
+  * the decode pass: onnxruntime-genai generates greedily token by token through its KV cache; the logits
+    of each step are compared with PyTorch's logits at the same position of the same sequence
+    (one teacher-forced forward over prompt + the generated tokens);
+  * greedy agreement: PyTorch's own greedy continuation vs onnxruntime-genai's (identical tokens,
+    first divergence).
+
+Pitfall this code handles: `generator.get_output("logits")` holds the logits of the last *computed*
+step. `append_tokens` runs the prompt; the first `generate_next_token()` only picks a token from those
+prompt logits; every later `generate_next_token()` first runs the model on the previous token. So after
+call k >= 2 the logits belong to input token k-1 (position prompt_len + k - 2), the ones token k was
+chosen from. The code checks that alignment (argmax of each logits row == the token chosen from it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from phi3local.export._util import as_id_list, load_hf_tokenizer, read_json, write_json
+
+DEFAULT_PROMPTS = (
+    "Once upon a time",
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "Write a haiku about the sea."}],
+)
+
+
+def _prompt_text(tokenizer, prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def _to_f32(array) -> np.ndarray:
+    a = np.asarray(array)
+    if a.dtype != np.float32:
+        a = a.astype(np.float32)
+    return a
+
+
+def _og_stop_ids(onnx_dir: Path) -> list[int]:
+    cfg = read_json(Path(onnx_dir) / "genai_config.json")
+    return as_id_list(cfg["model"].get("eos_token_id"))
+
+
+def load_reference_model(hf_model_dir: Path, adapter_path: Path | None = None):
+    """The float32 PyTorch model (with the LoRA adapter applied, unmerged, when one is given)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.float32)
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_path))
+    return model.eval()
+
+
+@torch.no_grad()
+def fake_quantize_int4_(model: torch.nn.Module, block_size: int = 32) -> torch.nn.Module:
+    """Round every nn.Linear weight the way the builder's int4 export does (in place), for a reference.
+
+    onnxruntime's MatMulNBits quantizer, symmetric (the builder's default): blocks of `block_size` along
+    the input dimension, scale = (the block's value of largest magnitude) / -8, q = clamp(round(w / scale),
+    -8, 7). An int4 export built with accuracy_level=0 (float activations) matches a model rounded like
+    this to float32 precision; the CPU default accuracy_level=4 also rounds activations to int8.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            w = module.weight.data.float()
+            n, k = w.shape
+            if k % block_size:
+                raise ValueError(f"in_features {k} is not a multiple of block_size {block_size}")
+            blocks = w.reshape(n, k // block_size, block_size)
+            idx = blocks.abs().argmax(-1, keepdim=True)
+            scale = torch.gather(blocks, -1, idx) / -8.0
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+            q = torch.clamp(torch.round(blocks / scale), -8, 7)
+            module.weight.data = (q * scale).reshape(n, k).to(module.weight.dtype)
+    return model
+
+
+@torch.no_grad()
+def _hf_greedy(model, ids: list[int], n: int, stop_ids: list[int]) -> list[int]:
+    """Greedy decoding with transformers' KV cache; an explicit config, so no generation_config defaults
+    (sampling, repetition penalty) of the model folder get in."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=stop_ids or None,
+                              pad_token_id=stop_ids[0] if stop_ids else 0)
+    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         generation_config=config)
+    return [int(t) for t in out[0, len(ids):]]
+
+
+def _og_run(og_model, ids: list[int], new_tokens: int, context_length: int):
+    """Prompt logits, per-step decode logits and the greedy tokens from onnxruntime-genai."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(og_model)
+    # One step more than new_tokens so that the last generated token's logits get computed too.
+    max_length = min(len(ids) + new_tokens + 1, context_length)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    gen = og.Generator(og_model, params)
+    gen.append_tokens(np.asarray(ids, dtype=np.int32))
+    prompt_logits = _to_f32(gen.get_output("logits"))[0]  # [P, V]
+    tokens: list[int] = []
+    step_logits: list[np.ndarray] = []  # step_logits[j]: logits for input tokens[j]
+    chosen_from: list[np.ndarray] = [prompt_logits[-1]]
+    while not gen.is_done() and len(tokens) < new_tokens + 1:
+        gen.generate_next_token()
+        if tokens:  # from the second call on, the model ran on the previous token first
+            row = _to_f32(gen.get_output("logits")).reshape(-1, prompt_logits.shape[-1])[-1]
+            step_logits.append(row)
+            chosen_from.append(row)
+        tokens.append(int(gen.get_next_tokens()[0]))
+    del gen
+    aligned = all(int(np.argmax(row)) == tok for row, tok in zip(chosen_from, tokens))
+    # The extra step's token is only there to get the logits of the last kept token.
+    return prompt_logits, step_logits[:new_tokens], tokens[:new_tokens], aligned
+
+
+def check_parity(
+    onnx_dir: Path,
+    hf_model_dir: Path,
+    prompts=None,
+    new_tokens: int = 64,
+    *,
+    adapter_path: Path | None = None,
+    tolerance: float | None = None,
+    out_path: Path | None = None,
+    reference_model=None,
+    execution_provider: str | None = None,
+    show: bool = False,
+) -> dict:
+    """Compare the ONNX model in onnx_dir with the PyTorch model in hf_model_dir; write parity.json.
+
+    prompts: texts (used as they are) or message lists (rendered with the chat template); default: three.
+    new_tokens: greedy tokens generated per prompt (each also compared through the KV cache).
+    adapter_path: a peft adapter the export applied (builder adapter_path); the reference applies it too.
+    tolerance: when given, `passed` says whether every position's max |diff| <= tolerance x logit scale.
+    out_path: where to write the report (default onnx_dir/parity.json; pass False to skip writing).
+    reference_model: an already loaded PyTorch model to compare with (e.g. fake_quantize_int4_'s result).
+    execution_provider: None runs with genai_config.json's providers; "cpu" forces the CPU EP.
+    Returns the report: per prompt, max |logit diff| per prompt position and per decode step, logit
+    scale (max |logit| of PyTorch), relative error, greedy agreement and first divergence; and overall.
+    """
+    import onnxruntime_genai as og
+
+    onnx_dir, hf_model_dir = Path(onnx_dir), Path(hf_model_dir)
+    t0 = time.perf_counter()
+    tok_dir = onnx_dir if (onnx_dir / "tokenizer.json").is_file() else hf_model_dir
+    tokenizer = load_hf_tokenizer(tok_dir)
+    model = reference_model if reference_model is not None else load_reference_model(hf_model_dir, adapter_path)
+    genai_cfg = read_json(onnx_dir / "genai_config.json")
+    context_length = int(genai_cfg["model"].get("context_length", 4096))
+    stop_ids = _og_stop_ids(onnx_dir)
+    if execution_provider == "cpu":
+        # Run a model exported for another target on the CPU EP (fp16 and int4 CUDA graphs run there;
+        # bf16 does not): the numbers then show the graph's precision, not that target's kernels.
+        og_config = og.Config(str(onnx_dir))
+        og_config.clear_providers()
+        og_model = og.Model(og_config)
+    else:
+        og_model = og.Model(str(onnx_dir))
+    og_tok = og.Tokenizer(og_model)
+
+    results = []
+    for prompt in list(prompts if prompts is not None else DEFAULT_PROMPTS):
+        text = _prompt_text(tokenizer, prompt)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        og_ids = [int(x) for x in og_tok.encode(text)]
+        prompt_logits, step_logits, og_tokens, aligned = _og_run(og_model, ids, new_tokens, context_length)
+
+        full = ids + og_tokens
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([full])).logits[0].float().numpy()
+        p = len(ids)
+        prompt_diff = np.abs(prompt_logits - ref[:p]).max(axis=-1)
+        decode_ref = ref[p:p + len(step_logits)]
+        decode_diff = (np.abs(np.stack(step_logits) - decode_ref).max(axis=-1)
+                       if step_logits else np.zeros(0, dtype=np.float32))
+        scale = float(np.abs(ref[:p + len(step_logits)]).max())
+        max_diff = float(max(prompt_diff.max(initial=0.0), decode_diff.max(initial=0.0)))
+
+        hf_tokens = _hf_greedy(model, ids, new_tokens, stop_ids)
+        compared = max(len(hf_tokens), len(og_tokens))
+        identical = sum(a == b for a, b in zip(hf_tokens, og_tokens))
+        first_div = next((i for i, (a, b) in enumerate(zip(hf_tokens, og_tokens)) if a != b), None)
+        if first_div is None and len(hf_tokens) != len(og_tokens):
+            first_div = min(len(hf_tokens), len(og_tokens))
+        entry = {
+            "prompt": text,
+            "prompt_tokens": p,
+            "tokenizer_match": og_ids == ids,
+            "prompt_max_abs_diff_per_position": [float(x) for x in prompt_diff],
+            "decode_max_abs_diff_per_position": [float(x) for x in decode_diff],
+            "prompt_max_abs_diff": float(prompt_diff.max(initial=0.0)),
+            "decode_max_abs_diff": float(decode_diff.max(initial=0.0)),
+            "max_abs_diff": max_diff,
+            "logit_scale": scale,
+            "relative_error": max_diff / scale if scale else 0.0,
+            "greedy_tokens_onnx": og_tokens,
+            "greedy_tokens_torch": hf_tokens,
+            "greedy_compared": compared,
+            "greedy_identical": identical,
+            "greedy_first_divergence": first_div,
+            "greedy_text_onnx": og_tok.decode(np.asarray(og_tokens, dtype=np.int32)) if og_tokens else "",
+            "logits_alignment_ok": aligned,
+        }
+        results.append(entry)
+    del og_model
+
+    max_diff = max((r["max_abs_diff"] for r in results), default=0.0)
+    scale = max((r["logit_scale"] for r in results), default=0.0)
+    # Worst position relative to its own prompt's scale (the check export_onnx applies for fp32).
+    worst_rel = max((r["relative_error"] for r in results), default=0.0)
+    report = {
+        "onnx_dir": str(onnx_dir),
+        "hf_model_dir": str(hf_model_dir),
+        "adapter_path": str(adapter_path) if adapter_path else None,
+        "execution_provider": execution_provider or "as configured",
+        "new_tokens": new_tokens,
+        "stop_token_ids": stop_ids,
+        "max_abs_diff": max_diff,
+        "logit_scale": scale,
+        "relative_error": worst_rel,
+        "greedy_identical": sum(r["greedy_identical"] for r in results),
+        "greedy_compared": sum(r["greedy_compared"] for r in results),
+        "greedy_all_agree": all(r["greedy_first_divergence"] is None for r in results),
+        "tokenizer_match": all(r["tokenizer_match"] for r in results),
+        "logits_alignment_ok": all(r["logits_alignment_ok"] for r in results),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "prompts": results,
+    }
+    if tolerance is not None:
+        report["tolerance_relative"] = tolerance
+        report["passed"] = all(
+            r["max_abs_diff"] <= tolerance * r["logit_scale"] and not math.isnan(r["max_abs_diff"]) for r in results
+        )
+    if out_path is not False:
+        write_json(Path(out_path) if out_path else onnx_dir / "parity.json", report)
+    if show:
+        print_parity(report)
+    return report
+
+
+def print_parity(report: dict, console=None) -> None:
+    """A rich table of a parity report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    table = Table(title=f"parity: {report['onnx_dir']}")
+    for col in ("prompt", "tokens", "prompt max|Δ|", "decode max|Δ|", "logit scale", "rel. error", "greedy",
+                "tokenizer"):
+        table.add_column(col, justify="left" if col == "prompt" else "right")
+    for r in report["prompts"]:
+        prompt = r["prompt"].replace("\n", "⏎")
+        table.add_row(
+            prompt[:40] + ("…" if len(prompt) > 40 else ""),
+            str(r["prompt_tokens"]),
+            f"{r['prompt_max_abs_diff']:.2e}",
+            f"{r['decode_max_abs_diff']:.2e}",
+            f"{r['logit_scale']:.3g}",
+            f"{r['relative_error']:.2e}",
+            f"{r['greedy_identical']}/{r['greedy_compared']}"
+            + ("" if r["greedy_first_divergence"] is None else f" (≠ at {r['greedy_first_divergence']})"),
+            "same" if r["tokenizer_match"] else "DIFFERS",
+        )
+    console.print(table)
+    verdict = ""
+    if "passed" in report:
+        verdict = f"  tolerance {report['tolerance_relative']:g} x scale: " + (
+            "[green]passed[/green]" if report["passed"] else "[red]FAILED[/red]")
+    console.print(f"max |Δ| {report['max_abs_diff']:.3g}, relative {report['relative_error']:.3g}, greedy "
+                  f"{report['greedy_identical']}/{report['greedy_compared']}{verdict}")

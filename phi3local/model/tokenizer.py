@@ -1,0 +1,134 @@
+"""Load a tokenizer so that its `tokenizer.json` is used exactly as written.
+
+transformers 5's `AutoTokenizer` rebuilds `LlamaTokenizer` (the class Phi-3's config names) with its own
+Metaspace pre-tokenizer instead of the file's normaliser. For Phi-3 that drops the `▁` that starts every
+text segment after a special token and fails 15 of llama.cpp's 46 reference encodings, so training data
+would be encoded unlike the model's pre-training. `PreTrainedTokenizerFast(tokenizer_file=...)` takes the
+file as it is; the settings that live only in `tokenizer_config.json` are passed in next to it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerFast
+
+# Phi-3-mini-4k-instruct's chat template (current Hub revision): system-aware, every turn closed by
+# <|end|>, and <|endoftext|> after the last turn unless a generation prompt is asked for.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# The Phi-3 special tokens the template writes, in the order of their ids in Phi-3's vocabulary
+# (32000, 32001, 32006, 32007, 32010).
+PHI3_SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Plain settings copied from tokenizer_config.json when present.
+_PLAIN_KEYS = ("model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces")
+
+
+class TokenizerLoadError(RuntimeError):
+    """No tokenizer could be loaded from the given folder or id."""
+
+
+def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer of a model folder (or Hub id), with a pad token and the model's own chat template."""
+    folder = Path(path_or_id)
+    try:
+        if (folder / "tokenizer.json").is_file():
+            tokenizer = _from_tokenizer_json(folder)
+        else:
+            tokenizer = _from_auto(str(path_or_id))
+    except TokenizerLoadError:
+        raise
+    except Exception as e:  # any loader failure becomes one clear error naming the path
+        raise TokenizerLoadError(f"could not load a tokenizer from {path_or_id}: {type(e).__name__}: {e}") from e
+    # Batching needs a pad id; positions past a document are masked by length, so eos is safe here.
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _from_tokenizer_json(folder: Path) -> PreTrainedTokenizerFast:
+    config = read_tokenizer_config(folder)
+    kwargs: dict[str, Any] = {}
+    for key in _SPECIAL_TOKEN_KEYS:
+        value = _token_content(config.get(key))
+        if value is not None:
+            kwargs[key] = value
+    for key in _PLAIN_KEYS:
+        if config.get(key) is not None:
+            kwargs[key] = config[key]
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens")
+    if isinstance(extra, list) and extra:
+        kwargs["extra_special_tokens"] = [_token_content(t) for t in extra]
+    template = chat_template_of(folder, config)
+    if template is not None:
+        kwargs["chat_template"] = template
+
+    tokenizer_file = folder / "tokenizer.json"
+    has_post_processor = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("post_processor") is not None
+    if not has_post_processor:
+        # Only then does transformers build the BOS/EOS post-processor from these flags; otherwise
+        # passing them would overwrite the file's own post-processor.
+        for key in ("add_bos_token", "add_eos_token"):
+            if key in config:
+                kwargs[key] = bool(config[key])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), **kwargs)
+    if has_post_processor:
+        _sync_bos_eos_flags(tokenizer)
+    tokenizer.name_or_path = str(folder)
+    return tokenizer
+
+
+def _from_auto(path_or_id: str) -> PreTrainedTokenizerFast:
+    # No tokenizer.json (a Hub id, or a folder with only a SentencePiece model): let transformers build it.
+    folder = Path(path_or_id)
+    if folder.is_dir() and not any(folder.glob("tokenizer*")):
+        raise TokenizerLoadError(f"{folder} has no tokenizer files (tokenizer.json, tokenizer.model, ...)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path_or_id)
+
+
+def read_tokenizer_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "tokenizer_config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def chat_template_of(folder: Path, config: dict[str, Any] | None = None) -> str | dict[str, str] | None:
+    """The folder's chat template: `chat_template.jinja` (what transformers 5 writes) or the config's."""
+    jinja = Path(folder) / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = (config if config is not None else read_tokenizer_config(folder)).get("chat_template")
+    if isinstance(template, list):
+        # Older configs store named templates as [{"name": ..., "template": ...}].
+        return {t["name"]: t["template"] for t in template}
+    return template
+
+
+def _token_content(value: Any) -> str | None:
+    # Configs written by older transformers store special tokens as AddedToken dicts.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _sync_bos_eos_flags(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Make `add_bos_token`/`add_eos_token` say what the file's post-processor really does.
+
+    The setters only record the flag (they do not rebuild the post-processor), so the file stays in charge.
+    """
+    probe = tokenizer.backend_tokenizer.encode("a", add_special_tokens=True).ids
+    added = len(probe) > len(tokenizer.backend_tokenizer.encode("a", add_special_tokens=False).ids)
+    tokenizer.add_bos_token = added and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
+    tokenizer.add_eos_token = added and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
