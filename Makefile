@@ -23,9 +23,12 @@ comma := ,
 install: $(VENV)/.installed
 
 # The whole pipeline on the embedded default: tiny Phi-3 model, sample chat data, CPU.
+DEMO_ENV := PHI3LOCAL_CACHE=.demo/cache HF_HUB_OFFLINE=1
 demo: install
-	PHI3LOCAL_CACHE=.demo/cache $(VENV)/bin/phi3local train recipes/tiny-cpu.yaml output_dir=.demo/run --overwrite
-	$(PY) -m phi3local.demo_check .demo/run
+	$(DEMO_ENV) $(VENV)/bin/phi3local train recipes/tiny-cpu.yaml output_dir=.demo/run --overwrite
+	$(DEMO_ENV) $(VENV)/bin/phi3local merge .demo/run --out .demo/merged --overwrite
+	$(DEMO_ENV) $(VENV)/bin/phi3local export .demo/merged --out .demo/onnx --precision fp32 --target cpu --overwrite
+	$(DEMO_ENV) $(VENV)/bin/phi3local chat .demo/onnx --prompt "What is 12 plus 7?" --max-new-tokens 24
 
 test: install
 	$(PY) -m pytest tests -q -x --durations=15

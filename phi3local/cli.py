@@ -73,7 +73,8 @@ def cmd_merge(args) -> int:
 def cmd_export(args) -> int:
     from phi3local.export.onnx import export_onnx
 
-    report = export_onnx(Path(args.model), Path(args.out), precision=args.precision, target=args.target)
+    report = export_onnx(Path(args.model), Path(args.out), precision=args.precision, target=args.target,
+                         adapter_path=Path(args.adapter) if args.adapter else None, overwrite=args.overwrite)
     console.print_json(json.dumps(report, default=str))
     return 0
 
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--precision", default="int4", choices=["int4", "fp16", "bf16", "fp32"])
     p.add_argument("--target", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--adapter", help="export an unmerged LoRA adapter into the graph instead of merging first")
+    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("chat", help="chat with an exported ONNX model (onnxruntime-genai)")
@@ -175,10 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         console.print(f"[red]recipe error:[/] {e}")
         return 2
-    except Exception as e:  # every stage's own errors carry a message meant for the user
-        known = type(e).__name__ in {"DataError", "TrainingError", "NonFiniteLossError", "ModelSetupError",
-                                     "ExportError", "MergeError", "TokenizerError"}
-        if not known or args.verbose:
+    except Exception as e:
+        # The package's own exceptions carry a message written for the user; anything else is a bug.
+        if not type(e).__module__.startswith("phi3local.") or args.verbose:
             raise
         console.print(f"[red]{type(e).__name__}:[/] {e}")
         return 1

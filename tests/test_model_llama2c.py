@@ -131,9 +131,9 @@ def test_config_of_the_converted_model(converted, model):
     assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
             cfg["num_key_value_heads"], cfg["vocab_size"], cfg["max_position_embeddings"]) == (64, 172, 5, 8, 4, 512, 512)
     assert cfg["tie_word_embeddings"] is True and cfg["sliding_window"] is None
-    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 0)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 1, 0)
     assert cfg["rope_parameters"]["rope_theta"] == 10000.0 and cfg["rms_norm_eps"] == 1e-5
-    assert json.loads((converted / "generation_config.json").read_text())["eos_token_id"] in (2, [2])
+    assert json.loads((converted / "generation_config.json").read_text())["eos_token_id"] == [1, 2]
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
@@ -171,12 +171,12 @@ def test_chat_template_ends_every_turn_with_eos(tokenizer):
     messages = [{"role": "user", "content": "Lily saw a big dog."},
                 {"role": "assistant", "content": "Who: Lily. What: dog."}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert text == "<s>User: Lily saw a big dog.</s>Assistant: Who: Lily. What: dog.</s>"
+    assert text == "<s>User: Lily saw a big dog.<s>Assistant: Who: Lily. What: dog.<s>"
     prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-    assert prompt == "<s>User: Lily saw a big dog.</s>Assistant:" and text.startswith(prompt)
+    assert prompt == "<s>User: Lily saw a big dog.<s>Assistant:" and text.startswith(prompt)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert ids[0] == 1 and ids.count(1) == 1
-    assert ids.count(2) == 2 and ids[-1] == 2  # `</s>` in rendered text is the single token 2
+    assert ids[0] == 1 and ids.count(2) == 0
+    assert ids.count(1) == 3 and ids[-1] == 1  # `<s>` in rendered text is the single token 1
     # The answer is tokenised exactly as SentencePiece tokenises it on its own (dummy-prefix `▁` included).
     answer = tokenizer("Who: Lily. What: dog.", add_special_tokens=False)["input_ids"]
     assert ids[-1 - len(answer) : -1] == answer
@@ -191,7 +191,7 @@ def test_assistant_mask_trains_the_answer_and_its_eos(tokenizer):
     enc = encode_conversation(tokenizer, messages, max_seq_len=512)
     trained = [i for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE]
     answer = tokenizer("Who: Tom. What: ball.", add_special_tokens=False)["input_ids"]
-    assert trained == answer + [2]
+    assert trained == answer + [1]
 
 
 def test_auto_tokenizer_agrees_and_cache_is_reused(converted, tokenizer):

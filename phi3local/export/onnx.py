@@ -154,6 +154,26 @@ def _lm_head_matches_output_embeddings(base_mod):
         model_cls.has_lm_head = original
 
 
+@contextlib.contextmanager
+def _no_gqa_for_small_heads(base_mod, head_dim: int):
+    """onnxruntime's CPU GroupQueryAttention kernel needs head_size % 16 == 0; the builder picks it for
+    every fp32 CPU export anyway. For smaller heads (stories260K: 8) make it use MultiHeadAttention
+    (its packed "Attention" path writes a graph without present.*.key outputs in 0.18)."""
+    model_cls = getattr(base_mod, "Model", None)
+    names = ("is_gqa_supported", "is_packed_attn_supported")
+    originals = {n: getattr(model_cls, n, None) for n in names}
+    if None in originals.values() or head_dim % 16 == 0:
+        yield
+        return
+    for n in names:
+        setattr(model_cls, n, lambda self: False)
+    try:
+        yield
+    finally:
+        for n, f in originals.items():
+            setattr(model_cls, n, f)
+
+
 def _fix_genai_config(out: Path, stop_ids: list[int]) -> dict:
     cfg = read_json(out / "genai_config.json")
     model = cfg["model"]
@@ -240,10 +260,13 @@ def export_onnx(
         cache = tmp / "_builder_cache"
         log_path = tmp / "builder.log"
         patch = _lm_head_matches_output_embeddings(base_mod) if collisions else contextlib.nullcontext()
+        hf_config = read_json(Path(model_dir) / "config.json")
+        head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
         tb = time.perf_counter()
         buf = io.StringIO()
         try:
-            with patch, _quiet_builder_logging(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            with patch, _no_gqa_for_small_heads(base_mod, head_dim), _quiet_builder_logging(), \
+                    contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
                 extra = builder.parse_extra_options(None, str(model_dir), str(tmp), precision, target, str(cache), kv)
                 builder.create_model(None, str(model_dir), str(tmp), precision, target, str(cache), **extra)
         except Exception as e:

@@ -31,9 +31,14 @@ V1_HEADER_BYTES = 256
 ROPE_THETA = 10000.0  # llama2.c's run.c hard-codes both of these
 RMS_NORM_EPS = 1e-5
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
+# llama2.c trained TinyStories with BOS (id 1) as the only delimiter between stories and never saw
+# </s> (id 2): its </s> embedding is untrained, so a LoRA fine-tune hardly learns to emit it, while
+# id 1 is what the pretrained model already predicts when a text is finished. So a turn ends with <s>.
+TURN_END_ID = BOS_ID
 
-# Plain-text turn markers (the 512-piece vocabulary has no chat tokens). Every turn ends with `</s>`,
-# one real token the model already knows, so it can learn to stop. The space after "Assistant:" becomes
+# Plain-text turn markers (the 512-piece vocabulary has no chat tokens). Every turn ends with the
+# tokenizer's eos_token, which is `<s>` (see TURN_END_ID), one real token the model already predicts
+# at the end of a text, so it learns to stop. The space after "Assistant:" becomes
 # the `▁` of the content's first word, so the answer is tokenised as SentencePiece would tokenise it on
 # its own, and the generation prompt ends before that space.
 STORIES_CHAT_TEMPLATE = (
@@ -47,7 +52,7 @@ STORIES_CHAT_TEMPLATE = (
 )
 
 # Bump when the converted folder changes, so cached conversions are rebuilt.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 ENV_SHARED_DATA = "PHI3LOCAL_SHARED_DATA"
 
 
@@ -167,7 +172,7 @@ def phi3_config(config: Llama2cConfig) -> Phi3Config:
         tie_word_embeddings=config.shared_classifier, sliding_window=None,
         # <unk> pads: it never occurs in text (byte fallback), whereas a pad equal to eos (</s>) would let
         # collators that mask pad ids also mask the turn-ending </s> the model must learn to produce.
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=UNK_ID,
+        bos_token_id=BOS_ID, eos_token_id=TURN_END_ID, pad_token_id=UNK_ID,
     )
 
 
@@ -206,8 +211,8 @@ def convert_llama2c(checkpoint: Path, tokenizer_model: Path, out_dir: Path) -> P
     if config.shared_classifier:
         model.tie_weights()
     model.save_pretrained(out_dir)
-    # Every stop id goes into eos_token_id; here the turn end and the end of text are both </s>.
-    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=UNK_ID).save_pretrained(out_dir)
+    # Every stop id goes into eos_token_id: the turn end (<s>) and </s>.
+    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=[TURN_END_ID, EOS_ID], pad_token_id=UNK_ID).save_pretrained(out_dir)
     return out_dir
 
 
@@ -241,7 +246,7 @@ def write_sentencepiece_tokenizer(sp_model: Path, out_dir: Path, model_max_lengt
         # The generic class: AutoTokenizer then uses tokenizer.json as written (LlamaTokenizer would rebuild
         # the pre-tokenizer).
         "tokenizer_class": "TokenizersBackend",
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
+        "bos_token": "<s>", "eos_token": "<s>", "unk_token": "<unk>", "pad_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False,
         "model_max_length": model_max_length, "padding_side": "left",  # left: batched generation
         "clean_up_tokenization_spaces": False,

@@ -23,7 +23,7 @@ class ModelSetupError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PHI3LOCAL_CACHE", Path.home() / ".cache" / "phi3local"))
+    return Path(os.environ.get("PHI3LOCAL_CACHE", Path.home() / ".cache" / "phi3local")).expanduser().resolve()
 
 
 def resolve_model_path(name_or_path: str) -> str:

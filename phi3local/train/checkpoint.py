@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shutil
-
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
