@@ -33,7 +33,7 @@ def test_tiny_model_learns_and_saves_a_usable_adapter(tmp_path):
     recipe = tiny_recipe(tmp_path, "eval.generate_samples=1")
     summary = loop.run_training(recipe)
     first, final = summary["first_val_loss"], summary["final"]["val_loss"]
-    assert final < first - 1.0, (first, final)  # measured: ~6.5 -> ~1.5 in 120 steps
+    assert final < first - 3.0, (first, final)  # measured: 6.24 -> 1.29 in 120 steps
     run = Path(recipe.output_dir)
     for name in ("recipe.yaml", "metrics.jsonl", "loss.png", "summary.json", "adapter/adapter_model.safetensors",
                  "adapter/tokenizer.json", "adapter/generation_config.json"):
@@ -163,7 +163,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
 def test_classification_beats_chance(tmp_path):
     recipe = load_recipe(REPO / "recipes" / "phi3-mini-classification.yaml", [
         "model.name_or_path=tiny", "data.train_file=phi3local/assets/demo_classification.jsonl",
-        f"output_dir={tmp_path / 'cls'}", "training.display=none", "training.max_steps=80", "training.lr=3e-3",
+        f"output_dir={tmp_path / 'cls'}", "training.display=none", "training.max_steps=40", "training.lr=3e-3",
         "training.micro_batch_size=8", "training.grad_accum=1", "eval.every=0", "data.max_seq_len=128",
         "lora.modules_to_save=[embed_tokens]",
     ])

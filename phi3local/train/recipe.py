@@ -448,10 +448,12 @@ def train(run: Run) -> dict:
                     "data.max_seq_len, or turn on training.gradient_checkpointing=true") from e
             s.step += 1
             for b in batches:
-                window_tokens += b.trained_tokens
+                # A classification example trains on its whole text (one label from all its tokens).
+                window_tokens += b.real_tokens if r.task == "classification" else b.trained_tokens
                 window_real += b.real_tokens
                 window_padded += b.padded_tokens
-            s.trained_tokens += sum(b.trained_tokens for b in batches)
+            s.trained_tokens += sum(b.real_tokens if r.task == "classification" else b.trained_tokens
+                                    for b in batches)
 
             if s.step % r.training.log_every == 0 or s.step == run.total_steps:
                 if run.device.type == "cuda":
