@@ -58,18 +58,34 @@ def merged(trained):
 
 
 def test_merge_reproduces_base_plus_adapter(merged):
+    import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from phi3local.model.load import resolve_model_path
+
     out, report = merged
-    text = json.dumps(report)
-    assert report["passed"] if "passed" in report else True, text
+    assert report["max_abs_diff"] <= 1e-4 * report["logit_scale"], json.dumps(report)
+    # Independently of the merge's own check: plain transformers load vs the base with the adapter.
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.architectures == ["Phi3ForCausalLM"]
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("stories260k"), dtype=torch.float32)
+    ids = torch.tensor([[1, 410, 448, 415, 414, 467, 317, 426, 410, 448]])
+    with torch.no_grad():
+        base_logits = base(ids).logits  # before peft injects the adapter into `base` in place
+    reference = PeftModel.from_pretrained(base, out.parent / "run" / "adapter").eval()
+    with torch.no_grad():
+        merged_logits, ref_logits = model(ids).logits, reference(ids).logits
+    scale = ref_logits.abs().max()
+    assert (merged_logits - ref_logits).abs().max() <= 1e-4 * scale
+    # The adapter matters: the merged model is not the base model.
+    assert (base_logits - ref_logits).abs().max() > 1e-2
     gen = json.loads((out / "generation_config.json").read_text())
     assert {1, 2} <= set(gen["eos_token_id"])  # the turn end <s> and </s>
 
 
-PROMPTS = ["Once upon a time", "Lily and Ben went to the park. They", "One day, a little bird", [{"role": "user", "content": "Tom found a red ball in the park."}],
+PROMPTS = ["Once upon a time", "Lily and Ben went to the park. They", "One day, a little bird",
+           [{"role": "user", "content": "Tom found a red ball in the park."}],
            [{"role": "user", "content": "Mia saw a little frog near the river."}]]
 
 

@@ -26,7 +26,7 @@ def tiny_model(sliding_window=None, layers=2, attn="sdpa"):
 def documents(n=6, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids, labels = [], []
-    for i in range(n):
+    for _ in range(n):
         length = int(torch.randint(5, 30, (1,), generator=g))
         toks = torch.randint(1, VOCAB, (length,), generator=g).tolist()
         lab = [-100] * (length // 3) + toks[length // 3 :]  # a masked "prompt" then a trained "answer"

@@ -48,6 +48,14 @@ def test_tiny_model_learns_and_saves_a_usable_adapter(tmp_path):
     step_records = [r for r in records if "loss" in r]
     assert all(r["tokens_per_second"] > 0 and 0 <= r["padding_share"] < 0.5 for r in step_records)
     assert summary["samples"] and summary["samples"][0]["generated"]
+    # `phi3local eval` on the run gives the loop's own validation metrics for the same rows.
+    from phi3local.train.evaluate import evaluate_model
+
+    held_out = tmp_path / "held_out.jsonl"
+    demo = (REPO / "phi3local" / "assets" / "demo_chat.jsonl").read_text().splitlines()
+    held_out.write_text("\n".join(demo[:40]) + "\n")
+    result = evaluate_model(run, held_out)
+    assert result["rows"] == 40 and result["val_loss"] < first - 3.0 and 0 < result["val_accuracy"] <= 1
     # A finished run is never overwritten by accident.
     with pytest.raises(loop.TrainingError, match="finished run"):
         loop.setup(recipe)

@@ -38,7 +38,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run, closed in close())
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter

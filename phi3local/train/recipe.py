@@ -210,6 +210,9 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     check_label_mask(train_docs, tokenizer, recipe.task)
 
     loaded = load_model(recipe, tokenizer)
+    if recipe.training.compile:
+        # Compiles the decoder stack in place; the chunked loss and lm_head stay eager.
+        base_causal_lm(loaded.model).model.compile()
     console.print(f"[bold]model[/] {loaded.base_path}  attention={loaded.attn_implementation}  "
                   f"dtype={loaded.compute_dtype}  device={loaded.device}  "
                   f"4-bit={recipe.quantization.load_in_4bit}")
