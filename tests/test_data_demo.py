@@ -6,34 +6,12 @@ import io
 import json
 import re
 from collections import Counter
-from pathlib import Path
 
-import pytest
+from data_helpers import phi3_tokenizer
 from rich.console import Console
 
 from phi3local.config import recipe_from_dict
 from phi3local.data import demo
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TOKENIZER_DIR = SHARED / "phi3-mini-tokenizer"
-
-
-def phi3_tokenizer():
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"shared test data not found: {TOKENIZER_DIR}")
-    try:
-        from phi3local.model.tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(TOKENIZER_DIR)
-    from transformers import PreTrainedTokenizerFast
-
-    cfg = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
-    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template", "model_max_length",
-            "padding_side", "clean_up_tokenization_spaces")
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"),
-                                   **{k: cfg[k] for k in keys if k in cfg})
 
 
 def test_checked_in_files_match_the_generator():

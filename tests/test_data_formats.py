@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
-from pathlib import Path
 
 import pytest
-from rich.console import Console
+from data_helpers import ALPACA, CHAT, make_recipe, phi3_tokenizer, quiet
 
-from phi3local.config import recipe_from_dict
 from phi3local.data.formats import detect_format, read_json_records, read_records, to_example
 from phi3local.data.records import Conversation, FormatError, Location, RawRecord, TextExample
 from phi3local.data.template import IGNORE
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TOKENIZER_DIR = SHARED / "phi3-mini-tokenizer"
-ALPACA = SHARED / "llamafactory-alpaca-demo" / "alpaca_en_demo.json"
-CHAT = SHARED / "azure-phi3-finetune-chat"
-
-
-def phi3_tokenizer():
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"shared test data not found: {TOKENIZER_DIR}")
-    try:
-        from phi3local.model.tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(TOKENIZER_DIR)
-    from transformers import PreTrainedTokenizerFast
-
-    cfg = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
-    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template", "model_max_length",
-            "padding_side", "clean_up_tokenization_spaces")
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"),
-                                   **{k: cfg[k] for k in keys if k in cfg})
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +17,6 @@ def tok():
     return phi3_tokenizer()
 
 
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=160)
-
-
-def make_recipe(out, task="causal_lm", labels=None, **data):
-    return recipe_from_dict({"task": task, "output_dir": str(out), "model": {"labels": labels or []}, "data": data})
 
 
 def trained_text(tok, row) -> str:

@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from data_helpers import ALPACA, CHAT, DISTILL, make_recipe, phi3_tokenizer, quiet
 
-from phi3local.config import recipe_from_dict
 from phi3local.data.prepare import load_prepared, prepare, split_indices
 from phi3local.data.template import IGNORE
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TOKENIZER_DIR = SHARED / "phi3-mini-tokenizer"
-CHAT = SHARED / "azure-phi3-finetune-chat"
-DISTILL = SHARED / "azure-distillation-conversation" / "train_conversation.jsonl"
-ALPACA = SHARED / "llamafactory-alpaca-demo" / "alpaca_en_demo.json"
 USER, ASSISTANT, SYSTEM, END, EOS = 32010, 32001, 32006, 32007, 32000
 
 
-def phi3_tokenizer():
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"shared test data not found: {TOKENIZER_DIR}")
-    try:
-        from phi3local.model.tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(TOKENIZER_DIR)
-    from transformers import PreTrainedTokenizerFast
-
-    cfg = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
-    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template", "model_max_length",
-            "padding_side", "clean_up_tokenization_spaces")
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"),
-                                   **{k: cfg[k] for k in keys if k in cfg})
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +21,6 @@ def tok():
     return phi3_tokenizer()
 
 
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=160)
-
-
-def make_recipe(out, task="causal_lm", labels=None, **data):
-    return recipe_from_dict({"task": task, "output_dir": str(out), "model": {"labels": labels or []}, "data": data})
 
 
 def norm(text: str) -> str:

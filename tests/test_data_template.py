@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
+from data_helpers import phi3_tokenizer
 
 from phi3local.data.template import (
     IGNORE,
@@ -16,30 +14,9 @@ from phi3local.data.template import (
     end_suffix,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TOKENIZER_DIR = SHARED / "phi3-mini-tokenizer"
 USER, ASSISTANT, SYSTEM, END, EOS = 32010, 32001, 32006, 32007, 32000
 
 
-def phi3_tokenizer(chat_template: str | None = None):
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"shared test data not found: {TOKENIZER_DIR}")
-    if chat_template is None:
-        try:
-            from phi3local.model.tokenizer import load_tokenizer
-        except ImportError:
-            load_tokenizer = None
-        if load_tokenizer is not None:
-            return load_tokenizer(TOKENIZER_DIR)
-    from transformers import PreTrainedTokenizerFast
-
-    cfg = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
-    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template", "model_max_length",
-            "padding_side", "clean_up_tokenization_spaces")
-    kwargs = {k: cfg[k] for k in keys if k in cfg}
-    if chat_template is not None:
-        kwargs["chat_template"] = chat_template
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"), **kwargs)
 
 
 @pytest.fixture(scope="module")

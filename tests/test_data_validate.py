@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from data_helpers import phi3_tokenizer, quiet
 
 from phi3local.config import recipe_from_dict
 from phi3local.data.formats import read_json_records
@@ -15,8 +14,6 @@ from phi3local.data.records import DataError, Location
 from phi3local.data.validate import check_messages, check_record, resolve_label
 
 FIXTURES = Path(__file__).resolve().parent / "data_fixtures"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TOKENIZER_DIR = SHARED / "phi3-mini-tokenizer"
 
 # Line -> (field, words in the reason) for tests/data_fixtures/bad_rows.jsonl.
 BAD_ROWS = {
@@ -30,31 +27,12 @@ BAD_ROWS = {
 GOOD_LINES = [1, 5, 9]
 
 
-def phi3_tokenizer():
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"shared test data not found: {TOKENIZER_DIR}")
-    try:
-        from phi3local.model.tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(TOKENIZER_DIR)
-    from transformers import PreTrainedTokenizerFast
-
-    cfg = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
-    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template", "model_max_length",
-            "padding_side", "clean_up_tokenization_spaces")
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"),
-                                   **{k: cfg[k] for k in keys if k in cfg})
 
 
 @pytest.fixture(scope="module")
 def tok():
     return phi3_tokenizer()
 
-
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=160)
 
 
 def recipe(tmp_path, **data):
