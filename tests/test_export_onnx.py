@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import export_helpers as H
+import onnxruntime_genai  # noqa: F401  (the export extra is part of `make install`)
 import pytest
 import torch
-
-pytest.importorskip("onnxruntime_genai")
 
 from phi3local.export import onnx as onnx_mod
 from phi3local.export._util import OutputExistsError

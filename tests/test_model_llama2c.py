@@ -21,7 +21,6 @@ LEGACY = SHARED_DATA / "stories260k" / "checkpoint_legacy.bin"
 V1 = SHARED_DATA / "stories260k" / "checkpoint_v1.bin"
 SP_MODEL = SHARED_DATA / "stories260k-tok512" / "tok512.model"
 
-pytestmark = pytest.mark.skipif(not LEGACY.is_file(), reason=f"needs the shared data at {SHARED_DATA}")
 
 
 # ---------------------------------------------------------------- an independent llama2.c reference

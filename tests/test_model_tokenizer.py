@@ -17,7 +17,6 @@ PHI3_DIR = SHARED_DATA / "phi3-mini-tokenizer"
 VOCAB = SHARED_DATA / "llamacpp-phi3-vocab" / "ggml-vocab-phi-3.gguf"
 SEP = "\n__ggml_vocab_test__\n"
 
-pytestmark = pytest.mark.skipif(not PHI3_DIR.is_dir(), reason=f"needs the shared data at {SHARED_DATA}")
 
 
 @pytest.fixture(scope="module")
