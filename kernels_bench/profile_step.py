@@ -1,0 +1,153 @@
+"""Where one phi3local training step spends its time: torch.profiler over `train_step`, top ops, MFU.
+
+The step is the product's own (`phi3local.train.recipe.setup` on the end-to-end benchmark's model and
+recipe, packing on, then `next_micro_batches` + `train_step`), after two warm-up steps. Ops are ranked
+by self time (CPU; CUDA kernel time on GPU) and grouped into categories (matmul, NF4 dequant, attention,
+loss, elementwise, optimizer, ...). MFU of unprofiled steps uses `phi3local.model.flops` as the
+end-to-end benchmark does.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from kernels_bench.common import WORK_DIR, Ctx
+from phi3local.bench.isolate import run_isolated
+from phi3local.bench.report import Column, bar_chart, fmt_pct, fmt_seconds, print_table, save_result
+
+NAME = "profile_step"
+TOP = 20
+
+CATEGORIES = [  # first match wins
+    ("nf4 dequant (bitsandbytes)", r"bitsandbytes|dequantize|quantize_4bit|gemv_4bit"),
+    ("attention", r"scaled_dot_product|flash|_efficient_attention|_attention"),
+    ("matmul", r"^aten::(mm|addmm|bmm|matmul|linear|baddbmm|_mm|addmv|mv)$|gemm|cublas|cutlass|sm90_xmma|ampere"),
+    ("loss (softmax/CE)", r"log_softmax|nll_loss|cross_entropy|softmax"),
+    ("optimizer", r"adam|_foreach|Optimizer|lerp|addcdiv|addcmul"),
+    ("copies/casts", r"^aten::(copy_|to|_to_copy|contiguous|clone|cat|stack|index|index_select|embedding|"
+                     r"masked_select|nonzero|gather|scatter|_reshape_alias|view|reshape|empty|zeros|fill_|zero_)"),
+    ("elementwise/norm", r"^aten::(mul|add|sub|div|silu|pow|rsqrt|mean|sum|neg|exp|sigmoid|tanh|where|sqrt|"
+                         r"maximum|clamp|abs|_foreach_norm|norm|linalg_vector_norm|isfinite|bitwise|eq|ne|lt)"),
+]
+
+
+def category(name: str) -> str:
+    for label, pattern in CATEGORIES:
+        if re.search(pattern, name, flags=re.I):
+            return label
+    return "other"
+
+
+def child_profile(size: str, run_dir: str, packing: bool = True, variant: str | None = None) -> dict:
+    from rich.console import Console
+
+    from kernels_bench.train_e2e import apply_variant, make_recipe, settings
+    from phi3local.model.load import pick_device
+    from phi3local.train import recipe as loop
+    from torch.profiler import ProfilerActivity, profile
+
+    device = pick_device()
+    recipe = make_recipe(size, packing, Path(run_dir), device)
+    run = loop.setup(recipe, overwrite=True, console=Console(file=io.StringIO()))
+    apply_variant(loop, run, variant)
+    run.model.train()
+    # The fullest micro-batch of the first epoch, so the profile shows a full step (not the short last one).
+    plan = loop.make_batches(run, run.train_docs, epoch=0)
+    docs = run.train_docs
+    rows = max(plan, key=lambda rs: len(rs) * max(sum(len(docs.input_ids[d]) for d in r) for r in rs))
+    batch = loop.collate(rows, docs.input_ids, docs.labels, run.tokenizer.pad_token_id)
+
+    def step():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loop.train_step(run, [batch])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, [batch]
+
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = [step() for _ in range(3)]
+    peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    step_s = statistics.median(t for t, _ in timed)
+    real, trained = batch.real_tokens, batch.trained_tokens
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        profiled_s, _ = step()
+    use_cuda = device.type == "cuda"
+    events, kernels = [], []
+    for e in prof.key_averages():
+        self_t = (e.self_device_time_total if use_cuda else e.self_cpu_time_total) / 1e6
+        is_kernel = use_cuda and not str(e.device_type).endswith("CPU")
+        if is_kernel:  # on CUDA an op's device time is its kernels': rank ops, list kernels apart
+            kernels.append({"kernel": e.key[:160], "self_s": self_t, "calls": e.count})
+            continue
+        if self_t > 0:
+            events.append({"op": e.key, "self_s": self_t, "calls": e.count,
+                           "total_s": (e.device_time_total if use_cuda else e.cpu_time_total) / 1e6})
+    events.sort(key=lambda x: -x["self_s"])
+    total_self = sum(x["self_s"] for x in events)
+    by_cat: dict[str, float] = {}
+    for x in events:
+        x["share"] = x["self_s"] / total_self
+        x["category"] = category(x["op"])
+        by_cat[x["category"]] = by_cat.get(x["category"], 0.0) + x["self_s"]
+    s = settings(size)
+    kernels.sort(key=lambda x: -x["self_s"])
+    return {
+        "variant": variant, "top_kernels": kernels[:TOP], "cuda_peak_bytes": peak_mem,
+        "top_ops": events[:TOP], "categories": sorted(({"category": k, "self_s": v, "share": v / total_self}
+                                                       for k, v in by_cat.items()), key=lambda x: -x["self_s"]),
+        "total_self_s": total_self, "profiled_step_s": profiled_s, "step_s": step_s, "step_samples_s":
+        [t for t, _ in timed], "real_tokens": real, "trained_tokens": trained,
+        "padded_tokens": batch.padded_tokens, "flops_per_token": run.flops_per_token,
+        "peak_flops": run.peak_flops, "mfu": real * run.flops_per_token / step_s / run.peak_flops,
+        "timing_basis": "CUDA kernel self time" if use_cuda else "CPU self time", "device": str(device),
+        "settings": {k: s[k] for k in ("hidden", "layers", "heads", "intermediate", "vocab", "max_seq_len",
+                                       "micro_batch_size")},
+    }
+
+
+def run(ctx: Ctx) -> dict:
+    began = time.perf_counter()
+    if ctx.size == "full":
+        ctx.require_cuda_for_full()
+    from kernels_bench.train_e2e import ensure_bench_model, prepare_data
+
+    ensure_bench_model(ctx.size)
+    prepare_data(ctx.size, ctx.device)
+    result = run_isolated("kernels_bench.profile_step:child_profile",
+                          {"size": ctx.size, "run_dir": str(WORK_DIR / "e2e" / f"{ctx.size}-profile")},
+                          env={"TRANSFORMERS_VERBOSITY": "error", "KINETO_LOG_LEVEL": "99", "HF_HUB_OFFLINE": "1"})
+    rows = result["top_ops"]
+    summary = {k: result[k] for k in ("step_s", "profiled_step_s", "mfu", "real_tokens", "trained_tokens",
+                                      "padded_tokens", "flops_per_token", "peak_flops", "total_self_s",
+                                      "timing_basis")}
+    summary["categories"] = result["categories"]
+    path = save_result(ctx.out_dir, ctx.result_name(NAME), ctx.size, ctx.device, {**result["settings"], "top": TOP}, rows,
+                       summary=summary, notes=[
+                           "one phi3local train_step (packed micro-batch, gradient checkpointing, NF4 + LoRA) "
+                           "after 2 warm-up steps; self time per op from torch.profiler",
+                           "MFU: median of 3 unprofiled steps, real tokens x flops/token / step time / "
+                           "measured matmul peak"], wall_s=time.perf_counter() - began)
+    print_table(f"Profile of one phi3local step ({result['device']}, {result['real_tokens']:.0f} tokens, "
+                f"{result['trained_tokens']:.0f} trained): step {result['step_s']:.2f} s, "
+                f"MFU {100 * result['mfu']:.1f}% of {result['peak_flops'] / 1e9:.0f} GFLOP/s measured peak",
+                rows, [Column("op", "op", justify="left"), Column("category", "category", justify="left"),
+                       Column("self_s", result["timing_basis"], fmt_seconds), Column("share", "share", fmt_pct),
+                       Column("calls", "calls", str)], ctx.console)
+    print_table("Time by category", result["categories"], [
+        Column("category", "category", justify="left"), Column("self_s", "self time", fmt_seconds),
+        Column("share", "share", fmt_pct)], ctx.console)
+    bar_chart(ctx.out_dir / f"{ctx.result_name(NAME)}.png", "phi3local train_step: self time by op", [r["op"][:60] for r in rows],
+              [1e3 * r["self_s"] for r in rows], "ms")
+    return {"path": str(path), "rows": rows, "summary": summary}

@@ -1,0 +1,115 @@
+"""Run the benchmarks: `python -m kernels_bench.run_all --size small|full [--only kernels|train]`.
+
+    make bench          # --size small: everything, sized for a few minutes on 2 CPU cores
+    make bench-kernels  # --only kernels: matmul peak, attention, NF4 linear, cross-entropy, RMSNorm/rotary
+    make bench-train    # --only train: phi3local vs TRL end to end, and a profile of one phi3local step
+    make bench-gpu      # --size full: Phi-3-mini's real shapes, bf16, on CUDA
+
+Each benchmark writes kernels_bench/results/<name>.json (<name>_<size>.json for sizes other than small)
+and a PNG chart next to it, and prints its table.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Quiet the profiler's start/stop lines (read when torch loads, so before importing it).
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from kernels_bench.common import RESULTS_DIR, SIZES, BenchUnavailable, Ctx, make_console  # noqa: E402
+from phi3local.bench.report import Column, fmt_seconds, print_table  # noqa: E402
+
+KERNELS = ["matmul_peak", "attention", "nf4_linear", "cross_entropy", "norm_rope"]
+TRAIN = ["train_e2e", "profile_step"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kernels_bench.run_all", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=SIZES, default="small")
+    p.add_argument("--only", choices=["kernels", "train"], help="run only this group")
+    p.add_argument("--bench", help="comma-separated benchmark names (overrides --only): "
+                   + ", ".join(KERNELS + TRAIN))
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    p.add_argument("--repeats", type=int, help="override the repeats (rounds for train_e2e)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: %(default)s)")
+    p.add_argument("--extended", action="store_true",
+                   help="also run optional contenders (train_e2e: TRL packed with its LoRA weights kept in fp32)")
+    p.add_argument("--keep-going", action="store_true", help="run the other benchmarks when one fails")
+    return p.parse_args(argv)
+
+
+def selected(args: argparse.Namespace) -> list[str]:
+    if args.bench:
+        names = [n.strip() for n in args.bench.split(",") if n.strip()]
+        unknown = [n for n in names if n not in KERNELS + TRAIN]
+        if unknown:
+            raise SystemExit(f"unknown benchmark(s) {unknown}; known: {KERNELS + TRAIN}")
+        return names
+    return {"kernels": KERNELS, "train": TRAIN, None: KERNELS + TRAIN}[args.only]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = make_console()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        console.print("[red]--device cuda: no CUDA device here[/]")
+        return 2
+    ctx = Ctx(size=args.size, device=device, out_dir=args.out, console=console, repeats=args.repeats,
+              extended=args.extended)
+    if args.size == "full" and device.type != "cuda":
+        console.print("[red]--size full runs Phi-3-mini's real shapes (hidden 3072, 32 heads of 96, intermediate "
+                      "8192, sequences of 2048/4096) and needs a CUDA GPU.[/] On CPU use `make bench` "
+                      "(--size small).")
+        return 2
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    console.print(f"[bold]kernels_bench[/] size={args.size} device={device} "
+                  f"({ctx.dtype}, {torch.get_num_threads()} threads) -> {args.out}"
+                  + (f"  load average {load[0]:.1f} on {os.cpu_count()} CPUs" if load else ""))
+    if load and load[0] > 0.5 * (os.cpu_count() or 1) and device.type == "cpu":
+        console.print("[yellow]the machine is busy: CPU timings will be slower and noisier than on an idle "
+                      "machine (every result records the load average)[/]")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    status = []
+    began = time.perf_counter()
+    for name in selected(args):
+        console.rule(f"[bold]{name}[/]")
+        t0 = time.perf_counter()
+        try:
+            result = importlib.import_module(f"kernels_bench.{name}").run(ctx)
+            status.append({"benchmark": name, "status": "ok", "seconds": time.perf_counter() - t0,
+                           "result": result["path"]})
+        except BenchUnavailable as e:
+            console.print(f"[yellow]{name}: skipped: {e}[/]")
+            status.append({"benchmark": name, "status": "skipped", "seconds": time.perf_counter() - t0,
+                           "result": str(e)})
+        except Exception as e:  # noqa: BLE001 - report, then stop or go on
+            traceback.print_exc()
+            status.append({"benchmark": name, "status": f"FAILED: {type(e).__name__}",
+                           "seconds": time.perf_counter() - t0, "result": str(e)[:200]})
+            if not args.keep_going:
+                break
+    console.rule()
+    print_table(f"kernels_bench: {len(status)} benchmark(s), {fmt_seconds(time.perf_counter() - began)} in all",
+                status, [Column("benchmark", "benchmark", justify="left"), Column("status", "status", justify="left"),
+                         Column("seconds", "wall time", fmt_seconds), Column("result", "result", justify="left")],
+                console)
+    return 0 if all(s["status"] in ("ok", "skipped") for s in status) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""End to end: phi3local's training loop against Hugging Face TRL `SFTTrainer` + peft, same everything.
+
+Same 4-bit model (a randomly initialised Phi-3-shaped model with Phi-3's 32064-token vocabulary, built
+by `ensure_bench_model`), same LoRA (r16, alpha 32, no dropout, qkv_proj/o_proj/gate_up_proj/down_proj),
+same data (azure-phi3-finetune-chat tokenised once by `phi3local.data.prepare` with the real Phi-3
+tokenizer: answers trained, prompts masked), same sequence cap, micro-batch, step count, learning-rate
+schedule (cosine to 10%, no warm-up), optimizer (AdamW), gradient clipping and gradient checkpointing.
+
+Contenders, each in its own process (so peak RSS is its own), in alternating order over the rounds
+(A B C D, then D C B A) so that drift of the machine hits all of them alike:
+- `phi3local`: the product loop, packing on (its default): `setup()` -> `run_eval()` -> `train()` ->
+  `cleanup()`, i.e. `phi3local.train.recipe.run_training` step by step, keeping the Run so the final
+  model can be evaluated by the common yardstick below.
+- `phi3local_unpacked`: the same with `data.packing=false` (length-grouped padding).
+- `trl`: SFTTrainer defaults for a pre-tokenised dataset (no packing: padded batches).
+- `trl_packed`: SFTTrainer with `packing=True` (its default `bfd` strategy, padding-free).
+- `trl_packed_fp32_lora` (`--extended`): as `trl_packed`, LoRA weights cast back to fp32 after SFTTrainer
+  casts them to bf16, to separate TRL's bf16 adapters on CPU from the rest.
+
+Trained tokens/s = tokens with a label (answers) per second over the timed steps (all but the first
+`skip` steps, which warm up allocators and kernels); seconds/step = median over timed steps; peak memory
+= the child's peak RSS (CPU) or torch.cuda.max_memory_allocated (CUDA); MFU = non-padding tokens/s x
+`training_flops_per_token` / `measured_matmul_peak`, both from `phi3local.model.flops`, for every
+contender alike. Validation loss = mean cross-entropy over the trained tokens of the validation split,
+computed by one plain forward per document for every contender (`plain_val_loss`), before and after.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kernels_bench.common import CHAT_DATA, PHI3_TOKENIZER, VOCAB, WORK_DIR, BenchUnavailable, Ctx
+from phi3local.bench.isolate import run_isolated
+from phi3local.bench.memory import RssSampler, peak_rss_bytes
+from phi3local.bench.report import (
+    Column,
+    bar_chart,
+    fmt_bytes,
+    fmt_num,
+    fmt_pct,
+    fmt_ratio,
+    fmt_seconds,
+    line_chart,
+    print_table,
+    save_result,
+)
+
+NAME = "train_e2e"
+TARGET_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+# |final val loss difference| allowed between phi3local and TRL when both pack (same documents per step, in
+# a different order within the epoch), and when neither packs (phi3local groups documents by length, TRL
+# samples them at random, so the documents of each step differ and the loss after few steps differs more).
+VAL_LOSS_TOLERANCE = {"packed": 0.05, "unpacked": 0.10}
+
+
+def settings(size: str) -> dict:
+    """Model shape and run length per size. `full`: Phi-3-mini's real layer shapes (4 of its 32 layers)."""
+    common = {"lora_r": 16, "lora_alpha": 32, "lr": 2e-3, "micro_batch_size": 4, "seed": 0, "vocab": VOCAB,
+              "loss_chunk_size": 1024}
+    if size == "tiny":
+        return {**common, "hidden": 64, "layers": 2, "heads": 4, "intermediate": 192, "max_seq_len": 1024,
+                "steps": 3, "skip": 1, "rounds": 1,
+                "contenders": ["phi3local", "trl_packed"]}
+    if size == "small":
+        return {**common, "hidden": 256, "layers": 4, "heads": 4, "intermediate": 1024, "max_seq_len": 1024,
+                "steps": 6, "skip": 2, "rounds": 2,
+                "contenders": ["phi3local", "phi3local_unpacked", "trl", "trl_packed"]}
+    return {**common, "hidden": 3072, "layers": 4, "heads": 32, "intermediate": 8192, "max_seq_len": 2048,
+            "steps": 20, "skip": 5, "rounds": 2, "lr": 2e-4,
+            "contenders": ["phi3local", "phi3local_unpacked", "trl", "trl_packed"]}
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+def ensure_bench_model(size: str) -> Path:
+    """A random Phi-3-shaped model (fp32 safetensors) built once per size under runs/bench/models/."""
+    from phi3local.model.tiny import build_once
+
+    s = settings(size)
+    stamp = {"bench_model": 1, **{k: s[k] for k in ("hidden", "layers", "heads", "intermediate", "vocab", "seed")}}
+
+    def build(folder: Path) -> None:
+        from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+        config = Phi3Config(
+            vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+            num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+            max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+        )
+        torch.manual_seed(s["seed"])
+        Phi3ForCausalLM(config).save_pretrained(folder)
+        GenerationConfig(bos_token_id=1, eos_token_id=[32000, 32007], pad_token_id=32000).save_pretrained(folder)
+
+    tag = f"phi3-h{s['hidden']}-l{s['layers']}-i{s['intermediate']}-v{s['vocab']}"
+    return build_once(WORK_DIR / "models" / tag, build, stamp)
+
+
+def data_files() -> tuple[Path, Path, Path]:
+    train, val = CHAT_DATA / "train.jsonl", CHAT_DATA / "validation.jsonl"
+    missing = [str(p) for p in (train, val, PHI3_TOKENIZER / "tokenizer.json") if not p.is_file()]
+    if missing:
+        raise BenchUnavailable(f"the shared data is missing ({', '.join(missing)}); the end-to-end benchmark "
+                               "reads ../shared/data beside the checkout")
+    return train, val, PHI3_TOKENIZER
+
+
+def prepared_dir(size: str) -> Path:
+    return WORK_DIR / "e2e" / f"prepared-{size}"
+
+
+def make_recipe(size: str, packing: bool, run_dir: Path, device: torch.device, gradient_checkpointing: bool = True):
+    from phi3local.config import recipe_from_dict
+
+    s = settings(size)
+    train, val, tokenizer = data_files()
+    return recipe_from_dict({
+        "task": "causal_lm", "output_dir": str(run_dir), "seed": s["seed"],
+        "model": {"name_or_path": str(ensure_bench_model(size)), "tokenizer": str(tokenizer),
+                  "attn_implementation": "auto", "compute_dtype": "auto"},
+        "data": {"train_file": str(train), "validation_file": str(val), "max_seq_len": s["max_seq_len"],
+                 "packing": packing, "prepared_dir": str(prepared_dir(size)), "on_error": "skip"},
+        "lora": {"r": s["lora_r"], "alpha": s["lora_alpha"], "dropout": 0.0, "target_modules": TARGET_MODULES},
+        "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True},
+        "training": {"lr": s["lr"], "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "cosine",
+                     "min_lr_ratio": 0.1, "max_steps": s["steps"], "micro_batch_size": s["micro_batch_size"],
+                     "grad_accum": 1, "max_grad_norm": 1.0, "gradient_checkpointing": gradient_checkpointing,
+                     "optimizer": "adamw" if device.type == "cpu" else "paged_adamw_8bit",
+                     "loss_chunk_size": s["loss_chunk_size"], "log_every": 1, "checkpoint_every": 0,
+                     "keep_checkpoints": 1, "display": "none"},
+        "eval": {"every": 0, "max_batches": 0, "generate_samples": 0},
+    }, source="kernels_bench.train_e2e")
+
+
+def prepare_data(size: str, device: torch.device) -> dict:
+    """Tokenise once with the package's own prepare stage; every contender reads this folder."""
+    from phi3local.data.prepare import prepare
+    from phi3local.model.tokenizer import load_tokenizer
+
+    recipe = make_recipe(size, True, WORK_DIR / "e2e" / "prepare-run", device)
+    result = prepare(recipe, load_tokenizer(recipe.model.tokenizer), console=_quiet_console())
+    train_ids, train_labels = list(result.train["input_ids"]), list(result.train["labels"])
+    lengths = [len(x) for x in train_ids]
+    trained = sum(sum(1 for t in lab[1:] if t != -100) for lab in train_labels)
+    return {"prepared_dir": str(result.out_dir), "train_docs": len(lengths), "val_docs": len(result.validation),
+            "train_tokens": sum(lengths), "trained_tokens": trained, "trained_share": trained / max(sum(lengths), 1),
+            "length_min": min(lengths), "length_median": statistics.median(lengths), "length_max": max(lengths),
+            "mean_length": sum(lengths) / len(lengths)}
+
+
+def _quiet_console():
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=150)
+
+
+# --------------------------------------------------------------------------------------------- common yardstick
+
+@torch.no_grad()
+def plain_val_loss(model, input_ids: list[list[int]], labels: list[list[int]], device: torch.device) -> float:
+    """Mean next-token cross-entropy over trained tokens: one plain HF forward per document, no packing."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for ids, lab in zip(input_ids, labels):
+        x = torch.tensor([ids], device=device)
+        logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+        target = torch.tensor(lab[1:], device=device)
+        total += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+        count += int((target != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _peak_memory(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+
+
+# --------------------------------------------------------------------------------------------- children
+
+def child_phi3local(size: str, packing: bool, run_dir: str, variant: str | None = None) -> dict:
+    """The product loop on the bench model: setup -> run_eval -> train -> cleanup (= run_training).
+
+    variant (experiments behind recommended changes, `--extended`): `no_gc` = recipe
+    training.gradient_checkpointing=false; `bf16_params` = after setup, cast the parameters that peft's
+    prepare_model_for_kbit_training upcast to fp32 (embeddings, norms, lm_head) back to the compute dtype,
+    so activations stay in bf16 on CUDA; `autocast` = forward_loss under torch.autocast(compute dtype), as
+    TRL/Trainer run it (fp32 master weights, bf16 matmuls and attention).
+    """
+    from phi3local.data.prepare import load_prepared
+    from phi3local.model.load import pick_device
+    from phi3local.train import recipe as loop
+
+    device = pick_device()
+    recipe = make_recipe(size, packing, Path(run_dir), device, gradient_checkpointing=variant != "no_gc")
+    steps: list[list[tuple[int, int, int]]] = []
+    original = loop.next_micro_batches
+
+    def counting_next_micro_batches(run, plans):
+        batches = original(run, plans)
+        steps.append([(b.trained_tokens, b.real_tokens, b.padded_tokens) for b in batches])
+        return batches
+
+    loop.next_micro_batches = counting_next_micro_batches  # counts tokens; the loop itself is unchanged
+    run = loop.setup(recipe, overwrite=True, console=_quiet_console())
+    apply_variant(loop, run, variant)
+    _, val_ds = load_prepared(prepared_dir(size))
+    val_ids, val_labels = list(val_ds["input_ids"]), list(val_ds["labels"])
+    first_val = plain_val_loss(run.model, val_ids, val_labels, run.device)
+    try:
+        own_first = loop.run_eval(run)["val_loss"]  # as run_training does before training
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        with RssSampler() as rss:
+            summary = loop.train(run)
+    finally:
+        loop.cleanup(run)
+    records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    step_records = [r for r in records if "loss" in r and "step_seconds" in r]
+    return {
+        "contender": ("phi3local" if packing else "phi3local_unpacked") + (f"_{variant}" if variant else ""),
+        "step_seconds": [r["step_seconds"] for r in step_records],
+        "train_loss": [r["loss"] for r in step_records],
+        "step_tokens": [[sum(b[i] for b in s) for i in range(3)] for s in steps],  # trained, real, padded
+        "first_val_loss": first_val, "final_val_loss": plain_val_loss(run.model, val_ids, val_labels, run.device),
+        "own_final_val_loss": (summary.get("final") or {}).get("val_loss"),
+        "own_first_val_loss": own_first,
+        "own_mfu": [r.get("mfu") for r in step_records], "own_peak_flops": run.peak_flops,
+        "peak_memory_bytes": _peak_memory(run.device), "train_rss_peak_bytes": rss.peak,
+        "rss_before_train_bytes": rss.baseline, "attn_implementation": run.loaded.attn_implementation,
+        "device": str(run.device), "train_docs": len(run.train_docs.input_ids),
+    }
+
+
+def apply_variant(loop, run, variant: str | None) -> None:
+    """Bench-only patches that try a recommended change to the training code (see child_phi3local)."""
+    if variant == "bf16_params":
+        for name, p in run.model.named_parameters():
+            if p.dtype == torch.float32 and "lora_" not in name and p.__class__.__name__ != "Params4bit":
+                p.data = p.data.to(run.loaded.compute_dtype)
+    elif variant == "autocast":
+        forward_loss = loop.forward_loss
+
+        def autocast_forward_loss(run, batch, count_correct=False):
+            with torch.autocast(run.device.type, dtype=run.loaded.compute_dtype,
+                                enabled=run.loaded.compute_dtype != torch.float32):
+                return forward_loss(run, batch, count_correct)
+
+        loop.forward_loss = autocast_forward_loss
+    elif variant not in (None, "no_gc"):
+        raise ValueError(f"unknown variant {variant}")
+
+
+def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False) -> dict:
+    """TRL SFTTrainer + peft on the same 4-bit model and the same prepared tokens."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from phi3local.data.prepare import load_prepared
+    from phi3local.model.tokenizer import load_tokenizer
+
+    s = settings(size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    torch.manual_seed(s["seed"])
+    tokenizer = load_tokenizer(PHI3_TOKENIZER)
+    train_ds, val_ds = load_prepared(prepared_dir(size))
+    train_ds = train_ds.select_columns(["input_ids", "labels"])
+    model = AutoModelForCausalLM.from_pretrained(
+        str(ensure_bench_model(size)), dtype=dtype, attn_implementation="sdpa",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+        device_map={"": 0 if device.type == "cuda" else "cpu"})
+    val_ids, val_labels = list(val_ds["input_ids"]), list(val_ds["labels"])
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.last = 0.0
+            self.step_seconds: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.step_seconds.append(now - self.last)
+            self.last = now
+
+    step_tokens: list[list[int]] = []
+
+    class CountingSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            if model.training:
+                labels = inputs["labels"]
+                real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+                step_tokens.append([int((labels[..., 1:] != -100).sum()), real, labels.numel()])
+            return super().compute_loss(model, inputs, *a, **kw)
+
+    args = SFTConfig(
+        output_dir=run_dir, max_steps=s["steps"], per_device_train_batch_size=s["micro_batch_size"],
+        gradient_accumulation_steps=1, learning_rate=s["lr"], lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch" if device.type == "cpu" else "paged_adamw_8bit",
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=s["max_seq_len"], packing=packing, seed=s["seed"], data_seed=s["seed"],
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
+        dataloader_num_workers=0, use_cpu=device.type == "cpu",
+        # SFTConfig defaults to bf16=True; on a CPU without bf16 units that is 10-150x slower matmuls.
+        bf16=device.type == "cuda", fp16=False,
+    )
+    clock = Clock()
+    peft_config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0,
+                             target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+    trainer = CountingSFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                                 peft_config=peft_config, callbacks=[clock])
+    lora_dtype = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))
+    if fp32_lora:
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    first_val = plain_val_loss(trainer.model, val_ids, val_labels, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with RssSampler() as rss:
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    name = "trl_packed_fp32_lora" if fp32_lora else ("trl_packed" if packing else "trl")
+    return {
+        "contender": name, "step_seconds": clock.step_seconds, "train_loss": losses, "step_tokens": step_tokens,
+        "first_val_loss": first_val, "final_val_loss": plain_val_loss(trainer.model, val_ids, val_labels, device),
+        "peak_memory_bytes": _peak_memory(device), "train_rss_peak_bytes": rss.peak,
+        "rss_before_train_bytes": rss.baseline, "lora_dtype_after_sft_init": lora_dtype,
+        "lora_dtype_trained": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)),
+        "device": str(device), "train_docs": len(train_ds),
+    }
+
+
+CHILDREN = {
+    "phi3local": ("kernels_bench.train_e2e:child_phi3local", {"packing": True}),
+    "phi3local_unpacked": ("kernels_bench.train_e2e:child_phi3local", {"packing": False}),
+    "trl": ("kernels_bench.train_e2e:child_trl", {"packing": False}),
+    "trl_packed": ("kernels_bench.train_e2e:child_trl", {"packing": True}),
+    "trl_packed_fp32_lora": ("kernels_bench.train_e2e:child_trl", {"packing": True, "fp32_lora": True}),
+    "phi3local_no_gc": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "variant": "no_gc"}),
+    "phi3local_bf16_params": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "variant": "bf16_params"}),
+    "phi3local_autocast": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "variant": "autocast"}),
+}
+
+
+def extended_contenders(device: torch.device) -> list[str]:
+    """Experiments behind the recommended changes (`--extended`)."""
+    if device.type == "cuda":
+        return ["phi3local_autocast", "phi3local_bf16_params"]
+    return ["trl_packed_fp32_lora", "phi3local_no_gc"]
+
+
+# --------------------------------------------------------------------------------------------- parent
+
+def summarise_run(raw: dict, skip: int, flops_per_token: float, peak_flops: float) -> dict:
+    """Figures of one child run over its timed steps (all but the first `skip`)."""
+    secs = raw["step_seconds"]
+    toks = raw["step_tokens"]
+    n = min(len(secs), len(toks))
+    secs, toks = secs[:n], toks[:n]
+    timed = range(min(skip, max(n - 1, 0)), n)
+    t = sum(secs[i] for i in timed)
+    trained = sum(toks[i][0] for i in timed)
+    real = sum(toks[i][1] for i in timed)
+    step_times = [secs[i] for i in timed]
+    med = statistics.median(step_times)
+    return {
+        "trained_tokens_per_s": trained / t, "real_tokens_per_s": real / t, "seconds_per_step": med,
+        "step_spread": (max(step_times) - min(step_times)) / med if med else None,
+        "padding_share": 1 - sum(x[1] for x in toks) / max(sum(x[2] for x in toks), 1),
+        "trained_tokens_per_step": sum(x[0] for x in toks) / n, "mfu": real / t * flops_per_token / peak_flops,
+        "timed_steps": len(step_times), "total_trained_tokens": sum(x[0] for x in toks),
+    }
+
+
+def run(ctx: Ctx) -> dict:
+    from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
+    from transformers import AutoConfig
+
+    began = time.perf_counter()
+    s = settings(ctx.size)
+    if ctx.size == "full":
+        ctx.require_cuda_for_full()
+    data_files()
+    model_dir = ensure_bench_model(ctx.size)
+    data = prepare_data(ctx.size, ctx.device)
+    config = AutoConfig.from_pretrained(model_dir)
+    flops_per_token = training_flops_per_token(config, int(data["mean_length"]))
+    peak_flops = measured_matmul_peak(ctx.device, ctx.dtype)
+    contenders = [c for c in s["contenders"] if c in CHILDREN]
+    if ctx.extended:
+        contenders += [c for c in extended_contenders(ctx.device) if c not in contenders]
+    rounds = ctx.repeats or s["rounds"]
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "TOKENIZERS_PARALLELISM": "false", "KINETO_LOG_LEVEL": "99"}
+    raw_runs: dict[str, list[dict]] = {c: [] for c in contenders}
+    for r in range(rounds):
+        order = contenders if r % 2 == 0 else contenders[::-1]
+        for name in order:
+            target, kwargs = CHILDREN[name]
+            run_dir = WORK_DIR / "e2e" / f"{ctx.size}-{name}-r{r}"
+            ctx.console.print(f"[dim]train_e2e round {r + 1}/{rounds}: {name} ...[/]", highlight=False)
+            result = run_isolated(target, {"size": ctx.size, "run_dir": str(run_dir), **kwargs}, timeout=3600,
+                                  env=env)
+            result["round"] = r
+            result["summary"] = summarise_run(result, s["skip"], flops_per_token, peak_flops)
+            raw_runs[name].append(result)
+            sm = result["summary"]
+            ctx.console.print(f"[dim]  {sm['trained_tokens_per_s']:.1f} trained tok/s, "
+                              f"{sm['seconds_per_step']:.2f} s/step, peak {fmt_bytes(result['peak_memory_bytes'])}, "
+                              f"val {result['first_val_loss']:.4f} -> {result['final_val_loss']:.4f} "
+                              f"({result['process_wall_s']:.0f} s)[/]", highlight=False)
+
+    rows = []
+    for name in contenders:
+        runs = raw_runs[name]
+        sums = [x["summary"] for x in runs]
+
+        def med(key, sums=sums):
+            vals = [x[key] for x in sums if x[key] is not None]
+            return statistics.median(vals) if vals else None
+
+        tps = [x["trained_tokens_per_s"] for x in sums]
+        rows.append({
+            "contender": name, "rounds": len(runs),
+            "trained_tokens_per_s": med("trained_tokens_per_s"), "tps_min": min(tps), "tps_max": max(tps),
+            "real_tokens_per_s": med("real_tokens_per_s"), "seconds_per_step": med("seconds_per_step"),
+            "step_spread": med("step_spread"), "padding_share": med("padding_share"), "mfu": med("mfu"),
+            "trained_tokens_per_step": med("trained_tokens_per_step"),
+            "peak_memory_bytes": statistics.median([x["peak_memory_bytes"] for x in runs]),
+            "train_rss_peak_bytes": statistics.median([x["train_rss_peak_bytes"] for x in runs]),
+            "rss_before_train_bytes": statistics.median([x["rss_before_train_bytes"] for x in runs]),
+            "first_val_loss": statistics.median([x["first_val_loss"] for x in runs]),
+            "final_val_loss": statistics.median([x["final_val_loss"] for x in runs]),
+            "own_final_val_loss": runs[0].get("own_final_val_loss"),
+            "train_loss_curve": runs[0]["train_loss"],
+            "lora_dtype": runs[0].get("lora_dtype_trained", "float32"),
+            "runs": runs,
+        })
+    by = {r["contender"]: r for r in rows}
+    ratios, checks = {}, {}
+    ours = by.get("phi3local")
+    for peer in ("trl", "trl_packed", "trl_packed_fp32_lora"):
+        if ours and peer in by:
+            p = by[peer]
+            ratios[f"phi3local / {peer}"] = {
+                "trained_tokens_per_s": ours["trained_tokens_per_s"] / p["trained_tokens_per_s"],
+                "seconds_per_step": ours["seconds_per_step"] / p["seconds_per_step"],
+                "peak_memory": ours["peak_memory_bytes"] / p["peak_memory_bytes"],
+                "train_rss_peak": ours["train_rss_peak_bytes"] / p["train_rss_peak_bytes"],
+                "final_val_loss_diff": ours["final_val_loss"] - p["final_val_loss"],
+            }
+    if "phi3local_unpacked" in by and "trl" in by:
+        u, p = by["phi3local_unpacked"], by["trl"]
+        ratios["phi3local_unpacked / trl"] = {
+            "trained_tokens_per_s": u["trained_tokens_per_s"] / p["trained_tokens_per_s"],
+            "seconds_per_step": u["seconds_per_step"] / p["seconds_per_step"],
+            "peak_memory": u["peak_memory_bytes"] / p["peak_memory_bytes"],
+            "train_rss_peak": u["train_rss_peak_bytes"] / p["train_rss_peak_bytes"],
+            "final_val_loss_diff": u["final_val_loss"] - p["final_val_loss"],
+        }
+    # fp32 on CPU agrees to rounding; bf16 on CUDA differs by batch shape (packed vs one document per forward).
+    exact = 1e-3 if ctx.dtype == torch.float32 else 2e-2
+    firsts = [r["first_val_loss"] for r in rows]
+    checks["same_start"] = {"first_val_losses": firsts, "ok": max(firsts) - min(firsts) < exact}
+    pairs = [("phi3local", "trl_packed", "packed"), ("phi3local_unpacked", "trl", "unpacked")]
+    for a, b, kind in pairs:
+        if a in by and b in by:
+            diff = by[a]["final_val_loss"] - by[b]["final_val_loss"]
+            checks[f"val_loss {a} vs {b}"] = {"diff": diff, "tolerance": VAL_LOSS_TOLERANCE[kind],
+                                              "ok": abs(diff) <= VAL_LOSS_TOLERANCE[kind]}
+    if ours and ours.get("own_final_val_loss") is not None:
+        diff = ours["own_final_val_loss"] - ours["final_val_loss"]
+        checks["phi3local evaluate() vs plain forward"] = {"diff": diff, "ok": abs(diff) < exact}
+    if ours:
+        for peer in ("trl", "trl_packed"):
+            if peer in by:
+                checks[f"phi3local final val loss <= {peer} + tol"] = {
+                    "ok": ours["final_val_loss"] <= by[peer]["final_val_loss"] + VAL_LOSS_TOLERANCE["packed"]}
+    targets = {}
+    if "phi3local / trl" in ratios:
+        targets["tokens/s >= 1.5x trl (unpacked)"] = ratios["phi3local / trl"]["trained_tokens_per_s"] >= 1.5
+        targets["peak memory < trl"] = ratios["phi3local / trl"]["peak_memory"] < 1
+    if "phi3local / trl_packed" in ratios:
+        targets["tokens/s >= 1.1x trl_packed"] = ratios["phi3local / trl_packed"]["trained_tokens_per_s"] >= 1.1
+        targets["peak memory < trl_packed"] = ratios["phi3local / trl_packed"]["peak_memory"] < 1
+
+    cfg = {**s, "contenders": contenders, "rounds": rounds, "model_dir": str(model_dir), "data": data,
+           "flops_per_token": flops_per_token, "matmul_peak_flops": peak_flops, "dtype": str(ctx.dtype),
+           "target_modules": TARGET_MODULES, "val_loss_tolerance": VAL_LOSS_TOLERANCE,
+           "trl_settings": "SFTConfig(packing=..., bf16=cuda only, optim adamw_torch, cosine_with_min_lr 0.1, "
+                           "gradient_checkpointing non-reentrant, max_length=max_seq_len, logging_steps=1)"}
+    notes = [
+        "trained tok/s: answer tokens (label != -100) per second over the timed steps; the first "
+        f"{s['skip']} steps of each run are warm-up and not timed",
+        "peak mem: the contender process's peak RSS (CPU; includes imports and evaluation) or CUDA max "
+        "allocated during training; train RSS: peak RSS sampled during training only",
+        "MFU: non-padding tokens/s x 6N+attention FLOPs per token (phi3local.model.flops) / measured matmul "
+        "peak, identical accounting for all contenders (recomputation by checkpointing not counted)",
+        "val loss: the same plain forward over the validation answers for all; packed contenders see more "
+        "documents per step than unpacked ones, so val losses compare within {phi3local, trl_packed} and "
+        "{phi3local_unpacked, trl}",
+        "TRL casts LoRA weights to bf16 for 4-bit models (also on CPU); trl_packed_fp32_lora casts them back",
+        "SFTConfig's default bf16=True is turned off on CPU (this CPU has no bf16 units: see nf4_linear)",
+    ]
+    summary = {"ratios": ratios, "checks": checks, "targets": targets}
+    for_json = [{k: v for k, v in r.items()} for r in rows]
+    path = save_result(ctx.out_dir, ctx.result_name(NAME), ctx.size, ctx.device, cfg, for_json, summary=summary, notes=notes,
+                       wall_s=time.perf_counter() - began)
+    print_table(f"End to end: {s['steps']} steps, batch {s['micro_batch_size']} x <= {s['max_seq_len']} tokens, "
+                f"model h{s['hidden']} l{s['layers']} v{s['vocab']}, NF4 + LoRA r{s['lora_r']}, "
+                f"{ctx.device.type}, {rounds} rounds", rows, [
+        Column("contender", "contender", justify="left"),
+        Column("trained_tokens_per_s", "trained tok/s", fmt_num),
+        Column("tps_min", "min", fmt_num), Column("tps_max", "max", fmt_num),
+        Column("seconds_per_step", "s/step", fmt_seconds),
+        Column("step_spread", "step spread", lambda x: f"{100*x:.0f}%"),
+        Column("trained_tokens_per_step", "trained/step", lambda x: f"{x:.0f}"),
+        Column("padding_share", "padding", fmt_pct), Column("mfu", "MFU", fmt_pct),
+        Column("peak_memory_bytes", "peak mem", fmt_bytes), Column("train_rss_peak_bytes", "train RSS", fmt_bytes),
+        Column("first_val_loss", "val loss start", lambda x: f"{x:.4f}"),
+        Column("final_val_loss", "val loss end", lambda x: f"{x:.4f}"),
+        Column("lora_dtype", "LoRA dtype", lambda x: x.replace("torch.", ""), justify="left"),
+    ], ctx.console)
+    ratio_rows = [{"pair": k, **v} for k, v in ratios.items()]
+    print_table("Ratios", ratio_rows, [
+        Column("pair", "pair", justify="left"),
+        Column("trained_tokens_per_s", "trained tok/s", fmt_ratio),
+        Column("seconds_per_step", "s/step", fmt_ratio),
+        Column("peak_memory", "peak mem", fmt_ratio), Column("train_rss_peak", "train RSS", fmt_ratio),
+        Column("final_val_loss_diff", "Δ final val loss", lambda x: f"{x:+.4f}"),
+    ], ctx.console)
+    check_rows = [{"check": k, "result": "ok" if v.get("ok") else "FAIL",
+                   "detail": json.dumps({kk: (round(vv, 5) if isinstance(vv, float) else vv)
+                                         for kk, vv in v.items() if kk != "ok"}) if len(v) > 1 else ""}
+                  for k, v in checks.items()]
+    check_rows += [{"check": f"target: {k}", "result": "met" if v else "NOT met", "detail": ""}
+                   for k, v in targets.items()]
+    print_table("Checks and targets", check_rows, [Column("check", "check", justify="left"),
+                                                  Column("result", "result", justify="left"),
+                                                  Column("detail", "detail", justify="left")], ctx.console)
+    bar_chart(ctx.out_dir / f"{ctx.result_name(NAME)}.png", "trained tokens/s (median over rounds, min-max bars)",
+              [r["contender"] for r in rows], [r["trained_tokens_per_s"] for r in rows], "trained tokens/s",
+              [(r["tps_min"], r["tps_max"]) for r in rows])
+    line_chart(ctx.out_dir / f"{ctx.result_name(NAME)}_loss.png", "training loss per step (round 1)",
+               {r["contender"]: (list(range(1, len(r["train_loss_curve"]) + 1)), r["train_loss_curve"])
+                for r in rows}, "step", "train loss")
+    return {"path": str(path), "rows": rows, "summary": summary}
+
+
+if __name__ == "__main__":  # python -m kernels_bench.train_e2e [size]
+    from kernels_bench.common import make_console
+
+    run(Ctx(size=sys.argv[1] if len(sys.argv) > 1 else "small", console=make_console()))

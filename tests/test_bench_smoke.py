@@ -1,0 +1,56 @@
+"""The benchmarks run and write what they promise: one kernel benchmark at the tiny size (a few seconds)."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # kernels_bench/ lives beside the package, not inside it
+    sys.path.insert(0, str(REPO))
+
+from kernels_bench import run_all
+from kernels_bench.common import Ctx, make_console
+
+
+def check_result_file(path: Path, name: str) -> dict:
+    doc = json.loads(path.read_text())
+    assert doc["name"] == name and doc["size"] == "tiny"
+    env = doc["environment"]
+    assert env["device"] == "cpu" and env["device_name"]
+    assert env["machine"]["cpu_count"] >= 1 and "loadavg" in env
+    for package in ("torch", "transformers", "peft", "bitsandbytes"):
+        assert env["versions"][package], package
+    assert doc["config"] and doc["rows"] and doc["created"] and doc["wall_s"] > 0
+    return doc
+
+
+def test_norm_rope_tiny_writes_json_with_timings(tmp_path):
+    from kernels_bench import norm_rope
+
+    ctx = Ctx(size="tiny", device=torch.device("cpu"), out_dir=tmp_path, console=make_console())
+    norm_rope.run(ctx)
+    doc = check_result_file(tmp_path / "norm_rope_tiny.json", "norm_rope_tiny")
+    rms = [r for r in doc["rows"] if r["op"] == "rmsnorm"]
+    assert {r["impl"] for r in rms} == {"Phi3RMSNorm (model)", "F.rms_norm (torch fused)"}
+    for row in doc["rows"]:
+        assert row["fwd"]["median_s"] > 0 and row["fwd"]["n"] >= 1
+        assert row["fwd"]["min_s"] <= row["fwd"]["median_s"] <= row["fwd"]["max_s"]
+    assert all(r["max_abs_diff"] < 1e-4 for r in rms)  # the fused reference computes the same thing
+    assert (tmp_path / "norm_rope_tiny.png").is_file()
+
+
+def test_run_all_cli_runs_a_selected_benchmark(tmp_path, capsys):
+    code = run_all.main(["--size", "tiny", "--device", "cpu", "--bench", "matmul_peak", "--out", str(tmp_path)])
+    assert code == 0
+    doc = check_result_file(tmp_path / "matmul_peak_tiny.json", "matmul_peak_tiny")
+    assert doc["summary"]["mfu_denominator_flops"] > 1e8  # any CPU does more than 0.1 GFLOP/s
+    assert "matmul_peak" in capsys.readouterr().out
+
+
+def test_full_size_needs_cuda(tmp_path):
+    if torch.cuda.is_available():
+        return
+    assert run_all.main(["--size", "full", "--bench", "attention", "--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
