@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: %(default)s)")
     p.add_argument("--extended", action="store_true",
                    help="also run optional contenders (train_e2e: TRL packed with its LoRA weights kept in fp32)")
+    p.add_argument("--contenders", help="train_e2e: comma-separated contenders to run instead of the size's "
+                   "default (phi3local, phi3local_unpacked, trl, trl_packed, trl_packed_fp32_lora, phi3local_no_gc, "
+                   "phi3local_autocast, phi3local_bf16_params)")
     p.add_argument("--keep-going", action="store_true", help="run the other benchmarks when one fails")
     return p.parse_args(argv)
 
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]--device cuda: no CUDA device here[/]")
         return 2
     ctx = Ctx(size=args.size, device=device, out_dir=args.out, console=console, repeats=args.repeats,
-              extended=args.extended)
+              extended=args.extended,
+              contenders=[c.strip() for c in args.contenders.split(",") if c.strip()] if args.contenders else None)
     if args.size == "full" and device.type != "cuda":
         console.print("[red]--size full runs Phi-3-mini's real shapes (hidden 3072, 32 heads of 96, intermediate "
                       "8192, sequences of 2048/4096) and needs a CUDA GPU.[/] On CPU use `make bench` "

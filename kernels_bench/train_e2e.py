@@ -402,7 +402,10 @@ def run(ctx: Ctx) -> dict:
     config = AutoConfig.from_pretrained(model_dir)
     flops_per_token = training_flops_per_token(config, int(data["mean_length"]))
     peak_flops = measured_matmul_peak(ctx.device, ctx.dtype)
-    contenders = [c for c in s["contenders"] if c in CHILDREN]
+    contenders = [c for c in (ctx.contenders or s["contenders"]) if c in CHILDREN]
+    unknown = sorted(set(ctx.contenders or []) - set(CHILDREN))
+    if unknown:
+        raise ValueError(f"unknown contenders {unknown}; known: {sorted(CHILDREN)}")
     if ctx.extended:
         contenders += [c for c in extended_contenders(ctx.device) if c not in contenders]
     rounds = ctx.repeats or s["rounds"]
