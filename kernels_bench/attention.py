@@ -90,11 +90,11 @@ def run(ctx: Ctx) -> dict:
                 mask = _mask(config, b, seq, position_ids, ctx)
                 q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
 
-                def forward(fn=fn, module=module, mask=mask, q=q, k=k, v=v):
+                def forward(fn=fn, module=module, mask=mask, q=q, k=k, v=v, pos=position_ids):
                     return fn(module, q, k, v, mask, dropout=0.0, scaling=module.scaling,
-                              sliding_window=None, position_ids=position_ids)[0]
+                              sliding_window=None, position_ids=pos)[0]
 
-                def forward_backward(forward=forward, q=q, k=k, v=v):
+                def forward_backward(forward=forward, q=q, k=k, v=v, go=go):
                     q.grad = k.grad = v.grad = None
                     forward().backward(go.transpose(1, 2))
 
@@ -103,7 +103,7 @@ def run(ctx: Ctx) -> dict:
                 if reference is None:
                     reference = out
                 max_diff = float((out - reference).abs().max()) if out.shape == reference.shape else None
-                t_mask = time_fn(lambda config=config, pos=position_ids: _mask(config, b, seq, pos, ctx),
+                t_mask = time_fn(lambda config=config, pos=position_ids, b=b, seq=seq: _mask(config, b, seq, pos, ctx),
                                  ctx.device, **timing)
                 with torch.no_grad():
                     t_fwd = time_fn(forward, ctx.device, max_seconds=20, **timing)

@@ -84,6 +84,15 @@ class Ctx:
                                    "(on CPU use --size small, i.e. `make bench`)")
 
 
+def repo_relative(path: str | Path) -> str:
+    """A path inside the repository as written from its root (results stay machine-independent)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def long_tailed_lengths(n: int, seed: int = 0, median: float = 200.0, sigma: float = 0.6, low: int = 32,
                         high: int = 4096) -> list[int]:
     """Document lengths like real chat data: log-normal around `median` tokens, clipped."""

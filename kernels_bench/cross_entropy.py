@@ -120,7 +120,7 @@ def run(ctx: Ctx) -> dict:
         for name in contenders():
             loss = loss_fn(name, hidden, lm_head, targets, chunk)
 
-            def fwd_bwd(loss=loss):
+            def fwd_bwd(loss=loss, hidden=hidden):
                 hidden.grad = None
                 loss().backward()
 
@@ -169,7 +169,7 @@ def run(ctx: Ctx) -> dict:
         Column("peak_bytes", "peak mem", fmt_bytes), Column("tensor_peak_bytes", "tensor peak", fmt_bytes),
         Column("loss_diff_vs_full", "Δloss", lambda x: f"{x:+.1e}"),
     ], ctx.console)
-    bar_chart(ctx.out_dir / f"{ctx.result_name(NAME)}.png", "cross-entropy fwd+bwd time", [f"{r['layout']} {r['contender']}" for r in rows],
-              [1e3 * r["fwd_bwd_s"] for r in rows], "ms (median)",
+    bar_chart(ctx.out_dir / f"{ctx.result_name(NAME)}.png", "cross-entropy fwd+bwd time",
+              [f"{r['layout']} {r['contender']}" for r in rows], [1e3 * r["fwd_bwd_s"] for r in rows], "ms (median)",
               [(1e3 * r["fwd_bwd"]["min_s"], 1e3 * r["fwd_bwd"]["max_s"]) for r in rows])
     return {"path": str(path), "rows": rows}

@@ -46,11 +46,11 @@ def category(name: str) -> str:
 
 def child_profile(size: str, run_dir: str, packing: bool = True, variant: str | None = None) -> dict:
     from rich.console import Console
+    from torch.profiler import ProfilerActivity, profile
 
     from kernels_bench.train_e2e import apply_variant, make_recipe, settings
     from phi3local.model.load import pick_device
     from phi3local.train import recipe as loop
-    from torch.profiler import ProfilerActivity, profile
 
     device = pick_device()
     recipe = make_recipe(size, packing, Path(run_dir), device)
@@ -81,10 +81,10 @@ def child_profile(size: str, run_dir: str, packing: bool = True, variant: str | 
     step_s = statistics.median(t for t, _ in timed)
     real, trained = batch.real_tokens, batch.trained_tokens
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, with_flops=True) as counted:  # FLOP counting only (it slows ops)
-        step()
     with profile(activities=activities) as prof:
         profiled_s, _ = step()
+    with profile(activities=activities, with_flops=True) as counted:  # FLOP counting only (it slows ops)
+        step()
     use_cuda = device.type == "cuda"
     events, kernels = [], []
     for e in prof.key_averages():

@@ -29,7 +29,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from kernels_bench.common import RESULTS_DIR, SIZES, BenchUnavailable, Ctx, make_console  # noqa: E402
-from phi3local.bench.report import Column, fmt_seconds, print_table  # noqa: E402
+from phi3local.bench.report import Column, fmt_seconds, op_latency_us, print_table  # noqa: E402
 
 KERNELS = ["matmul_peak", "attention", "nf4_linear", "cross_entropy", "norm_rope"]
 TRAIN = ["train_e2e", "profile_step"]
@@ -83,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]kernels_bench[/] size={args.size} device={device} "
                   f"({ctx.dtype}, {torch.get_num_threads()} threads) -> {args.out}"
                   + (f"  load average {load[0]:.1f} on {os.cpu_count()} CPUs" if load else ""))
-    if load and load[0] > 0.5 * (os.cpu_count() or 1) and device.type == "cpu":
-        console.print("[yellow]the machine is busy: CPU timings will be slower and noisier than on an idle "
-                      "machine (every result records the load average)[/]")
+    latency = op_latency_us()
+    if device.type == "cpu" and (latency > 1000 or (load and load[0] > 0.5 * (os.cpu_count() or 1))):
+        console.print(f"[yellow]the machine is busy (load {load[0] if load else '?'}, a tiny parallel op takes "
+                      f"{latency:.0f} µs; idle: ~20 µs): CPU timings will be slower and noisier than on an idle "
+                      "machine. Every result records environment.loadavg and environment.cpu_op_latency_us.[/]")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     status = []

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from kernels_bench.common import CHAT_DATA, PHI3_TOKENIZER, VOCAB, WORK_DIR, BenchUnavailable, Ctx
+from kernels_bench.common import CHAT_DATA, PHI3_TOKENIZER, VOCAB, WORK_DIR, BenchUnavailable, Ctx, repo_relative
 from phi3local.bench.isolate import run_isolated
 from phi3local.bench.memory import RssSampler, peak_rss_bytes
 from phi3local.bench.report import (
@@ -150,7 +150,7 @@ def prepare_data(size: str, device: torch.device) -> dict:
     train_ids, train_labels = list(result.train["input_ids"]), list(result.train["labels"])
     lengths = [len(x) for x in train_ids]
     trained = sum(sum(1 for t in lab[1:] if t != -100) for lab in train_labels)
-    return {"prepared_dir": str(result.out_dir), "train_docs": len(lengths), "val_docs": len(result.validation),
+    return {"prepared_dir": repo_relative(result.out_dir), "train_docs": len(lengths), "val_docs": len(result.validation),
             "train_tokens": sum(lengths), "trained_tokens": trained, "trained_share": trained / max(sum(lengths), 1),
             "length_min": min(lengths), "length_median": statistics.median(lengths), "length_max": max(lengths),
             "mean_length": sum(lengths) / len(lengths)}
@@ -389,8 +389,9 @@ def summarise_run(raw: dict, skip: int, flops_per_token: float, peak_flops: floa
 
 
 def run(ctx: Ctx) -> dict:
-    from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
     from transformers import AutoConfig
+
+    from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
 
     began = time.perf_counter()
     s = settings(ctx.size)
@@ -503,7 +504,7 @@ def run(ctx: Ctx) -> dict:
         targets["tokens/s >= 1.1x trl_packed"] = ratios["phi3local / trl_packed"]["trained_tokens_per_s"] >= 1.1
         targets["peak memory < trl_packed"] = ratios["phi3local / trl_packed"]["peak_memory"] < 1
 
-    cfg = {**s, "contenders": contenders, "rounds": rounds, "model_dir": str(model_dir), "data": data,
+    cfg = {**s, "contenders": contenders, "rounds": rounds, "model_dir": repo_relative(model_dir), "data": data,
            "flops_per_token": flops_per_token, "matmul_peak_flops": peak_flops, "dtype": str(ctx.dtype),
            "target_modules": TARGET_MODULES, "val_loss_tolerance": VAL_LOSS_TOLERANCE,
            "trl_settings": "SFTConfig(packing=..., bf16=cuda only, optim adamw_torch, cosine_with_min_lr 0.1, "

@@ -458,7 +458,8 @@ def train(run: Run) -> dict:
             s.trained_tokens += sum(b.real_tokens if r.task == "classification" else b.trained_tokens
                                     for b in batches)
 
-            if s.step % r.training.log_every == 0 or s.step == run.total_steps:
+            logged = s.step % r.training.log_every == 0 or s.step == run.total_steps
+            if logged:
                 if run.device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.perf_counter()
@@ -478,7 +479,6 @@ def train(run: Run) -> dict:
                 run.metrics.write(record)
                 display.update(record)
                 window_tokens = window_real = window_padded = 0
-                window_start = time.perf_counter()
 
             if r.eval.every and s.step % r.eval.every == 0 and s.step < run.total_steps:
                 display.update(run_eval(run))
@@ -487,6 +487,8 @@ def train(run: Run) -> dict:
                 save(run)
             if run.stop_signal:
                 raise TrainingInterrupted(run.stop_signal[0], save(run))
+            if logged:  # after eval and checkpoint, so their time is not charged to the next window
+                window_start = time.perf_counter()
 
     final = run_eval(run)
     s.finished = True
