@@ -187,12 +187,7 @@ def collect_stop_ids(model_dir: Path, tokenizer_dir: Path | None = None) -> list
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
+    from phi3local.versions import package_versions
 
-    out = {}
-    for pkg in ("torch", "transformers", "peft", "onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(("torch", "transformers", "peft", "onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir"),
+                            include_missing=False)

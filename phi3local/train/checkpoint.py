@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from phi3local import versions
+
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"
 
@@ -34,15 +36,8 @@ class TrainerState:
 
 
 def package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("phi3local", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return versions.package_versions(
+        ("phi3local", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"))
 
 
 def rng_state() -> dict:
