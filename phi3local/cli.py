@@ -11,7 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.syntax import Syntax
 
-from phi3local.config import RecipeError, load_recipe
+from phi3local.config import load_recipe
+from phi3local.errors import Phi3LocalError
 
 console = Console()
 
@@ -92,11 +93,29 @@ def cmd_not_yet(args) -> int:
     return 2
 
 
+class BenchUnavailable(Phi3LocalError):
+    """`phi3local bench` outside a source checkout."""
+
+
 def cmd_bench(args) -> int:
     import subprocess
 
-    target = {"all": "bench", "train": "bench-train", "kernels": "bench-kernels"}[args.which]
-    return subprocess.call(["make", target])
+    # The benchmarks live beside the package in a source checkout, not in an installed wheel.
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "kernels_bench" / "run_all.py").is_file():
+        raise BenchUnavailable(f"the benchmarks ship with the source checkout (kernels_bench/), not found beside {root}")
+    only = [] if args.which == "all" else ["--only", args.which]
+    return subprocess.call([sys.executable, "-m", "kernels_bench.run_all", "--size", args.size, *only], cwd=root)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="exported ONNX folder")
     p.add_argument("--prompt", help="answer one prompt and exit (for scripts)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=cmd_chat)
@@ -166,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run the benchmarks (make bench, bench-train, bench-kernels)")
     p.add_argument("which", nargs="?", default="all", choices=["all", "train", "kernels"])
+    p.add_argument("--size", default="small", choices=["small", "full"], help="full: Phi-3-mini's real shapes (GPU)")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -181,15 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except RecipeError as e:
-        console.print(f"[red]recipe error:[/] {e}")
-        return 2
-    except Exception as e:
-        # The package's own exceptions carry a message written for the user; anything else is a bug.
-        if not type(e).__module__.startswith("phi3local.") or args.verbose:
+    except Phi3LocalError as e:
+        # The package's own errors carry a message written for the user; anything else is a bug.
+        if args.verbose:
             raise
-        console.print(f"[red]{type(e).__name__}:[/] {e}")
-        return 1
+        console.print(f"[red]phi3local {args.command}: error:[/] {e}", soft_wrap=True, highlight=False)
+        return e.exit_code
 
 
 if __name__ == "__main__":

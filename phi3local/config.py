@@ -1,12 +1,16 @@
 """Recipes: typed dataclasses loaded from YAML, with `key=value` overrides from the command line.
 
 The names here are the names in the YAML recipes and the names the stages use, unchanged.
-Unknown keys and values of the wrong type are errors that name the key and the file.
+Unknown keys, values of the wrong type and numbers out of range are errors that name the key and the file.
+Every int and float field declares its range next to it with `num(default, ge=..., gt=..., le=..., lt=...)`;
+a few rules between fields (a run that would train zero steps, min_tokens above max_tokens) are checked
+after the whole recipe is built, before any stage loads anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,9 +19,50 @@ from typing import Any, Literal
 
 import yaml
 
+from phi3local.errors import Phi3LocalError
 
-class RecipeError(ValueError):
+
+class RecipeError(Phi3LocalError, ValueError):
     """A recipe (or an override) is wrong; the message names the key and the file."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field: each bound that is set must hold (ge: >=, gt: >, le: <=, lt: <)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def contains(self, value: float) -> bool:
+        # Every comparison with NaN is false, so NaN is never inside a range.
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        """The rule as the error messages say it: '>= 1', '> 0', 'in [0, 1)'."""
+        low = f"[{_fmt(self.ge)}" if self.ge is not None else f"({_fmt(self.gt)}" if self.gt is not None else ""
+        high = f"{_fmt(self.le)}]" if self.le is not None else f"{_fmt(self.lt)})" if self.lt is not None else ""
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {low[1:]}"
+        if high:
+            return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+        return "any number"
+
+
+def _fmt(bound: float | None) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def num(default: float | None, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None) -> Any:
+    """A numeric dataclass field with its allowed range, checked when a recipe loads (None is never checked)."""
+    return field(default=default, metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt)})
 
 
 @dataclass
@@ -42,15 +87,19 @@ class DataConfig:
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "classification"] = "auto"
     # For CSV/Parquet/JSON with other column names: {our_name: their_column}, e.g. {prompt: question}.
     columns: dict[str, str] = field(default_factory=dict)
-    val_fraction: float = 0.1
-    split_seed: int = 42
+    # Share of train_file held out for validation when there is no validation_file; 0 holds out nothing.
+    val_fraction: float = num(0.1, ge=0, lt=1)
+    split_seed: int = num(42, ge=0)
     on_error: Literal["fail", "skip"] = "fail"
-    max_errors_shown: int = 20
-    max_seq_len: int = 2048
+    # How many bad rows an error or the summary lists (0: counts only).
+    max_errors_shown: int = num(20, ge=0)
+    # Tokens per training row. 16 is only a floor here: prepare checks that the chat template fits.
+    max_seq_len: int = num(2048, ge=16)
     # How to fit a conversation longer than max_seq_len: drop whole oldest turns, or reject the row.
     truncation: Literal["turns", "error"] = "turns"
-    min_tokens: int = 0
-    max_tokens: int | None = None
+    # Rows with fewer / more tokens (before truncation) are filtered out; max_tokens null: no upper limit.
+    min_tokens: int = num(0, ge=0)
+    max_tokens: int | None = num(None, ge=1)
     dedupe: bool = True
     normalize_whitespace: bool = True
     system_prompt: str | None = None
@@ -61,9 +110,10 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    # Adapter rank, scaling numerator (the update is scaled by alpha / r, or alpha / sqrt(r) with rslora), dropout.
+    r: int = num(16, ge=1)
+    alpha: int = num(32, gt=0)
+    dropout: float = num(0.05, ge=0, lt=1)
     target_modules: list[str] = field(
         default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     )
@@ -83,37 +133,49 @@ class QuantizationConfig:
 
 @dataclass
 class TrainingConfig:
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
+    lr: float = num(2e-4, gt=0)
+    weight_decay: float = num(0.0, ge=0)
+    # Linear warmup steps (capped at the run's total steps - 1).
+    warmup_steps: int = num(10, ge=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
-    epochs: int = 1
-    # When > 0, overrides epochs.
-    max_steps: int = 0
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    # cosine and linear decay to lr * min_lr_ratio.
+    min_lr_ratio: float = num(0.1, ge=0, le=1)
+    epochs: int = num(1, ge=0)
+    # When > 0, overrides epochs (epochs and max_steps both 0 is an error: it would train nothing).
+    max_steps: int = num(0, ge=0)
+    micro_batch_size: int = num(4, ge=1)
+    # Micro-batches per optimizer step.
+    grad_accum: int = num(1, ge=1)
+    # Gradient clipping norm; 0 means no clipping.
+    max_grad_norm: float = num(1.0, ge=0)
     gradient_checkpointing: bool = True
     # "auto": paged 8-bit AdamW (bitsandbytes) on CUDA, torch AdamW elsewhere.
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit"] = "auto"
     compile: bool = False
     # Tokens per chunk of the chunked cross-entropy (never materialise [tokens x vocab] at once).
-    loss_chunk_size: int = 1024
-    log_every: int = 1
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
+    loss_chunk_size: int = num(1024, ge=1)
+    # Log a metrics line every this many steps (and at the last step).
+    log_every: int = num(1, ge=1)
+    # Save a checkpoint every this many steps; 0: only at the end (and when interrupted).
+    checkpoint_every: int = num(0, ge=0)
+    # Checkpoints kept (the best one is always kept too); 0 keeps them all.
+    keep_checkpoints: int = num(2, ge=0)
+    # --resume when the latest checkpoint fails its checksums: fall back to the previous good one, or stop.
+    on_damaged_checkpoint: Literal["previous", "stop"] = "previous"
     # Peak FLOP/s of the device for MFU; 0 means measure it.
-    peak_flops: float = 0.0
+    peak_flops: float = num(0.0, ge=0)
     display: Literal["auto", "rich", "plain", "none"] = "auto"
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0
-    max_batches: int = 0
-    generate_samples: int = 2
-    max_new_tokens: int = 64
+    # Evaluate every this many steps during training; 0: only at the end.
+    every: int = num(0, ge=0)
+    # Validation batches per evaluation; 0: all of them.
+    max_batches: int = num(0, ge=0)
+    # Greedy sample answers written at the end of training (causal_lm), each at most max_new_tokens long.
+    generate_samples: int = num(2, ge=0)
+    max_new_tokens: int = num(64, ge=1)
 
 
 @dataclass
@@ -137,7 +199,8 @@ class AzureConfig:
 class Recipe:
     task: Literal["causal_lm", "classification"] = "causal_lm"
     output_dir: str = "runs/default"
-    seed: int = 0
+    # Seeds Python, NumPy (hence the 2**32 - 1 limit) and torch, and the batch order.
+    seed: int = num(0, ge=0, le=2**32 - 1)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -205,6 +268,30 @@ def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
     raise RecipeError(f"{source}: {key}: unsupported type {annotation}")
 
 
+def _check_range(value: Any, f: dataclasses.Field, annotation: Any, key: str, source: str) -> None:
+    """Raise a RecipeError naming `key`, `value`, the rule and `source` if `value` is outside `f`'s range."""
+    rule: Range | None = f.metadata.get("range")
+    if rule is None or value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{source}: {key}: {value!r} is not a finite number (must be {rule})")
+    if not rule.contains(value):
+        nullable = type(None) in typing.get_args(annotation)
+        raise RecipeError(f"{source}: {key}: {value!r} is out of range (must be {rule}"
+                          f"{', or null' if nullable else ''})")
+
+
+def _check_recipe(recipe: Recipe, source: str) -> None:
+    """Rules between fields: a recipe that could not train anything is an error before anything loads."""
+    t, d = recipe.training, recipe.data
+    if t.max_steps == 0 and t.epochs == 0:
+        raise RecipeError(f"{source}: training.epochs=0 with training.max_steps=0 would train zero steps "
+                          "(set training.epochs >= 1, or training.max_steps >= 1)")
+    if d.max_tokens is not None and d.min_tokens > d.max_tokens:
+        raise RecipeError(f"{source}: data.min_tokens={d.min_tokens} is greater than data.max_tokens={d.max_tokens}: "
+                          "every row would be filtered out (rule: data.min_tokens <= data.max_tokens)")
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
     if not isinstance(values, dict):
         raise RecipeError(f"{source}: {prefix.rstrip('.') or '<top>'}: expected a mapping, got {values!r}")
@@ -220,6 +307,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
             kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.", source)
         else:
             kwargs[key] = _check_type(value, hint, f"{prefix}{key}", source)
+            _check_range(kwargs[key], fields[key], hint, f"{prefix}{key}", source)
     return cls(**kwargs)
 
 
@@ -276,12 +364,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             if not isinstance(node, dict):
                 raise RecipeError(f"command line: {text!r}: '{k}' is not a section")
         node[keys[-1]] = _coerce_scientific(value)
-    recipe = _build(Recipe, values, "", source if not overrides else f"{source} (with overrides)")
+    where = source if not overrides else f"{source} (with overrides)"
+    recipe = _build(Recipe, values, "", where)
+    _check_recipe(recipe, where)
     recipe.source = source
     return recipe
 
 
 def recipe_from_dict(values: dict[str, Any], source: str = "<dict>") -> Recipe:
     recipe = _build(Recipe, _walk_coerce(values), "", source)
+    _check_recipe(recipe, source)
     recipe.source = source
     return recipe

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from phi3local.export import merge as merge_mod
-from phi3local.export._util import OutputExistsError
 from phi3local.export.merge import MergeError, MergeVerificationError, merge_adapter
+from phi3local.folders import OutputExistsError
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +74,21 @@ def test_generation_config_has_every_stop_id(merged):
     assert vocab["<|end|>"] in GenerationConfig.from_pretrained(merged).eos_token_id
 
 
-def test_refuses_non_empty_out_dir_unless_overwrite(run, tmp_path):
+def test_replaces_only_its_own_output_and_only_with_overwrite(run, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(OutputExistsError, match="not empty"):
-        merge_adapter(run, out)
-    assert (out / "keep.txt").exists()
+    for overwrite in (False, True):  # a folder merge did not write is never replaced
+        with pytest.raises(OutputExistsError, match="did not write"):
+            merge_adapter(run, out, overwrite=overwrite)
+    assert (out / "keep.txt").read_text() == "precious"
+    mine = tmp_path / "mine"
+    merge_adapter(run, mine)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        merge_adapter(run, mine)
     # The adapter folder itself is accepted too.
-    report = merge_adapter(run / "adapter", out, overwrite=True)
-    assert report["passed"] and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    report = merge_adapter(run / "adapter", mine, overwrite=True)
+    assert report["passed"] and (mine / "model.safetensors").exists() and (mine / ".phi3local.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from phi3local.export import onnx as onnx_mod
-from phi3local.export._util import OutputExistsError
 from phi3local.export.chat import OnnxChatModel, chat, generate_onnx
 from phi3local.export.onnx import ExportError, ParityError, VocabCollisionError, export_onnx
 from phi3local.export.parity import check_parity, fake_quantize_int4_, load_reference_model
+from phi3local.folders import OutputExistsError
 
 NEW_TOKENS = 32
 
@@ -63,7 +63,8 @@ def test_export_report_and_files(fp32, merged):
     out, report = fp32
     assert json.loads((out / "export_report.json").read_text())["precision"] == "fp32"
     assert report["export_seconds"] > 0 and report["model_bytes"] > 0
-    shipped = [p for p in out.rglob("*") if p.is_file() and p.name not in ("parity.json", "export_report.json")]
+    bookkeeping = ("parity.json", "export_report.json", ".phi3local.json")
+    shipped = [p for p in out.rglob("*") if p.is_file() and p.name not in bookkeeping]
     assert report["size_bytes"] == sum(p.stat().st_size for p in shipped)
     assert report["model_bytes"] == (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json"):

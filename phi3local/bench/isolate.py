@@ -17,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+from phi3local.errors import Phi3LocalError
+
 MARKER = "@@PHI3LOCAL_BENCH_RESULT@@ "
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class IsolatedRunError(RuntimeError):
+class IsolatedRunError(Phi3LocalError, RuntimeError):
     pass
 
 

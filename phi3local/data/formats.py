@@ -4,8 +4,12 @@ Supported inputs:
 - JSON Lines (`.jsonl`, or `.json` whose first character is `{`) and JSON arrays (`.json` starting with `[`).
   These are read here, not by `datasets`, so that malformed JSON is reported with its exact line number
   and the rest of a JSONL file is still read.
-- CSV/TSV (`.csv`, `.tsv`), Parquet (`.parquet`) and folders written by `datasets` `save_to_disk`,
-  loaded through `datasets`. CSV columns are read as strings (no type guessing turns "42" into an int).
+- CSV/TSV (`.csv`, `.tsv`), also read here with the `csv` module: every cell is a string (no type guessing
+  turns "42" into an int or "NA" into a missing value), an empty cell is missing, and a row that is not
+  valid UTF-8 or has more cells than the header is a row problem naming its line.
+- Parquet (`.parquet`) and folders written by `datasets` `save_to_disk`, loaded through `datasets`.
+A file that cannot be read at all (missing, unreadable, not the format its name says, no rows) is a
+FormatError naming it; a row that cannot be read is a RowProblem naming its line (or row index).
 
 Row formats (`data.format`, or guessed from the first row's keys):
 - `messages`: Azure AI Studio / OpenAI chat `{"messages": [{"role", "content"}, ...]}`
@@ -19,8 +23,12 @@ Row formats (`data.format`, or guessed from the first row's keys):
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -80,6 +88,38 @@ def map_columns(data: Any, columns: dict[str, str]) -> Any:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- bytes
+
+
+def _unreadable(shown: str, e: OSError) -> FormatError:
+    return FormatError(f"{shown}: cannot read the data file: {e.strerror or e}")
+
+
+def require_file(path: Path, shown: str) -> None:
+    """A FormatError naming the file when it is missing (or a broken link) or cannot even be looked up."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        broken = " (a symbolic link to a missing target)" if os.path.islink(path) else ""
+        raise FormatError(f"{shown}: data file not found{broken}") from None
+    except OSError as e:  # e.g. a folder on the way that may not be searched
+        raise _unreadable(shown, e) from e
+
+
+def read_bytes(path: Path, shown: str) -> bytes:
+    """The file's bytes; a file that cannot be opened (permissions, a folder, a broken link) is a FormatError."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise _unreadable(shown, e) from e
+
+
+def _refuse_utf16(raw: bytes, shown: str) -> None:
+    # Windows tools often save UTF-16 with a BOM; each of its lines would otherwise be "not valid UTF-8".
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise FormatError(f"{shown}: the file is UTF-16 encoded; save it as UTF-8")
+
+
 # ----------------------------------------------------------------------------------------------- JSON
 
 
@@ -101,6 +141,9 @@ def _read_jsonl(path: Path, shown: str, raw: bytes) -> tuple[list[RawRecord], li
             data = json.loads(line)
         except json.JSONDecodeError as e:
             problems.append(RowProblem(loc, "row", f"malformed JSON: {e.msg} (column {e.colno})"))
+            continue
+        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, nesting too deep
+            problems.append(RowProblem(loc, "row", f"unreadable JSON: {e}"))
             continue
         records.append(RawRecord(data, loc))
     return records, problems
@@ -140,6 +183,8 @@ def _read_json_array(path: Path, shown: str, text: str) -> tuple[list[RawRecord]
             data, end = decoder.raw_decode(text, start)
         except json.JSONDecodeError as e:
             raise fatal(e.pos, f"malformed JSON: {e.msg}") from None
+        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, nesting too deep
+            raise fatal(start, f"unreadable JSON: {e}") from None
         records.append(RawRecord(data, Location(shown, line=line_at(start))))
         pos = skip_ws(end)
         if pos < n and text[pos] == ",":
@@ -156,7 +201,8 @@ def _read_json_array(path: Path, shown: str, text: str) -> tuple[list[RawRecord]
 def read_json_records(path: Path, shown: str | None = None) -> tuple[list[RawRecord], list[RowProblem]]:
     """Rows of a JSONL file or a JSON array, each with its line number, and the malformed lines."""
     shown = shown or str(path)
-    raw = path.read_bytes()
+    raw = read_bytes(path, shown)
+    _refuse_utf16(raw, shown)
     head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if head == b"[":
         try:
@@ -168,84 +214,201 @@ def read_json_records(path: Path, shown: str | None = None) -> tuple[list[RawRec
     return _read_jsonl(path, shown, raw)
 
 
-# ------------------------------------------------------------------------------------ tables (datasets)
+# ------------------------------------------------------------------------------------------------ CSV
+
+# A cell may hold a whole conversation as JSON, far past the csv module's default limit of 128 KiB.
+_CSV_FIELD_LIMIT = 2**31 - 1
+# Bytes that are not UTF-8, as `errors="surrogateescape"` decodes them.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
-def _load_table(path: Path, kind: str):
-    """Load a CSV/Parquet file or a save_to_disk folder as a `datasets.Dataset` (cache in a temp dir)."""
+def _check_header(header: list[str], shown: str, line: int, escaped: re.Pattern | None) -> None:
+    if escaped and any(escaped.search(name) for name in header):
+        raise FormatError(f"{shown}:{line}: the CSV header row is not valid UTF-8")
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise FormatError(f"{shown}: the CSV header names the columns {duplicates} more than once")
+
+
+def _csv_row(cells: list[str], header: list[str], loc: Location, line: int, escaped: re.Pattern | None,
+             delimiter: str) -> RawRecord | RowProblem:
+    """One data row as a record keyed by the header (an empty cell is missing), or why it cannot be one."""
+    if len(cells) > len(header):
+        return RowProblem(loc, "row", f"{len(cells)} cells but the header has {len(header)} (line {line}); "
+                                      f"quote cells that contain {delimiter!r}")
+    if escaped:
+        for name, cell in zip(header, cells):
+            bad = escaped.search(cell)
+            if bad:
+                return RowProblem(loc, name, f"not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x}, line {line})")
+    data = {name: (cells[i] or None) if i < len(cells) else None for i, name in enumerate(header)}
+    return RawRecord(data, loc)
+
+
+def read_csv_records(path: Path, shown: str | None = None) -> tuple[list[RawRecord], list[RowProblem], list[str]]:
+    """Rows of a CSV/TSV file, each with its 0-based row index (blank lines are not rows), the rows that
+    cannot be read, and the header."""
+    shown = shown or str(path)
+    raw = read_bytes(path, shown)
+    _refuse_utf16(raw, shown)
+    try:
+        text, escaped = raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError:
+        # Decode anyway so that only the rows holding the bad bytes are lost, each reported with its line.
+        text, escaped = raw.decode("utf-8-sig", errors="surrogateescape"), _ESCAPED_BYTE
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    records: list[RawRecord] = []
+    problems: list[RowProblem] = []
+    old_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        while True:
+            line = reader.line_num + 1  # where the next row starts (a quoted cell may span lines)
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # the reader starts afresh on the next line
+                if header is None:
+                    raise FormatError(f"{shown}:{line}: the CSV header row cannot be read: {e}") from None
+                problems.append(RowProblem(Location(shown, row=len(records) + len(problems)), "row",
+                                           f"not readable as CSV: {e} (line {line})"))
+                continue
+            if not cells:
+                continue  # a blank line
+            if header is None:
+                _check_header(cells, shown, line, escaped)
+                header = cells
+                continue
+            loc = Location(shown, row=len(records) + len(problems))
+            row = _csv_row(cells, header, loc, line, escaped, delimiter)
+            (problems if isinstance(row, RowProblem) else records).append(row)
+    finally:
+        csv.field_size_limit(old_limit)
+    if header is None:
+        raise FormatError(f"{shown}: empty CSV file (no header row)")
+    if not records and not problems:
+        raise FormatError(f"{shown}: no rows: the CSV file has a header ({delimiter.join(header)}) and nothing under it")
+    return records, problems, header
+
+
+# ------------------------------------------------------------------------------ tables (datasets)
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
     import datasets
 
-    if kind == "datasets":
+    was_enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _is_parquet(path: Path, shown: str) -> bool:
+    """Whether the file starts and ends with Parquet's marker `PAR1`."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 4))
+            tail = f.read(4)
+    except OSError as e:
+        raise _unreadable(shown, e) from e
+    return size >= 12 and head == tail == b"PAR1"
+
+
+def _load_parquet(path: Path, shown: str):
+    import datasets
+
+    # Checked first: pyarrow's own error for a file that is no Parquet at all is cryptic (and logged).
+    if not _is_parquet(path, shown):
+        raise FormatError(f"{shown}: not a Parquet file (it does not start and end with the marker PAR1); "
+                          "give the file the extension of its real format")
+    with tempfile.TemporaryDirectory(prefix="phi3local-ds-") as cache, _datasets_quiet():
         try:
-            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
-        except Exception as e:
-            raise FormatError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from e
-        if isinstance(loaded, datasets.DatasetDict):
-            splits = list(loaded)
-            if "train" in loaded:
-                return loaded["train"]
-            if len(splits) == 1:
-                return loaded[splits[0]]
-            raise FormatError(
-                f"{path}: holds the splits {splits} and none is called 'train'; point data.train_file "
-                f"(and data.validation_file) at one split's folder, e.g. {path / splits[0]}"
-            )
-        return loaded
-    with tempfile.TemporaryDirectory(prefix="phi3local-ds-") as cache:
-        was_enabled = not datasets.are_progress_bars_disabled()
-        datasets.disable_progress_bars()
-        try:
-            if kind == "csv":
-                delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-                with path.open(newline="", encoding="utf-8-sig") as f:
-                    header = next(csv.reader(f, delimiter=delimiter), None)
-                if not header:
-                    raise FormatError(f"{path}: empty CSV file (no header row)")
-                features = datasets.Features({name: datasets.Value("string") for name in header})
-                return datasets.Dataset.from_csv(str(path), features=features, cache_dir=cache,
-                                                 keep_in_memory=True, delimiter=delimiter)
             return datasets.Dataset.from_parquet(str(path), cache_dir=cache, keep_in_memory=True)
-        finally:
-            if was_enabled:
-                datasets.enable_progress_bars()
+        except Exception as e:  # pyarrow and datasets raise many types for a damaged file
+            raise FormatError(f"{shown}: a damaged Parquet file: {type(e).__name__}: {e}") from e
 
 
-def read_table_records(path: Path, kind: str, columns: dict[str, str], shown: str | None = None
-                       ) -> list[RawRecord]:
-    """Rows of a CSV/Parquet/save_to_disk table, each with its 0-based row index."""
-    shown = shown or str(path)
-    table = _load_table(path, kind)
-    missing = [f"{ours} -> {theirs}" for ours, theirs in columns.items() if theirs not in table.column_names]
+def _load_saved(path: Path, shown: str):
+    """A folder written by `save_to_disk`: the Dataset, or the 'train' (or only) split of a DatasetDict."""
+    import datasets
+
+    try:
+        with _datasets_quiet():
+            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+    except Exception as e:  # datasets raises many types for a folder it cannot read
+        named_like_a_file = path.suffix.lower() in JSON_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
+        what = f"a folder, not a {path.suffix} file, and " if named_like_a_file else ""
+        raise FormatError(f"{shown}: {what}not a folder written by datasets' save_to_disk ({e})") from e
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if "train" in loaded:
+            return loaded["train"]
+        if len(splits) == 1:
+            return loaded[splits[0]]
+        raise FormatError(
+            f"{shown}: holds the splits {splits} and none is called 'train'; point data.train_file "
+            f"(and data.validation_file) at one split's folder, e.g. {path / splits[0]}"
+        )
+    return loaded
+
+
+def _check_columns(columns: dict[str, str], names: list[str], shown: str) -> None:
+    missing = [f"{ours} -> {theirs}" for ours, theirs in columns.items() if theirs not in names]
     if missing:
         raise FormatError(
             f"{shown}: data.columns names columns that are not in the file: {', '.join(missing)}; "
-            f"the file has {table.column_names}"
+            f"the file has {names}"
         )
-    records = []
-    for index, row in enumerate(table):
-        data = map_columns(row, columns)
-        if isinstance(data.get("messages"), str):  # chat stored as a JSON string in a CSV cell
-            try:
-                data["messages"] = json.loads(data["messages"])
-            except json.JSONDecodeError:
-                pass  # validation reports it as "not a list"
-        records.append(RawRecord(data, Location(shown, row=index)))
-    return records
+
+
+def _parse_messages_cell(data: Any) -> None:
+    # A chat stored in a table is a JSON string in its cell; what does not parse stays a string, which
+    # validation then reports as "not a list".
+    if isinstance(data, dict) and isinstance(data.get("messages"), str):
+        try:
+            data["messages"] = json.loads(data["messages"])
+        except (ValueError, RecursionError):
+            pass
+
+
+def read_table_records(path: Path, kind: str, shown: str | None = None
+                       ) -> tuple[list[RawRecord], list[RowProblem], list[str]]:
+    """Rows of a CSV/Parquet/save_to_disk table (0-based row indices), the unreadable rows, the columns."""
+    shown = shown or str(path)
+    if kind == "csv":
+        return read_csv_records(path, shown)
+    table = _load_parquet(path, shown) if kind == "parquet" else _load_saved(path, shown)
+    records = [RawRecord(row, Location(shown, row=index)) for index, row in enumerate(table)]
+    return records, [], list(table.column_names)
 
 
 def read_records(path: Path, columns: dict[str, str] | None = None, shown: str | None = None
                  ) -> tuple[list[RawRecord], list[RowProblem], str]:
     """Read any supported file: (records with our column names, unreadable rows, file kind)."""
     columns = columns or {}
-    if not path.exists():
-        raise FormatError(f"{shown or path}: data file not found")
+    shown = shown or str(path)
+    require_file(path, shown)
     kind = file_kind(path)
     if kind == "json":
         records, problems = read_json_records(path, shown)
-        for rec in records:
-            rec.data = map_columns(rec.data, columns)
-        return records, problems, kind
-    return read_table_records(path, kind, columns, shown), [], kind
+    else:
+        records, problems, names = read_table_records(path, kind, shown)
+        _check_columns(columns, names, shown)
+    if not records and not problems:
+        raise FormatError(f"{shown}: no rows: the file holds no data")
+    for rec in records:
+        rec.data = map_columns(rec.data, columns)
+        if kind != "json":
+            _parse_messages_cell(rec.data)
+    return records, problems, kind
 
 
 # ------------------------------------------------------------------------------------------ detection

@@ -5,7 +5,8 @@ Output folder (default `data.prepared_dir`, else `<output_dir>/prepared`):
   `input_ids` list[int32], `labels` list[int32] (aligned with input_ids, -100 where not trained),
   `doc_id` int64 (unique across both splits), `source` str ("file:line" / "file:row N"),
   and for task=classification `label` int64 (index into model.labels).
-- `stats.json`: counts per step, skipped and filtered rows with reasons, token statistics, the cache key.
+- `stats.json`: counts per step, skipped and filtered rows with reasons, token statistics, the cache key
+  (validation rows that are also in the training data are counted there and warned about on the console).
 The folder is written under a temporary name and renamed into place, so a crash never leaves half of it.
 If `stats.json` already records the same input hashes, tokenizer hash and data settings, the folder is
 reused instead of tokenising again.
@@ -26,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phi3local.config import Recipe
+from phi3local.config import Recipe, RecipeError
 from phi3local.data import clean
-from phi3local.data.formats import detect_format, read_records, to_example
+from phi3local.data.formats import CHAT_FORMATS, detect_format, read_records, require_file, to_example
 from phi3local.data.records import (
     Conversation,
     DataError,
@@ -38,11 +39,19 @@ from phi3local.data.records import (
     StepCounts,
 )
 from phi3local.data.report import histogram, length_summary, print_summary
-from phi3local.data.template import Encoded, OverLength, TemplateRejected, encode_conversation, encode_text
-from phi3local.data.validate import check_record, collect_or_raise, resolve_label
+from phi3local.data.template import (
+    ChatTemplateError,
+    Encoded,
+    OverLength,
+    TemplateRejected,
+    encode_conversation,
+    encode_text,
+    min_chat_tokens,
+)
+from phi3local.data.validate import check_record, collect_or_raise, invalid_unicode, resolve_label
 
 # Bump when the output of prepare changes for the same inputs, so old caches are not reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 # DataConfig fields that change what prepare writes (prepared_dir, packing and max_errors_shown do not).
 CACHE_FIELDS = ("format", "columns", "val_fraction", "split_seed", "on_error", "max_seq_len", "truncation",
                 "min_tokens", "max_tokens", "dedupe", "normalize_whitespace", "system_prompt")
@@ -104,6 +113,14 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def input_digest(path: Path, shown: str) -> str:
+    """file_digest of an input, or a FormatError naming it when it cannot be read."""
+    try:
+        return file_digest(path)
+    except OSError as e:
+        raise FormatError(f"{shown}: cannot read the data file: {e.strerror or e}") from e
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 over what decides the ids: the tokenizer definition, special tokens and the chat template."""
     h = hashlib.sha256()
@@ -132,6 +149,30 @@ def cache_key(recipe: Recipe, inputs: dict[str, dict[str, Any]], tokenizer_hash:
     return json.loads(json.dumps(key))
 
 
+# ------------------------------------------------------------------------------------------ settings
+
+
+def check_system_prompt(recipe: Recipe) -> None:
+    """Refuse a data.system_prompt that no tokenizer can encode (it would fail every row)."""
+    prompt = recipe.data.system_prompt
+    reason = invalid_unicode(prompt) if isinstance(prompt, str) else None
+    if reason:
+        raise RecipeError(f"{recipe.source}: data.system_prompt: {reason}")
+
+
+def check_max_seq_len(recipe: Recipe, tokenizer, fmt: str) -> None:
+    """Refuse a data.max_seq_len that not even the shortest conversation fits, before any row is encoded
+    (otherwise every row would be reported as over-length). The recipe itself only checks a fixed floor."""
+    if fmt not in CHAT_FORMATS:
+        return
+    minimum = min_chat_tokens(tokenizer)
+    if recipe.data.max_seq_len < minimum:
+        raise RecipeError(
+            f"{recipe.source}: data.max_seq_len: {recipe.data.max_seq_len} is too small for this chat template; "
+            f"the minimum is {minimum} (the template's own tags around a one-token user turn and reply)"
+        )
+
+
 # ------------------------------------------------------------------------------------------ one file
 
 
@@ -139,11 +180,25 @@ def _sort_key(p: RowProblem) -> tuple:
     return (p.file, p.line if p.line is not None else -1, p.row if p.row is not None else -1)
 
 
+def encode_example(ex: Example, tokenizer, recipe: Recipe) -> Encoded:
+    """Token ids and labels of one cleaned example, by its kind (chat, classification, plain text)."""
+    cfg = recipe.data
+    if isinstance(ex, Conversation):
+        return encode_conversation(tokenizer, ex.messages, cfg.max_seq_len, cfg.truncation)
+    if ex.label is not None:
+        label = resolve_label(ex.label, list(recipe.model.labels))
+        return encode_text(tokenizer, ex.text, cfg.max_seq_len, label=label, truncation=cfg.truncation)
+    return encode_text(tokenizer, ex.text, cfg.max_seq_len, train_all=True, truncation=cfg.truncation)
+
+
 def process_file(path: Path, shown: str, recipe: Recipe, tokenizer) -> FileResult:
     """Read, validate, clean and encode one file. Row problems are collected, not raised."""
     cfg = recipe.data
     labels = list(recipe.model.labels)
     records, problems, _ = read_records(path, cfg.columns, shown)
+    if cfg.format == "auto" and problems and not any(isinstance(r.data, dict) for r in records):
+        raise DataError(problems, cfg.max_errors_shown,
+                        header=f"{shown}: no row can be read, so its format cannot be guessed")
     fmt = detect_format(records, recipe.task, cfg.format, shown)
     if fmt == "classification" and len(labels) < 2:
         found = sorted({str(r.data.get("label")) for r in records if isinstance(r.data, dict)})[:20]
@@ -151,6 +206,7 @@ def process_file(path: Path, shown: str, recipe: Recipe, tokenizer) -> FileResul
             f"{shown}: task=classification needs model.labels (at least two names, in the order of the "
             f"classifier's outputs); the labels in the data are {found}"
         )
+    check_max_seq_len(recipe, tokenizer, fmt)
     result = FileResult(shown, fmt)
     counts = result.counts
     counts.read = len(records) + len(problems)
@@ -187,19 +243,21 @@ def process_file(path: Path, shown: str, recipe: Recipe, tokenizer) -> FileResul
     for ex in examples:
         field_name = "messages" if isinstance(ex, Conversation) else "text"
         try:
-            if isinstance(ex, Conversation):
-                enc = encode_conversation(tokenizer, ex.messages, cfg.max_seq_len, cfg.truncation)
-            elif ex.label is not None:
-                enc = encode_text(tokenizer, ex.text, cfg.max_seq_len, label=resolve_label(ex.label, labels),
-                                  truncation=cfg.truncation)
-            else:
-                enc = encode_text(tokenizer, ex.text, cfg.max_seq_len, train_all=True, truncation=cfg.truncation)
+            enc = encode_example(ex, tokenizer, recipe)
         except OverLength as e:
             problems.append(RowProblem(ex.loc, field_name, f"over-length: {e}"))
             counts.over_length += 1
             continue
         except TemplateRejected as e:
             problems.append(RowProblem(ex.loc, field_name, str(e)))
+            counts.invalid += 1
+            continue
+        except ChatTemplateError:
+            raise  # the template itself cannot be used: not one row's problem
+        except (TypeError, ValueError, UnicodeError) as e:
+            # What the tokenizer raises for text it cannot take; validation should have caught it, but one
+            # odd row must not end the run with a library traceback.
+            problems.append(RowProblem(ex.loc, field_name, f"cannot be tokenised: {type(e).__name__}: {e}"))
             counts.invalid += 1
             continue
         reason = clean.length_filter(enc.full_length, cfg.min_tokens, cfg.max_tokens)
@@ -280,7 +338,7 @@ def load_prepared(directory: str | Path):
 
 
 def read_stats(directory: str | Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / "stats.json").read_text())
+    return json.loads((Path(directory) / "stats.json").read_text(encoding="utf-8"))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -349,17 +407,17 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
     if cfg.validation_file:
         files["validation"] = (resolve_data_path(cfg.validation_file, recipe), cfg.validation_file)
     for name, (path, shown) in files.items():
-        if not path.exists():
-            raise FormatError(f"data.{name}_file: {shown} not found")
+        require_file(path, f"data.{name}_file: {shown}")
+    check_system_prompt(recipe)
 
     clean_stale_temporaries(out_dir)
-    inputs = {name: {"path": shown, "sha256": file_digest(path)} for name, (path, shown) in files.items()}
+    inputs = {name: {"path": shown, "sha256": input_digest(path, shown)} for name, (path, shown) in files.items()}
     key = cache_key(recipe, inputs, tokenizer_fingerprint(tokenizer))
     stats_path = out_dir / "stats.json"
     if stats_path.exists():
         try:
-            old = json.loads(stats_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            old = json.loads(stats_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: prepared again
             old = {}
         if old.get("cache_key") == key:
             try:
@@ -439,7 +497,9 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
         _save(_to_dataset(train_rows, recipe.task), tmp / "train")
         _save(_to_dataset(val_rows, recipe.task), tmp / "validation")
         stats["seconds"] = round(time.time() - started, 2)
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
+        # backslashreplace: a file name that is not UTF-8 (decoded by Python into surrogates) must not crash here.
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n", encoding="utf-8",
+                                        errors="backslashreplace")
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -458,10 +518,14 @@ __all__ = [
     "FileResult",
     "PrepareResult",
     "cache_key",
+    "check_max_seq_len",
+    "check_system_prompt",
     "clean_stale_temporaries",
     "demo_file",
+    "encode_example",
     "features",
     "file_digest",
+    "input_digest",
     "load_prepared",
     "prepare",
     "process_file",

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from phi3local.errors import Phi3LocalError
+
 
 @dataclass(frozen=True)
 class Location:
@@ -86,7 +88,7 @@ class RowProblem:
                 "field": self.field, "reason": self.reason}
 
 
-class DataError(ValueError):
+class DataError(Phi3LocalError, ValueError):
     """The data cannot be used as it is. The message lists the first problems and the total count."""
 
     def __init__(self, problems: list[RowProblem], max_shown: int = 20, header: str | None = None,
@@ -105,7 +107,7 @@ class DataError(ValueError):
         super().__init__("\n".join(lines))
 
 
-class FormatError(ValueError):
+class FormatError(Phi3LocalError, ValueError):
     """A whole file cannot be read as any supported format; the message says what was found and what to set."""
 
 

@@ -70,6 +70,21 @@ def text_histogram(hist: dict[str, list[int]], bar_width: int = 40) -> list[str]
     return lines
 
 
+def overlap_warning(stats: dict[str, Any]) -> str | None:
+    """A warning when validation rows also sit in the training data (its loss then flatters the model)."""
+    split = stats.get("split", {})
+    overlap = split.get("validation_rows_also_in_train", 0)
+    if not overlap:
+        return None
+    train, validation = stats["inputs"]["train"], stats["inputs"]["validation"]
+    text = (f"warning: {overlap} of {split.get('validation_rows', overlap)} validation rows are also in the training "
+            f"data (data.validation_file={validation['path']}, data.train_file={train['path']})")
+    if validation.get("sha256") == train.get("sha256"):
+        same = "the very same file" if validation["path"] == train["path"] else "files with identical contents"
+        text += f": they are {same}"
+    return text + "; the validation loss then overstates how well the model generalises"
+
+
 def print_summary(stats: dict[str, Any], console, max_rows_shown: int = 20) -> None:
     """Tables of the row counts per step, the split and token lengths, the skipped rows, and a histogram."""
     from rich.table import Table
@@ -130,3 +145,7 @@ def print_summary(stats: dict[str, Any], console, max_rows_shown: int = 20) -> N
     console.print("Token lengths (all kept rows):")
     for line in text_histogram(stats["histogram"]):
         console.print("  " + line, highlight=False)
+    warning = overlap_warning(stats)
+    if warning:
+        # One unwrapped line, without markup: file names may hold '[' and must be shown as written.
+        console.print(warning, style="bold yellow", markup=False, highlight=False, soft_wrap=True)

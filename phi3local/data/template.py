@@ -21,10 +21,12 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
+from phi3local.errors import Phi3LocalError
+
 IGNORE = -100
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(Phi3LocalError, ValueError):
     """The tokenizer's chat template cannot be used to find the assistant spans (or rejected a row)."""
 
 
@@ -234,45 +236,85 @@ def _split_turns(messages: list[dict[str, Any]]) -> tuple[list[dict], list[list[
     return messages[:head], [rest[i : i + 2] for i in range(0, len(rest), 2)]
 
 
+def _joined(system: list[dict], pairs: list[list[dict]]) -> list[dict]:
+    return system + [m for p in pairs for m in p]
+
+
+def _prefix_chars(tokenizer, messages: list[dict[str, Any]]) -> int:
+    """Characters the template writes for `messages` at the start of a longer conversation (0 for none:
+    a template cannot render an empty conversation)."""
+    if not messages:
+        return 0
+    text = render(tokenizer, messages)
+    suffix = end_suffix(tokenizer)
+    return len(text) - len(suffix) if suffix and text.endswith(suffix) else len(text)
+
+
+def _first_guess(tokenizer, system: list[dict], pairs: list[list[dict]], offsets: list[tuple[int, int]],
+                 full_length: int, max_seq_len: int) -> int:
+    """How many oldest exchanges to drop, from where each exchange starts in the full encoding."""
+    starts = [s for s, _ in offsets]
+    pair_token_start = [bisect.bisect_left(starts, _prefix_chars(tokenizer, _joined(system, pairs[:j])))
+                        for j in range(len(pairs))]
+    drop = 1
+    while drop < len(pairs) - 1 and full_length - (pair_token_start[drop] - pair_token_start[0]) > max_seq_len:
+        drop += 1
+    return drop
+
+
 def encode_conversation(tokenizer, messages: list[dict[str, Any]], max_seq_len: int,
                         truncation: str = "turns") -> Encoded:
-    """Token ids and labels of a conversation; with truncation=turns, drop the oldest exchanges to fit.
+    """Token ids and labels of a conversation; with truncation=turns, drop the fewest oldest exchanges to fit.
 
     The system message is always kept; whole (user, assistant) pairs are dropped, oldest first. Raises
-    OverLength if the row does not fit (truncation=error, or the last exchange alone is too long).
+    OverLength if the row does not fit (truncation=error, or the last exchange alone is too long) or if
+    the exchanges that fit have nothing to train (only weight-0 assistant turns).
     """
     ids, labels, offsets, _ = _encode_full(tokenizer, messages)
     full_length = len(ids)
     if full_length <= max_seq_len:
         return Encoded(ids, labels, 0, full_length)
+    over = f"{full_length} tokens, over max_seq_len {max_seq_len}"
     if truncation == "error":
-        raise OverLength(full_length, max_seq_len,
-                         f"{full_length} tokens, over max_seq_len {max_seq_len} (data.truncation=error)")
+        raise OverLength(full_length, max_seq_len, f"{over} (data.truncation=error)")
     system, pairs = _split_turns(messages)
     if len(pairs) <= 1:
+        raise OverLength(full_length, max_seq_len, f"{over}, and it has a single exchange that cannot be dropped")
+
+    def encode_dropping(drop: int) -> tuple[list[int], list[int]]:
+        kept_ids, kept_labels, _, _ = _encode_full(tokenizer, _joined(system, pairs[drop:]))
+        return kept_ids, kept_labels
+
+    drop = _first_guess(tokenizer, system, pairs, offsets, full_length, max_seq_len)
+    ids, labels = encode_dropping(drop)
+    if len(ids) <= max_seq_len:
+        # The guess counts the template's preamble (e.g. a BOS) as part of the first exchange, so it can
+        # drop one exchange too many: keep the fewest drops that fit.
+        while drop > 1:
+            fewer_ids, fewer_labels = encode_dropping(drop - 1)
+            if len(fewer_ids) > max_seq_len:
+                break
+            drop, ids, labels = drop - 1, fewer_ids, fewer_labels
+    else:
+        while len(ids) > max_seq_len and drop < len(pairs) - 1:
+            drop += 1
+            ids, labels = encode_dropping(drop)
+        if len(ids) > max_seq_len:
+            with_system = " (with the system message)" if system else ""
+            raise OverLength(full_length, max_seq_len,
+                             f"{over}, and even its last exchange alone{with_system} has {len(ids)} tokens")
+    if all(x == IGNORE for x in labels):
         raise OverLength(full_length, max_seq_len,
-                         f"{full_length} tokens, over max_seq_len {max_seq_len}, and it has a single exchange "
-                         "that cannot be dropped")
-    # Start from an estimate of how many pairs to drop (from each pair's length in the full encoding).
-    starts = [s for s, _ in offsets]
-    pair_token_start = []
-    for j in range(len(pairs)):
-        char_start = len(render(tokenizer, system + [m for p in pairs[:j] for m in p]))
-        pair_token_start.append(bisect.bisect_left(starts, char_start))
-    drop = 1
-    while drop < len(pairs) - 1 and full_length - (pair_token_start[drop] - pair_token_start[0]) > max_seq_len:
-        drop += 1
-    while drop < len(pairs):
-        kept = system + [m for p in pairs[drop:] for m in p]
-        ids, labels, _, _ = _encode_full(tokenizer, kept)
-        if len(ids) <= max_seq_len:
-            if all(x == IGNORE for x in labels):
-                break  # only weight-0 turns left: nothing to train
-            return Encoded(ids, labels, drop, full_length)
-        drop += 1
-    raise OverLength(full_length, max_seq_len,
-                     f"{full_length} tokens, over max_seq_len {max_seq_len}, and even its last exchange "
-                     f"alone has {len(ids)} tokens")
+                         f"{over}; the {len(pairs) - drop} newest exchanges that fit have only weight-0 assistant "
+                         "turns: nothing to train")
+    return Encoded(ids, labels, drop, full_length)
+
+
+def min_chat_tokens(tokenizer) -> int:
+    """Tokens of the shortest conversation the template can write: its tags around a one-token user turn
+    and a one-token assistant reply (what data.max_seq_len must hold at the least)."""
+    ids, _, _, _ = _encode_full(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}])
+    return len(ids)
 
 
 def encode_text(tokenizer, text: str, max_seq_len: int, label: int | None = None, *, train_all: bool = False,

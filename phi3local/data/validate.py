@@ -8,6 +8,7 @@ every skipped row. Nothing is dropped silently.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from phi3local.data.formats import REQUIRED_FIELDS
@@ -20,14 +21,27 @@ __all__ = [
     "check_messages",
     "check_record",
     "collect_or_raise",
+    "invalid_unicode",
     "resolve_label",
 ]
 
 ROLES = ("system", "user", "assistant")
+# JSON joins an escaped UTF-16 pair (\ud83d\ude00) into one character, so any surrogate left is alone.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def invalid_unicode(text: str) -> str | None:
+    """Why `text` is not valid Unicode (a lone UTF-16 surrogate, which neither a tokenizer nor a UTF-8 file
+    can hold), or None."""
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    return (f"not valid Unicode: a lone surrogate \\u{ord(found.group()):04x} at character {found.start()} "
+            "(half of a UTF-16 pair, e.g. a JSON escape \\ud800 without its partner)")
 
 
 def _check_text(value: Any, field: str, loc: Location, required: bool = True) -> RowProblem | None:
@@ -37,6 +51,9 @@ def _check_text(value: Any, field: str, loc: Location, required: bool = True) ->
         return RowProblem(loc, field, f"must be a string, got {_type_name(value)} {_short(value)}")
     if required and not value.strip():
         return RowProblem(loc, field, "empty")
+    invalid = invalid_unicode(value)
+    if invalid:
+        return RowProblem(loc, field, invalid)
     return None
 
 
@@ -70,6 +87,9 @@ def check_messages(messages: Any, loc: Location, field: str = "messages") -> Row
             return RowProblem(loc, f"{where}.content", f"must be a string, got {_type_name(content)}{hint}")
         if not content.strip():
             return RowProblem(loc, f"{where}.content", "empty content")
+        invalid = invalid_unicode(content)
+        if invalid:
+            return RowProblem(loc, f"{where}.content", invalid)
         weight = m.get("weight")
         if weight is not None:
             if role != "assistant":

@@ -1,13 +1,9 @@
-"""Small helpers the export stages share: atomic output folders, tokenizer files, stop ids, versions."""
+"""Small helpers the export stages share: tokenizer files, stop ids, JSON reports, versions."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 # Files that make up a tokenizer folder. onnxruntime-genai (onnxruntime-extensions) needs tokenizer.json
@@ -23,45 +19,6 @@ TOKENIZER_FILES = (
 
 # Tokens that end a Phi-3 turn or text, when the vocabulary has them.
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")
-
-
-class OutputExistsError(FileExistsError):
-    """The output folder exists and is not empty; pass overwrite=True to replace it."""
-
-
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"{out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-
-
-@contextlib.contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A fresh folder beside out_dir to build into; removed if the block raises."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def publish_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished staging folder to out_dir (replacing an old one only when overwrite is set)."""
-    tmp, out_dir = Path(tmp), Path(out_dir)
-    check_output_dir(out_dir, overwrite)
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def dir_size(path: Path) -> int:

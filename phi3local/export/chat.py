@@ -20,9 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from phi3local.errors import Phi3LocalError
 from phi3local.export._util import as_id_list, read_json
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+class ChatError(Phi3LocalError, ValueError):
+    """The model folder or the request cannot be used; the message says which and why."""
 
 
 def load_chat_template(model_dir: Path) -> str | None:
@@ -106,8 +111,11 @@ class OnnxChatModel:
         import onnxruntime_genai as og
 
         self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise ChatError(f"{self.model_dir}: no such folder (give the folder `phi3local export` wrote)")
         if not (self.model_dir / "genai_config.json").is_file():
-            raise FileNotFoundError(f"{self.model_dir} has no genai_config.json (export the model with export_onnx)")
+            raise ChatError(f"{self.model_dir} is not an ONNX export (no genai_config.json); export it first with "
+                            "`phi3local export MODEL --out DIR`")
         self.genai_config = read_json(self.model_dir / "genai_config.json")
         self.stop_ids = set(as_id_list(self.genai_config["model"].get("eos_token_id")))
         self.context_length = int(self.genai_config["model"].get("context_length", 4096))
@@ -154,10 +162,13 @@ class OnnxChatModel:
     ) -> GenerationResult:
         import onnxruntime_genai as og
 
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ChatError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         prompt = self.render(messages)
         ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int32)
         if len(ids) >= self.context_length:
-            raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {self.context_length}")
+            raise ChatError(f"the prompt is {len(ids)} tokens, over the model's context of {self.context_length} "
+                            "(shorten it, or /reset the conversation)")
         max_length = min(len(ids) + max_new_tokens, self.context_length)
         options = {"max_length": max_length}
         if temperature and temperature > 0:

@@ -19,20 +19,19 @@ from pathlib import Path
 
 import torch
 
+from phi3local.errors import Phi3LocalError
 from phi3local.export._util import (
     as_id_list,
-    check_output_dir,
     collect_stop_ids,
     copy_tokenizer_files,
     dir_size,
     find_tokenizer_dir,
     load_hf_tokenizer,
-    publish_dir,
     read_json,
-    staging_dir,
     versions,
     write_json,
 )
+from phi3local.folders import check_output_dir, publish_dir, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ DEFAULT_PROMPTS = (
 )
 
 
-class MergeError(RuntimeError):
+class MergeError(Phi3LocalError, RuntimeError):
     """The adapter cannot be merged as asked; the message says why."""
 
 
@@ -65,6 +64,8 @@ class MergeVerificationError(MergeError):
 def resolve_adapter_dir(run_or_adapter: Path) -> Path:
     """`<run>` (uses `<run>/adapter`) or the adapter folder itself."""
     p = Path(run_or_adapter)
+    if not p.is_dir():
+        raise MergeError(f"{p}: no such folder (give a run folder or its adapter/)")
     if (p / "adapter_config.json").is_file():
         return p
     if (p / "adapter" / "adapter_config.json").is_file():
@@ -194,7 +195,7 @@ def merge_adapter(
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, "merge", overwrite)
     if dtype not in DTYPES:
         raise MergeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
@@ -261,7 +262,7 @@ def merge_adapter(
         report["seconds"] = round(time.perf_counter() - t0, 3)
         report["versions"] = versions()
         write_json(tmp / "merge_report.json", report)
-        publish_dir(tmp, out_dir, overwrite)
+        publish_dir(tmp, out_dir, "merge", overwrite)
     log.info("merged model saved to %s (max |diff| %.3g, %.3g x logit scale)", out_dir, max_diff,
              report["relative_diff"])
     return report

@@ -29,18 +29,17 @@ import sys
 import time
 from pathlib import Path
 
+from phi3local.errors import Phi3LocalError
 from phi3local.export._util import (
     as_id_list,
-    check_output_dir,
     collect_stop_ids,
     copy_tokenizer_files,
     dir_size,
-    publish_dir,
     read_json,
-    staging_dir,
     versions,
     write_json,
 )
+from phi3local.folders import check_output_dir, publish_dir, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ VALID_COMBINATIONS = {("fp32", "cpu"), ("int4", "cpu"), ("fp32", "cuda"), ("fp16
 FP32_PARITY_TOLERANCE = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(Phi3LocalError, RuntimeError):
     """The model cannot be exported as asked; the message says why and what to do."""
 
 
@@ -214,6 +213,7 @@ def export_onnx(
     """
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_output_dir(out_dir, "export", overwrite)
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if target not in TARGETS:
@@ -223,11 +223,12 @@ def export_onnx(
                           "use fp32 or int4 for cpu, or target=cuda for fp16/bf16")
     if vocab_collision not in ("fix", "refuse"):
         raise ExportError(f"vocab_collision must be 'fix' or 'refuse', got {vocab_collision!r}")
+    if not model_dir.is_dir():
+        raise ExportError(f"{model_dir}: no such folder (export takes the folder `phi3local merge` wrote)")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir} has no config.json (export takes a merged HF folder; run merge first)")
     if (model_dir / "adapter_config.json").is_file():
         raise ExportError(f"{model_dir} is an adapter folder; merge it first or pass it as adapter_path")
-    check_output_dir(out_dir, overwrite)
     config = read_json(model_dir / "config.json")
     arch = (config.get("architectures") or ["?"])[0]
     if arch != "Phi3ForCausalLM":
@@ -340,7 +341,7 @@ def export_onnx(
         report["size_bytes"] = dir_size(tmp) - sum(
             (tmp / n).stat().st_size for n in ("parity.json", "export_report.json") if (tmp / n).exists())
         write_json(tmp / "export_report.json", report)
-        publish_dir(tmp, out_dir, overwrite)
+        publish_dir(tmp, out_dir, "export", overwrite)
 
     if parity is not None:  # point the report at the published folder
         parity["onnx_dir"] = str(out_dir)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from phi3local.errors import Phi3LocalError
 from phi3local.model.tiny import build_once
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ CONVERTER_VERSION = 2
 ENV_SHARED_DATA = "PHI3LOCAL_SHARED_DATA"
 
 
-class Llama2cFormatError(ValueError):
+class Llama2cFormatError(Phi3LocalError, ValueError):
     """The file is not a llama2.c float32 checkpoint this converter understands."""
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from phi3local.config import Recipe
+from phi3local.errors import Phi3LocalError
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODELS = ("tiny", "stories260k")
 
 
-class ModelSetupError(RuntimeError):
+class ModelSetupError(Phi3LocalError, RuntimeError):
     """The recipe asks for something this model or machine cannot do; the message says what to change."""
 
 
@@ -138,6 +139,8 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     if not quant.load_in_4bit:
         model.to(device)
+    elif device.type == "cpu":
+        keep_cpu_4bit_layout(model)
     log.info("attention implementation: %s, compute dtype: %s, device: %s", attn, dtype, device)
 
     if recipe.training.gradient_checkpointing:
@@ -172,6 +175,20 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
         model.peft_config["default"].base_model_name_or_path = base_path
     return LoadedModel(model=model, device=device, compute_dtype=dtype, attn_implementation=attn,
                        base_path=base_path)
+
+
+def keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' trainable NF4 layout on CPUs with AVX512-BF16.
+
+    On such CPUs bitsandbytes repacks a Linear4bit's weight in place for a faster kernel the first time it
+    runs without gradients (our evaluation), and that packing asserts out_features % 32 == 0 (stories260K's
+    gate_up_proj has 344). The training loop alternates evaluation and training, so one layout is kept.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:

@@ -15,6 +15,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
+from phi3local.errors import Phi3LocalError
+
 # Phi-3-mini-4k-instruct's chat template (current Hub revision): system-aware, every turn closed by
 # <|end|>, and <|endoftext|> after the last turn unless a generation prompt is asked for.
 PHI3_CHAT_TEMPLATE = (
@@ -35,7 +37,7 @@ _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _PLAIN_KEYS = ("model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces")
 
 
-class TokenizerLoadError(RuntimeError):
+class TokenizerLoadError(Phi3LocalError, RuntimeError):
     """No tokenizer could be loaded from the given folder or id."""
 
 

@@ -1,13 +1,20 @@
-"""Atomic, self-contained checkpoints and exact resume.
+"""Atomic, self-contained, verifiable checkpoints and exact resume.
 
 A checkpoint folder is written under a temporary name and renamed only when every file is on disk,
-so a crash or kill during a save leaves the previous checkpoint as the latest complete one.
+so a crash or kill during a save leaves the previous checkpoint as the latest complete one. Its
+`checksums.json` (sha256 and size of every other file) is written last; resume verifies it and falls
+back to the previous intact checkpoint when the latest was damaged. Nothing is unpickled on load:
+optimizer, scheduler and RNG states hold only tensors and plain values, read with `weights_only=True`,
+so a checkpoint handed over from elsewhere cannot run code.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -17,9 +24,19 @@ import numpy as np
 import torch
 
 from phi3local import versions
+from phi3local.errors import Phi3LocalError
 
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"
+CHECKSUMS = "checksums.json"
+# Recipe keys that may change between a checkpoint and its resume: they do not change what is trained.
+RESUME_MAY_CHANGE = ("output_dir", "data.prepared_dir", "training.display", "training.log_every",
+                     "training.checkpoint_every", "training.keep_checkpoints", "training.on_damaged_checkpoint",
+                     "training.peak_flops", "eval.", "export.", "azure.")
+
+
+class CheckpointError(Phi3LocalError):
+    """A checkpoint cannot be written or trusted; the message names the file."""
 
 
 @dataclass
@@ -33,6 +50,7 @@ class TrainerState:
     finished: bool = False
     elapsed_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # validation results so far
+    data_sha256: dict[str, str] = field(default_factory=dict)  # sha256 of each input data file
 
 
 def package_versions() -> dict[str, str]:
@@ -41,15 +59,21 @@ def package_versions() -> dict[str, str]:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (numpy's key array becomes a tensor)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos,
+                                                    has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -62,6 +86,39 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    table = {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
+    (folder / CHECKSUMS).write_text(json.dumps({"files": table}, indent=1))
+
+
+def verify(folder: Path) -> list[str]:
+    """What is wrong with a checkpoint folder (missing, truncated or changed files); empty when intact."""
+    manifest = Path(folder) / CHECKSUMS
+    try:
+        table = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{manifest}: missing or unreadable, so the checkpoint cannot be verified"]
+    problems = []
+    for name, expected in table.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != expected["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, {expected['bytes']} when written (truncated?)")
+        elif sha256_file(path) != expected["sha256"]:
+            problems.append(f"{path}: contents changed since it was written (checksum mismatch)")
+    return problems
+
+
 def save_checkpoint(
     run_dir: Path, model, optimizer, scheduler, state: TrainerState, recipe_yaml: str, tokenizer=None
 ) -> Path:
@@ -69,23 +126,47 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
     tmp = root / f"{TMP_PREFIX}step-{state.step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "adapter")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-    (tmp / "recipe.yaml").write_text(recipe_yaml)
-    (tmp / "versions.json").write_text(json.dumps(package_versions(), indent=2))
-    _fsync_tree(tmp)
+    writing = tmp
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        writing = tmp / "adapter"
+        model.save_pretrained(writing)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(writing)
+        for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
+                          ("rng.pt", rng_state())):
+            writing = tmp / name
+            torch.save(obj, writing)
+        for name, text in (("trainer_state.json", json.dumps(asdict(state), indent=2)), ("recipe.yaml", recipe_yaml),
+                           ("versions.json", json.dumps(package_versions(), indent=2))):
+            writing = tmp / name
+            writing.write_text(text)
+        writing = tmp / CHECKSUMS
+        write_checksums(tmp)
+        _fsync_tree(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            raise CheckpointError(f"no space left on device while writing {writing}; the previous checkpoint "
+                                  "is intact: free some space and resume with --resume") from e
+        raise
     if final.exists():  # a re-save of the same step (e.g. the final step after a signal)
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    # safetensors and torch wrap the OSError; look down the chain and at the message.
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -93,7 +174,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+    done = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith("step-")
             and (p / "trainer_state.json").is_file()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
@@ -113,7 +194,58 @@ def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> N
             shutil.rmtree(p)
 
 
+def find_resumable(run_dir: Path, on_damaged: str = "previous", warn=print) -> Path | None:
+    """The newest checkpoint that passes its checksums; damaged ones are reported (and skipped or fatal)."""
+    checkpoints = list_checkpoints(run_dir)
+    for path in reversed(checkpoints):
+        problems = verify(path)
+        if not problems:
+            return path
+        detail = "; ".join(problems[:3])
+        if on_damaged == "stop":
+            raise CheckpointError(f"checkpoint {path} is damaged ({detail}); stopping as "
+                                  "training.on_damaged_checkpoint=stop asks")
+        warn(f"checkpoint {path} is damaged ({detail}); trying the one before it")
+    if checkpoints:
+        raise CheckpointError(f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS}: all {len(checkpoints)} "
+                              "failed their checksums; start again with --overwrite")
+    return None
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "columns":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_changes(checkpoint: Path, recipe_dict: dict) -> list[str]:
+    """Keys whose value differs from the recipe the checkpoint was trained with ('key: old -> new')."""
+    import yaml
+
+    saved = _flatten(yaml.safe_load((Path(checkpoint) / "recipe.yaml").read_text()) or {})
+    now = _flatten(recipe_dict)
+    changed = []
+    for key in sorted(set(saved) | set(now)):
+        if key.startswith(RESUME_MAY_CHANGE) or saved.get(key) == now.get(key):
+            continue
+        changed.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
+    return changed
+
+
+def _load_plain(path: Path):
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds pickled Python objects, not plain tensors; refusing to load it "
+                              "(a checkpoint from elsewhere could run code)") from e
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
+    """Restore a verified checkpoint into model, optimizer and scheduler; return its trainer state."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -122,10 +254,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise RuntimeError(f"{path}: adapter weights do not fit this model (unexpected: {unexpected[:5]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        raise CheckpointError(f"{path}: adapter weights do not fit this model (unexpected: {unexpected[:5]})")
+    optimizer.load_state_dict(_load_plain(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load_plain(path / "scheduler.pt"))
+    set_rng_state(_load_plain(path / "rng.pt"))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-
-

@@ -10,6 +10,11 @@ import torch
 from rich.console import Console
 
 from phi3local.config import Recipe, load_recipe
+from phi3local.errors import Phi3LocalError
+
+
+class EvalError(Phi3LocalError, FileNotFoundError):
+    """What `eval` was pointed at is not something it can evaluate."""
 
 
 def _locate(path: Path) -> tuple[Path | None, Path | None, Path | None]:
@@ -22,7 +27,9 @@ def _locate(path: Path) -> tuple[Path | None, Path | None, Path | None]:
         return (recipe if recipe.is_file() else None), path, None
     if (path / "config.json").is_file():
         return None, None, path
-    raise FileNotFoundError(f"{path}: not a run, checkpoint, adapter or model folder "
+    if not path.exists():
+        raise EvalError(f"{path}: no such folder")
+    raise EvalError(f"{path}: not a run, checkpoint, adapter or model folder "
                             "(no adapter/adapter_config.json, adapter_config.json or config.json)")
 
 

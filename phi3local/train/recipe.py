@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from phi3local import folders
 from phi3local.config import Recipe
+from phi3local.errors import Phi3LocalError
 from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
 from phi3local.model.load import LoadedModel, base_causal_lm, load_model, resolve_model_path
 from phi3local.train import checkpoint as ckpt
@@ -31,7 +34,7 @@ from phi3local.train.display import MetricsLog, TrainDisplay, format_bytes, peak
 from phi3local.train.loss import chunked_cross_entropy
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Phi3LocalError, RuntimeError):
     """A run cannot start or go on; the message says why and what to change."""
 
 
@@ -95,6 +98,7 @@ class Run:
     metrics: MetricsLog
     stop_signal: list[int] = field(default_factory=list)
     previous_handlers: dict = field(default_factory=dict)
+    held: ExitStack = field(default_factory=ExitStack)  # the run folder's lock, released in cleanup()
 
     @property
     def model(self):
@@ -116,11 +120,15 @@ def seed_everything(seed: int) -> None:
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Never overwrite a run by accident: a finished or started run needs --resume or --overwrite."""
-    if overwrite and run_dir.exists():
+    """Never overwrite a run by accident: a finished or started run needs --resume or --overwrite.
+
+    Called with the folder claimed and locked: it is a phi3local run folder and no other process trains in it.
+    """
+    if overwrite and not resume:
+        keep = {"prepared", folders.MARKER, folders.LOCK}  # the tokenised data cache and our own bookkeeping
         for child in run_dir.iterdir():
-            if child.name != "prepared":  # keep the tokenised data cache
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if child.name not in keep:
+                folders.remove(child)
         return
     state_file = run_dir / "trainer_state.json"
     if state_file.is_file() and json.loads(state_file.read_text()).get("finished") and not resume:
@@ -129,6 +137,38 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if ckpt.list_checkpoints(run_dir) and not resume:
         raise TrainingError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
                             "or --overwrite to start again")
+
+
+def data_sha256(recipe: Recipe) -> dict[str, str]:
+    """sha256 of each input data file, as prepare records them (the embedded demo file when none is set)."""
+    from phi3local.data.prepare import demo_file, input_digest, resolve_data_path
+
+    d = recipe.data
+    files = {"train": (resolve_data_path(d.train_file, recipe), d.train_file) if d.train_file
+             else (demo_file(recipe.task), "demo")}
+    if d.validation_file:
+        files["validation"] = (resolve_data_path(d.validation_file, recipe), d.validation_file)
+    return {name: input_digest(path, shown) for name, (path, shown) in files.items() if path.exists()}
+
+
+def checkpoint_to_resume(recipe: Recipe, run_dir: Path, console: Console) -> Path | None:
+    """The intact checkpoint to continue from, after checking it was trained with this recipe and data."""
+    checkpoint = ckpt.find_resumable(run_dir, recipe.training.on_damaged_checkpoint,
+                                     warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
+    if checkpoint is None:
+        return None
+    changes = ckpt.recipe_changes(checkpoint, recipe.to_dict())
+    if changes:
+        raise TrainingError(f"the recipe differs from the one {checkpoint} was trained with ("
+                            + "; ".join(changes) + "); resume with the same recipe, or start again with --overwrite")
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("data_sha256") or {}
+    now = data_sha256(recipe)
+    changed = [name for name in saved if saved[name] != now.get(name)]
+    if changed:
+        raise TrainingError(f"the {' and '.join(changed)} data changed since {checkpoint} was written (sha256 "
+                            f"{saved[changed[0]][:12]}… then, {str(now.get(changed[0]))[:12]}… now); resume "
+                            "with the same data, or start again with --overwrite")
+    return checkpoint
 
 
 def check_label_mask(docs: Documents, tokenizer, task: str) -> None:
@@ -189,16 +229,29 @@ def count_total_steps(recipe: Recipe, docs: Documents) -> tuple[int, int]:
 
 def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False,
           console: Console | None = None) -> Run:
+    """Claim and lock the run folder, then prepare the data, load the model and (on resume) the checkpoint."""
+    console = console or Console()
+    run_dir = folders.claim(Path(recipe.output_dir), "train")
+    held = ExitStack()
+    held.enter_context(folders.exclusive(run_dir, "training"))
+    try:
+        return _setup_locked(recipe, run_dir, held, resume, overwrite, console)
+    except BaseException:
+        held.close()
+        raise
+
+
+def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, overwrite: bool,
+                  console: Console) -> Run:
     from phi3local.data.prepare import load_prepared, prepare
     from phi3local.model.tokenizer import load_tokenizer
 
-    console = console or Console()
-    run_dir = Path(recipe.output_dir)
     check_run_dir(run_dir, resume, overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_stale_temporaries(run_dir)
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml() + "\n# versions: "
-                                         + json.dumps(ckpt.package_versions()) + "\n")
+    # Checked before anything in the run folder changes: a refused resume leaves it as it was.
+    checkpoint = checkpoint_to_resume(recipe, run_dir, console) if resume else None
+    ckpt.clean_stale_temporaries(run_dir)  # safe: the lock says no other process is saving here
+    folders.write_text_atomic(run_dir / "recipe.yaml",
+                      recipe.to_yaml() + "\n# versions: " + json.dumps(ckpt.package_versions()) + "\n")
     seed_everything(recipe.seed)
 
     tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path))
@@ -208,6 +261,9 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     if not train_docs.input_ids:
         raise TrainingError(f"no training rows after prepare (see {prepared.out_dir / 'stats.json'})")
     check_label_mask(train_docs, tokenizer, recipe.task)
+    total_steps, _ = count_total_steps(recipe, train_docs)
+    if total_steps < 1:
+        raise TrainingError("this recipe trains zero steps (training.epochs, training.max_steps); nothing to do")
 
     loaded = load_model(recipe, tokenizer)
     if recipe.training.compile:
@@ -219,23 +275,20 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
     console.print(f"trainable parameters: {trainable:,}")
     optimizer = make_optimizer(loaded.model, recipe, loaded.device)
-    total_steps, _ = count_total_steps(recipe, train_docs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
-    state = ckpt.TrainerState()
-    if resume:
-        existing = ckpt.list_checkpoints(run_dir)
-        if existing:
-            state = ckpt.load_checkpoint(existing[-1], loaded.model, optimizer, scheduler)
-            console.print(f"resumed from {existing[-1]} (step {state.step})")
-        else:
-            console.print("--resume: no checkpoint yet, starting from step 0")
+    state = ckpt.TrainerState(data_sha256={k: v["sha256"] for k, v in prepared.stats["inputs"].items()})
+    if checkpoint is not None:
+        state = ckpt.load_checkpoint(checkpoint, loaded.model, optimizer, scheduler)
+        console.print(f"resumed from {checkpoint} (step {state.step})")
+    elif resume:
+        console.print("--resume: no checkpoint yet, starting from step 0")
 
     config = base_causal_lm(loaded.model).config
     mean_len = float(np.mean(train_docs.lengths))
     flops_per_token = training_flops_per_token(config, int(mean_len))
     peak = recipe.training.peak_flops or measured_matmul_peak(loaded.device, loaded.compute_dtype)
     run = Run(recipe, run_dir, console, tokenizer, loaded, train_docs, val_docs, optimizer, scheduler, state,
-              total_steps, flops_per_token, peak, MetricsLog(run_dir))
+              total_steps, flops_per_token, peak, MetricsLog(run_dir), held=held)
     install_signal_handlers(run)
     return run
 
@@ -506,8 +559,8 @@ def train(run: Run) -> dict:
     }
     vals = [h["val_loss"] for h in s.history if "val_loss" in h]
     summary["first_val_loss"] = vals[0] if vals else None
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (run.run_dir / "trainer_state.json").write_text(json.dumps(ckpt.asdict(s), indent=2))
+    folders.write_text_atomic(run.run_dir / "summary.json", json.dumps(summary, indent=2))
+    folders.write_text_atomic(run.run_dir / "trainer_state.json", json.dumps(ckpt.asdict(s), indent=2))
     print_summary(run, summary)
     return summary
 
@@ -530,8 +583,8 @@ def save_adapter(run: Run) -> Path:
         gen.eos_token_id = stop_token_ids(run.tokenizer)
         gen.pad_token_id = run.tokenizer.pad_token_id
         gen.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists() or out.is_symlink():
+        folders.remove(out)
     tmp.rename(out)
     return out
 
@@ -559,21 +612,33 @@ def print_summary(run: Run, summary: dict) -> None:
         run.console.print(f"[dim]prompt:[/] {sample['prompt']!r}\n[green]generated:[/] {sample['generated']!r}")
 
 
-def cleanup(run: Run) -> None:
-    for sig, previous in run.previous_handlers.items():
-        signal.signal(sig, previous)
-    run.metrics.close()
-    metrics = run.run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        plot_losses(metrics, run.run_dir / "loss.png")
+def cleanup(run: Run, failed: bool = False) -> None:
+    """Restore signal handlers, close the metrics, plot the losses, release the run folder."""
+    try:
+        for sig, previous in run.previous_handlers.items():
+            signal.signal(sig, previous)
+        run.metrics.close()
+        metrics = run.run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            try:
+                plot_losses(metrics, run.run_dir / "loss.png")
+            except Exception as e:  # noqa: BLE001 - a plot must not hide the error that ended the run
+                if not failed:
+                    raise
+                run.console.print(f"[yellow]warning:[/] could not write {run.run_dir / 'loss.png'}: {e}")
+    finally:
+        run.held.close()
 
 
 def run_training(recipe: Recipe, resume: bool = False, overwrite: bool = False,
                  console: Console | None = None) -> dict:
     run = setup(recipe, resume=resume, overwrite=overwrite, console=console)
+    failed = True
     try:
         if run.state.step == 0:
             run_eval(run)  # the starting point of the validation curve (eval uses no randomness)
-        return train(run)
+        summary = train(run)
+        failed = False
+        return summary
     finally:
-        cleanup(run)
+        cleanup(run, failed)
