@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from phi3local.export import onnx as onnx_mod
-from phi3local.export.chat import OnnxChatModel, chat, generate_onnx
+from phi3local.export.chat import ChatError, OnnxChatModel, chat, generate_onnx
 from phi3local.export.onnx import ExportError, ParityError, VocabCollisionError, export_onnx
 from phi3local.export.parity import check_parity, fake_quantize_int4_, load_reference_model
 from phi3local.folders import OutputExistsError
@@ -207,6 +207,16 @@ def test_generate_onnx_and_repl(fp32):
     shown: list[str] = []
     assert chat(out, max_new_tokens=4, stream=shown.append, input_fn=lambda _: next(lines)) is None
     assert sum("tokens/s" in s for s in shown) == 2
+
+
+def test_chat_refuses_a_prompt_over_the_context_and_no_new_tokens(fp32):
+    out, _ = fp32
+    model = OnnxChatModel(out)
+    with pytest.raises(ChatError, match=rf"over the model's context of {model.context_length}"):
+        model.generate([{"role": "user", "content": "Hello there " * model.context_length}])
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ChatError, match="max_new_tokens must be a whole number >= 1"):
+            model.generate([{"role": "user", "content": "Hello"}], max_new_tokens=bad)
 
 
 def test_cuda_targets_build_here_and_fp16_parity_runs_on_cpu(merged, tmp_path):
