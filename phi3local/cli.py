@@ -55,28 +55,41 @@ def cmd_train(args) -> int:
     return 0 if summary else 1
 
 
+def _print_report(args, report: dict, summary) -> None:
+    """The stage's report as JSON for scripts (--json), else its short summary."""
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        summary.print(console)
+
+
 def cmd_eval(args) -> int:
+    from phi3local import summaries
     from phi3local.train.evaluate import evaluate_model
 
-    result = evaluate_model(Path(args.model), Path(args.data), args.overrides, console=console)
-    console.print_json(json.dumps(result))
+    quiet = Console(stderr=True, quiet=args.json)
+    result = evaluate_model(Path(args.model), Path(args.data), args.overrides, console=quiet)
+    _print_report(args, result, summaries.eval_table(result, Path(args.model), Path(args.data)))
     return 0
 
 
 def cmd_merge(args) -> int:
+    from phi3local import summaries
     from phi3local.export.merge import merge_adapter
 
     report = merge_adapter(Path(args.run), Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
-    console.print_json(json.dumps(report, default=str))
+    _print_report(args, report, summaries.merge_table(report, Path(args.out)))
     return 0
 
 
 def cmd_export(args) -> int:
+    from phi3local import summaries
     from phi3local.export.onnx import export_onnx
 
     report = export_onnx(Path(args.model), Path(args.out), precision=args.precision, target=args.target,
-                         adapter_path=Path(args.adapter) if args.adapter else None, overwrite=args.overwrite)
-    console.print_json(json.dumps(report, default=str))
+                         adapter_path=Path(args.adapter) if args.adapter else None, overwrite=args.overwrite,
+                         show=False)
+    _print_report(args, report, summaries.export_table(report, Path(args.out)))
     return 0
 
 
@@ -148,13 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run folder, checkpoint folder, adapter folder or merged model folder")
     p.add_argument("--data", required=True, help="data file in any format prepare reads")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.max_seq_len=1024")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into full-precision base weights")
     p.add_argument("run", help="run folder or adapter folder")
     p.add_argument("--out", required=True, help="folder for the merged Hugging Face model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge output in --out")
+    p.add_argument("--json", action="store_true", help="print the report (merge_report.json) instead of a table")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="export a merged model to ONNX (onnxruntime-genai) and check parity")
@@ -163,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="int4", choices=["int4", "fp16", "bf16", "fp32"])
     p.add_argument("--target", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--adapter", help="export an unmerged LoRA adapter into the graph instead of merging first")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.add_argument("--json", action="store_true", help="print the report (export_report.json) instead of a table")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("chat", help="chat with an exported ONNX model (onnxruntime-genai)")

@@ -45,6 +45,13 @@ def evaluate_model(path: Path, data_file: Path, overrides: list[str] | None = No
     console = console or Console()
     recipe_file, adapter, merged = _locate(Path(path))
     recipe: Recipe = load_recipe(recipe_file, overrides)
+    if recipe_file is None and adapter is not None:
+        # A bare adapter folder: its own config names the base it was trained on.
+        import json
+
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base:
+            recipe.model.name_or_path = base
     with tempfile.TemporaryDirectory() as tmp:
         recipe.data.train_file, recipe.data.validation_file = str(data_file), None
         recipe.data.val_fraction, recipe.data.prepared_dir = 0.0, str(Path(tmp) / "prepared")

@@ -589,6 +589,10 @@ def save_adapter(run: Run) -> Path:
     return out
 
 
+def _round(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
 def print_summary(run: Run, summary: dict) -> None:
     table = Table(title=f"run {run.run_dir}")
     table.add_column("metric", style="cyan")
@@ -600,8 +604,8 @@ def print_summary(run: Run, summary: dict) -> None:
         ("trained tokens/s", f"{summary['tokens_per_second']:.1f}"),
         ("padding share", f"{100 * summary['padding_share']:.1f}%"),
         ("peak memory", format_bytes(summary["peak_memory_bytes"])),
-        ("first → final val loss", f"{summary['first_val_loss']} → {final.get('val_loss')}"),
-        ("best val loss (step)", f"{summary['best_val_loss']} ({summary['best_step']})"),
+        ("first → final val loss", f"{_round(summary['first_val_loss'])} → {_round(final.get('val_loss'))}"),
+        ("best val loss (step)", f"{_round(summary['best_val_loss'])} ({summary['best_step']})"),
     ]
     if "val_macro_f1" in final:
         rows.append(("val accuracy / macro-F1", f"{final['val_accuracy']:.3f} / {final['val_macro_f1']:.3f}"))
