@@ -215,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.verbose:
+        from phi3local.quiet import silence_known_noise
+
+        silence_known_noise()
     try:
         return args.func(args)
     except Phi3LocalError as e:

@@ -150,7 +150,10 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
                 model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kwargs
             )
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     elif quant.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
