@@ -101,6 +101,17 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from phi3local import doctor
+
+    findings = doctor.diagnose()
+    if args.json:
+        print(json.dumps(doctor.as_dicts(findings), indent=2))
+    else:
+        console.print(doctor.table(findings))
+    return 0
+
+
 def cmd_not_yet(args) -> int:
     console.print(f"[red]phi3local {args.command}: not yet implemented[/] (see the project's issues)")
     return 2
@@ -198,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("azure", help="register, deploy, invoke on Azure ML (not yet implemented)")
     p.add_argument("action", nargs="?")
     p.set_defaults(func=cmd_not_yet)
+
+    p = sub.add_parser("doctor", help="what this machine has, what each stage will choose, how to fix gaps")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bench", help="run the benchmarks (make bench, bench-train, bench-kernels)")
     p.add_argument("which", nargs="?", default="all", choices=["all", "train", "kernels"])

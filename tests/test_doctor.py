@@ -1,0 +1,19 @@
+"""`phi3local doctor` on this CPU-only machine names the CPU choices every stage will make."""
+
+import json
+
+from phi3local.cli import main
+
+
+def test_doctor_names_this_machines_cpu_choices(capsys):
+    assert main(["doctor", "--json"]) == 0
+    findings = {f["topic"]: f for f in json.loads(capsys.readouterr().out)}
+    assert findings["train: device"]["found"] == "cpu"
+    assert findings["train: compute dtype"]["found"] == "float32"
+    assert findings["train: attention"]["found"] == "sdpa"
+    assert findings["train: optimizer"]["found"].startswith("adamw")
+    assert "CPU" in findings["onnxruntime-genai"]["found"] and "NF4 on the CPU" in findings["4-bit (bitsandbytes)"]["found"]
+    assert all(f["fix"] for f in findings.values() if not f["ok"])  # every gap comes with its fix
+    assert main(["doctor"]) == 0
+    shown = capsys.readouterr().out
+    assert "train: attention" in shown and max(len(line) for line in shown.splitlines()) <= 80
