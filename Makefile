@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-EXTRAS ?= export,dev
+EXTRAS ?= export,serve,dev
+# azure-ai-ml and azureml-inference-server-http pin clashing opentelemetry versions: the Azure side gets a venv of its own.
+VENV_AZURE ?= .venv-azure
+AZURITE_VERSION ?= 3.35.0
+AZURITE := .tools/node_modules/.bin/azurite-blob
 # CPU machines get the CPU torch wheel (the default PyPI torch is a multi-GB CUDA build).
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_CUDA),torch,torch==2.13.0)
 SIZE ?= small
 
-.PHONY: install demo test test-fast lint bench bench-kernels bench-train bench-gpu clean
+.PHONY: install install-azure azurite demo test lint bench bench-kernels bench-train bench-serve bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +26,23 @@ comma := ,
 
 install: $(VENV)/.installed
 
+# Light on purpose: the Azure commands import no torch, so phi3local goes in without its training dependencies.
+$(VENV_AZURE)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_AZURE)
+	$(VENV_AZURE)/bin/pip install -q --upgrade pip
+	$(VENV_AZURE)/bin/pip install -q "azure-ai-ml==1.35.2" "azure-identity>=1.15" "azure-storage-blob==12.31.1" \
+		"pyyaml>=6" "rich>=13" "pytest>=8"
+	$(VENV_AZURE)/bin/pip install -q --no-deps -e .
+	touch $@
+
+install-azure: $(VENV_AZURE)/.installed
+
+# Azurite, the Azure Storage emulator the upload tests run against (pinned: the last release for Node 20).
+$(AZURITE): tools/install-azurite.sh
+	AZURITE_VERSION=$(AZURITE_VERSION) tools/install-azurite.sh
+
+azurite: $(AZURITE)
+
 # The whole pipeline on the embedded default: tiny Phi-3 model, sample chat data, CPU.
 DEMO_ENV := PHI3LOCAL_CACHE=.demo/cache HF_HUB_OFFLINE=1
 demo: install
@@ -30,8 +51,9 @@ demo: install
 	$(DEMO_ENV) $(VENV)/bin/phi3local export .demo/merged --out .demo/onnx --precision fp32 --target cpu --overwrite
 	$(DEMO_ENV) $(VENV)/bin/phi3local chat .demo/onnx --prompt "What is 12 plus 7?" --max-new-tokens 24
 
-test: install
-	$(PY) -m pytest tests -q -x --durations=15
+test: install install-azure azurite
+	$(PY) -m pytest tests --ignore=tests/azure -q -x --durations=15
+	$(VENV_AZURE)/bin/python -m pytest tests/azure -q -x --durations=5
 
 lint: install
 	$(VENV)/bin/ruff check phi3local tests kernels_bench
@@ -44,6 +66,9 @@ bench-kernels: install
 
 bench-train: install
 	$(PY) -m kernels_bench.run_all --size $(SIZE) --only train
+
+bench-serve: install
+	$(PY) -m kernels_bench.serve_speed
 
 bench-gpu: install
 	$(PY) -m kernels_bench.run_all --size full

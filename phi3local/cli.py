@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.syntax import Syntax
 
+from phi3local.argtypes import positive_int
 from phi3local.config import load_recipe
 from phi3local.errors import Phi3LocalError
 
@@ -112,9 +113,14 @@ def cmd_doctor(args) -> int:
     return 0
 
 
-def cmd_not_yet(args) -> int:
-    console.print(f"[red]phi3local {args.command}: not yet implemented[/] (see the project's issues)")
-    return 2
+def cmd_serve(args) -> int:
+    from phi3local.serve.server import serve
+
+    # Does not return: this process becomes the inference server.
+    serve(Path(args.model), host=args.host, port=args.port, workers=args.workers, threads=args.threads,
+          max_tokens_cap=args.max_tokens, max_body_bytes=args.max_body_bytes, health_port=args.health_port,
+          model_name=args.model_name)
+    return 0
 
 
 class BenchUnavailable(Phi3LocalError):
@@ -132,14 +138,6 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, "-m", "kernels_bench.run_all", "--size", args.size, *only], cwd=root)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,13 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="serve an exported model over HTTP through score.py (not yet implemented)")
-    p.add_argument("model", nargs="?")
-    p.set_defaults(func=cmd_not_yet)
+    p = sub.add_parser("serve", help="serve an exported model through the Azure ML inference server (score.py)")
+    p.add_argument("model", help="exported ONNX folder (or a folder holding exactly one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: reachable from the network)")
+    p.add_argument("--port", type=positive_int, default=5001)
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes, each with its own model copy")
+    p.add_argument("--threads", type=positive_int, default=4, help="request threads per worker, sharing its model")
+    p.add_argument("--max-tokens", type=positive_int, default=512, help="cap (and default) of a request's max_tokens")
+    p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body accepted")
+    p.add_argument("--health-port", type=positive_int, help="also answer GET / on this port (same workers)")
+    p.add_argument("--model-name", help="`model` field of responses (default: the folder's name)")
+    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("azure", help="register, deploy, invoke on Azure ML (not yet implemented)")
-    p.add_argument("action", nargs="?")
-    p.set_defaults(func=cmd_not_yet)
+    from phi3local.azure import commands as azure_commands
+
+    azure_commands.register(sub)
 
     p = sub.add_parser("doctor", help="what this machine has, what each stage will choose, how to fix gaps")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")

@@ -187,12 +187,42 @@ class ExportConfig:
 
 @dataclass
 class AzureConfig:
+    # The Azure ML workspace; flags and a portal config.json (--config) take precedence over these.
     subscription_id: str | None = None
     resource_group: str | None = None
     workspace: str | None = None
+    # Blob datastore of the workspace the model, code and data files are uploaded to.
+    datastore: str = "workspaceblobstore"
+    # Registered model name (the version is derived from the export's files).
+    model_name: str = "phi3local"
+    # Managed online endpoint (3-32 letters, digits and '-', starting with a letter; unique in its region).
     endpoint_name: str | None = None
+    # The deployment `push` creates or updates under the endpoint; it gets 100% of the traffic.
+    deployment_name: str = "blue"
+    # VM size of the deployment; Standard_N* sizes are GPU ones (onnxruntime-genai-cuda), the others CPU.
     instance_type: str = "Standard_NC24ads_A100_v4"
+    instance_count: int = num(1, ge=1)
+    # Requests one instance works on at once: also WORKER_COUNT, the server's worker processes, each holding
+    # its own copy of the model (N workers = N x the model's memory). The endpoint answers 429 beyond
+    # 2 x this x instance_count requests in flight.
+    max_concurrent_requests_per_instance: int = num(1, ge=1)
+    # The served cap on new tokens per request (PHI3LOCAL_MAX_TOKENS): it bounds a request's time.
+    max_tokens: int = num(512, ge=1)
+    # request_timeout_ms = timeout_factor x (first-token + max_tokens x per-token latency), measured;
+    # 2: a request admitted while its worker is busy waits for one answer before its own.
+    timeout_factor: float = num(2.0, ge=1)
+    # Probe initial delays = load_factor x the measured model load time (the Azure VM may load slower),
+    # at least the service default of 10 s.
+    load_factor: float = num(2.0, ge=1)
+    # Base images of the serving environment (onnxruntime-genai-cuda needs CUDA 12 and cuDNN 9).
+    gpu_image: str = "mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04"
+    cpu_image: str = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04"
+    # Compute cluster of `azure train` (its --compute flag takes precedence).
     compute: str | None = None
+    # Environment of `azure train` jobs: a base image with CUDA; phi3local's dependencies are added to it.
+    train_image: str = "mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04"
+    # Experiment the train and finetune jobs are filed under.
+    experiment_name: str = "phi3local"
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 import json
 
+import export_helpers as H
 import pytest
 
-import export_helpers as H
 from phi3local.cli import main
 
 

@@ -63,9 +63,13 @@ def test_export_report_and_files(fp32, merged):
     out, report = fp32
     assert json.loads((out / "export_report.json").read_text())["precision"] == "fp32"
     assert report["export_seconds"] > 0 and report["model_bytes"] > 0
-    bookkeeping = ("parity.json", "export_report.json", ".phi3local.json")
+    bookkeeping = ("parity.json", "export_report.json", "measurements.json", ".phi3local.json")
     shipped = [p for p in out.rglob("*") if p.is_file() and p.name not in bookkeeping]
     assert report["size_bytes"] == sum(p.stat().st_size for p in shipped)
+    # What `azure spec` derives the deployment's timeout and probes from, measured on these files.
+    measured = json.loads((out / "measurements.json").read_text())
+    assert measured == report["measurements"] and measured["tokens"] >= 2
+    assert measured["load_seconds"] > 0 and measured["per_token_ms"] > 0 and measured["first_token_ms"] > 0
     assert report["model_bytes"] == (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name

@@ -14,7 +14,7 @@ from __future__ import annotations
 import builtins
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,27 +150,16 @@ class OnnxChatModel:
             return "\n".join(m["content"] for m in messages)
         return render_chat_template(self.template, messages, add_generation_prompt, **self.special_tokens)
 
-    def generate(
-        self,
-        messages: Sequence[Message],
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stream: Callable[[str], None] | None = None,
-    ) -> GenerationResult:
+    def iter_tokens(self, ids: np.ndarray, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                    top_k: int | None = None, seed: int | None = None) -> Iterator[tuple[int, str]]:
+        """(token id, text piece) of each generated token; a stop token comes last, with piece "".
+
+        Greedy at temperature 0, else sampling. A generator of its own per call (requests stay independent);
+        closing it early (a stop sequence, a client gone) frees the onnxruntime-genai Generator at once.
+        """
         import onnxruntime_genai as og
 
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ChatError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-        prompt = self.render(messages)
-        ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int32)
-        if len(ids) >= self.context_length:
-            raise ChatError(f"the prompt is {len(ids)} tokens, over the model's context of {self.context_length} "
-                            "(shorten it, or /reset the conversation)")
-        max_length = min(len(ids) + max_new_tokens, self.context_length)
-        options = {"max_length": max_length}
+        options = {"max_length": min(len(ids) + max_new_tokens, self.context_length)}
         if temperature and temperature > 0:
             options.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
             if top_k is not None:
@@ -181,29 +170,55 @@ class OnnxChatModel:
             options["do_sample"] = False
         params = og.GeneratorParams(self.model)
         params.set_search_options(**options)
+        generator = og.Generator(self.model, params)
+        try:
+            decoder = self.tokenizer.create_stream()
+            generator.append_tokens(ids)
+            emitted = produced = 0
+            while not generator.is_done() and produced < max_new_tokens:
+                generator.generate_next_token()
+                tok = int(generator.get_next_tokens()[0])
+                produced += 1
+                if tok in self.stop_ids:
+                    yield tok, ""
+                    return
+                piece = self._piece(decoder, tok, first=not emitted)
+                emitted += bool(piece)
+                yield tok, piece
+        finally:
+            del generator
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stream: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ChatError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        prompt = self.render(messages)
+        ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int32)
+        if len(ids) >= self.context_length:
+            raise ChatError(f"the prompt is {len(ids)} tokens, over the model's context of {self.context_length} "
+                            "(shorten it, or /reset the conversation)")
         emit = _stream_fn(stream)
         t0 = time.perf_counter()
         ttft = 0.0
-        generator = og.Generator(self.model, params)
-        decoder = self.tokenizer.create_stream()
-        generator.append_tokens(ids)
         tokens: list[int] = []
         pieces: list[str] = []
-        while not generator.is_done() and len(tokens) < max_new_tokens:
-            generator.generate_next_token()
-            tok = int(generator.get_next_tokens()[0])
+        for tok, piece in self.iter_tokens(ids, max_new_tokens, temperature, top_p, top_k, seed):
             if not tokens:
                 ttft = time.perf_counter() - t0
             tokens.append(tok)
-            if tok in self.stop_ids:
-                break
-            piece = self._piece(decoder, tok, first=not pieces)
             if piece:
                 pieces.append(piece)
                 if emit is not None:
                     emit(piece)
         seconds = time.perf_counter() - t0
-        del generator
         text = "".join(pieces)
         finish = "stop" if tokens and tokens[-1] in self.stop_ids else "length"
         return GenerationResult(

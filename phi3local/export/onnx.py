@@ -44,6 +44,8 @@ from phi3local.folders import check_output_dir, publish_dir, staging_dir
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int4", "fp16", "bf16", "fp32")
+# What export writes beside the model itself (not counted in its size).
+REPORT_FILES = ("parity.json", "export_report.json", "measurements.json")
 TARGETS = ("cpu", "cuda")
 # What the builder can make (its own list: FP32 CPU, FP32 CUDA, FP16 CUDA, BF16 CUDA, INT4 CPU, INT4 CUDA).
 VALID_COMBINATIONS = {("fp32", "cpu"), ("int4", "cpu"), ("fp32", "cuda"), ("fp16", "cuda"), ("bf16", "cuda"),
@@ -336,10 +338,16 @@ def export_onnx(
                 )
         elif check and not runnable:
             report["parity"] = {"skipped": f"{precision} for {target} cannot run on this machine"}
+        if check and (target == "cpu" or _cuda_available()):
+            # Only where the graph runs on its own target: a CUDA graph timed on the CPU says nothing.
+            from phi3local.export.measure import MEASUREMENTS_FILE, measure_serving
+
+            report["measurements"] = measure_serving(tmp)
+            write_json(tmp / MEASUREMENTS_FILE, report["measurements"])
         report["seconds"] = round(time.perf_counter() - t0, 3)
-        # The model as shipped: everything but the reports (parity.json, export_report.json).
+        # The model as shipped: everything but the reports.
         report["size_bytes"] = dir_size(tmp) - sum(
-            (tmp / n).stat().st_size for n in ("parity.json", "export_report.json") if (tmp / n).exists())
+            (tmp / n).stat().st_size for n in REPORT_FILES if (tmp / n).exists())
         write_json(tmp / "export_report.json", report)
         publish_dir(tmp, out_dir, "export", overwrite)
 

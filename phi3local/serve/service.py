@@ -1,0 +1,126 @@
+"""A chat request through an engine: parse, generate, apply stop sequences, answer or stream.
+
+Independent of the HTTP server (score.py adapts it to azmlinfsrv) and of the engine: anything with
+`prepare(messages, max_tokens) -> Prompt` and `generate(prompt, temperature=, top_p=, seed=) ->
+Generation` (engine.py's OnnxEngine; the benchmark's PyTorch engine) serves the same protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from phi3local.serve import protocol
+from phi3local.serve.engine import Generation, Prompt
+from phi3local.serve.settings import ServeSettings
+from phi3local.serve.stops import StopMatcher
+
+logger = logging.getLogger("phi3local.serve")
+
+
+class Engine(Protocol):
+    model_dir: Path
+
+    def prepare(self, messages, max_tokens: int) -> Prompt: ...
+
+    def generate(self, prompt: Prompt, *, temperature: float, top_p: float, seed: int | None) -> Generation: ...
+
+
+class ChatService:
+    def __init__(self, engine: Engine, settings: ServeSettings | None = None):
+        self.engine = engine
+        self.settings = settings or ServeSettings()
+        self.model_name = self.settings.model_name or Path(engine.model_dir).name
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> ChatService:
+        """The ONNX model under AZUREML_MODEL_DIR with the limits of the PHI3LOCAL_* variables."""
+        from phi3local.serve.engine import OnnxEngine
+        from phi3local.serve.errors import ServeError
+        from phi3local.serve.model_dir import find_model_dir
+
+        root = environ.get("AZUREML_MODEL_DIR")
+        if not root:
+            raise ServeError("AZUREML_MODEL_DIR is not set: start the server with --model_dir (or `phi3local serve "
+                             "ONNX_DIR`)")
+        settings = ServeSettings.from_env(environ)
+        model_dir = find_model_dir(root)
+        logger.info("loading %s (max_tokens cap %d, body limit %d bytes)", model_dir, settings.max_tokens_cap,
+                    settings.max_body_bytes)
+        return cls(OnnxEngine(model_dir), settings)
+
+    def parse(self, body: bytes) -> protocol.ChatRequest:
+        return protocol.parse_chat_request(body, max_tokens_cap=self.settings.max_tokens_cap,
+                                           max_body_bytes=self.settings.max_body_bytes)
+
+    def _start(self, request: protocol.ChatRequest) -> tuple[Prompt, Generation]:
+        prompt = self.engine.prepare(request.messages, request.max_tokens)
+        generation = self.engine.generate(prompt, temperature=request.temperature, top_p=request.top_p,
+                                          seed=request.seed)
+        return prompt, generation
+
+    def complete(self, request: protocol.ChatRequest) -> dict:
+        """The chat.completion body for a non-streamed request."""
+        prompt, generation = self._start(request)
+        answer = _Answer(generation, request.stop)
+        text = "".join(answer)
+        return protocol.completion_body(
+            completion_id=protocol.new_completion_id(), created=protocol.now(), model=self.model_name, text=text,
+            finish_reason=answer.finish_reason, prompt_tokens=prompt.tokens,
+            completion_tokens=generation.completion_tokens)
+
+    def stream(self, request: protocol.ChatRequest) -> Iterator[str]:
+        """Server-sent events for a streamed request. The prompt is checked now, so a request the model
+        cannot take fails with its 4xx before any event is sent."""
+        prompt, generation = self._start(request)
+        return self._events(request, prompt, _Answer(generation, request.stop))
+
+    def _events(self, request: protocol.ChatRequest, prompt: Prompt, answer: _Answer) -> Iterator[str]:
+        ids = {"completion_id": protocol.new_completion_id(), "created": protocol.now(), "model": self.model_name}
+        try:
+            yield protocol.sse_event(protocol.chunk_body(**ids, delta={"role": "assistant", "content": ""}))
+            for text in answer:
+                yield protocol.sse_event(protocol.chunk_body(**ids, delta={"content": text}))
+            yield protocol.sse_event(protocol.chunk_body(**ids, delta={}, finish_reason=answer.finish_reason))
+            if request.include_usage:
+                yield protocol.sse_event(protocol.chunk_body(
+                    **ids, delta=None, usage_=protocol.usage(prompt.tokens, answer.generation.completion_tokens)))
+            yield protocol.SSE_DONE
+        except Exception:
+            # The 200 and its headers are sent already: say it in the stream, and keep the worker serving.
+            logger.exception("generation failed in a streamed response")
+            yield protocol.sse_event(protocol.error_body("generation failed; see the server log", code="server_error",
+                                                         error_type="server_error"))
+        finally:
+            answer.close()  # the client may have gone: free the generator now
+
+
+class _Answer:
+    """A generation's text with the request's stop sequences applied (non-empty pieces only)."""
+
+    def __init__(self, generation: Generation, stops: tuple[str, ...]):
+        self.generation = generation
+        self.matcher = StopMatcher(stops) if stops else None
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.matcher is not None and self.matcher.stopped else self.generation.finish_reason
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for piece in self.generation:
+                text = self.matcher.feed(piece) if self.matcher is not None else piece
+                if text:
+                    yield text
+                if self.matcher is not None and self.matcher.stopped:
+                    return
+            rest = self.matcher.flush() if self.matcher is not None else ""
+            if rest:
+                yield rest
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.generation.close()

@@ -1,0 +1,64 @@
+"""The serving limits, passed to every worker through environment variables.
+
+A managed deployment sets them in its `environment_variables`; `phi3local serve` sets them from its
+flags before the server forks the workers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from phi3local.serve.errors import ServeError
+
+ENV_MAX_TOKENS = "PHI3LOCAL_MAX_TOKENS"
+ENV_MAX_BODY_BYTES = "PHI3LOCAL_MAX_BODY_BYTES"
+ENV_MODEL_NAME = "PHI3LOCAL_MODEL_NAME"
+
+# Bounds how long one request holds a worker thread (the server's scoring timeout does not apply to
+# threaded workers or to streamed answers).
+DEFAULT_MAX_TOKENS = 512
+# A Phi-3 4k-token context is ~16 KB of text; 1 MiB leaves room for JSON escaping and long histories.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    model_name: str | None = None  # the `model` field of responses; default: the model folder's name
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeSettings:
+        environ = os.environ if environ is None else environ
+        return cls(
+            max_tokens_cap=_positive_int(environ, ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS),
+            max_body_bytes=_positive_int(environ, ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES),
+            model_name=environ.get(ENV_MODEL_NAME) or None,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        env = {ENV_MAX_TOKENS: str(self.max_tokens_cap), ENV_MAX_BODY_BYTES: str(self.max_body_bytes)}
+        if self.model_name:
+            env[ENV_MODEL_NAME] = self.model_name
+        return env
+
+    def __post_init__(self):
+        for name in ("max_tokens_cap", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ServeError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ServeError(f"environment variable {name}={raw!r} must be a whole number >= 1") from None
+    if value < 1:
+        raise ServeError(f"environment variable {name}={raw!r} must be a whole number >= 1")
+    return value
