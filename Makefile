@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-EXTRAS ?= export,serve,dev
+EXTRAS ?= export,serve,mlflow,dev
 # azure-ai-ml and azureml-inference-server-http pin clashing opentelemetry versions: the Azure side gets a venv of its own.
 VENV_AZURE ?= .venv-azure
 AZURITE_VERSION ?= 3.35.0

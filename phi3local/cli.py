@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 
-from phi3local.argtypes import positive_int
+from phi3local import folders
+from phi3local.argtypes import non_negative_float, positive_int, probability
 from phi3local.config import load_recipe
 from phi3local.errors import Phi3LocalError
 
@@ -38,7 +41,11 @@ def cmd_prepare(args) -> int:
     recipe = _recipe(args)
     tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path))
     out = Path(args.out) if args.out else None
-    result = prepare(recipe, tokenizer, out_dir=out, console=console)
+    run_dir = Path(recipe.output_dir)
+    # Into <run>/prepared: hold the run's lock, so data is never replaced under a live training.
+    in_run = out is None and not recipe.data.prepared_dir and folders.owner(run_dir) == "train"
+    with folders.exclusive(run_dir, "training") if in_run else contextlib.nullcontext():
+        result = prepare(recipe, tokenizer, out_dir=out, console=console)
     console.print(f"prepared data in [bold]{result.out_dir}[/]")
     return 0
 
@@ -46,6 +53,8 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     from phi3local.train.recipe import TrainingInterrupted, run_training
 
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues a run and --overwrite starts it again: give one of them")
     recipe = _recipe(args)
     try:
         summary = run_training(recipe, resume=args.resume, overwrite=args.overwrite, console=console)
@@ -123,6 +132,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
+class UsageError(Phi3LocalError):
+    """Flags that contradict each other."""
+
+    exit_code = 2
+
+
 class BenchUnavailable(Phi3LocalError):
     """`phi3local bench` outside a source checkout."""
 
@@ -196,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="answer one prompt and exit (for scripts)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=probability, default=1.0)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve an exported model through the Azure ML inference server (score.py)")
@@ -246,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         # The package's own errors carry a message written for the user; anything else is a bug.
         if args.verbose:
             raise
-        console.print(f"[red]phi3local {args.command}: error:[/] {e}", soft_wrap=True, highlight=False)
+        console.print(f"[red]phi3local {args.command}: error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         return e.exit_code
 
 

@@ -162,6 +162,9 @@ class TrainingConfig:
     keep_checkpoints: int = num(2, ge=0)
     # --resume when the latest checkpoint fails its checksums: fall back to the previous good one, or stop.
     on_damaged_checkpoint: Literal["previous", "stop"] = "previous"
+    # Where metrics go besides metrics.jsonl: "tensorboard" (when installed), "mlflow" (MLFLOW_TRACKING_URI;
+    # Azure ML jobs set it; pip install 'phi3local[mlflow]').
+    trackers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     # Peak FLOP/s of the device for MFU; 0 means measure it.
     peak_flops: float = num(0.0, ge=0)
     display: Literal["auto", "rich", "plain", "none"] = "auto"
@@ -251,6 +254,18 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def flatten_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"training": {"lr": 1e-4}} -> {"training.lr": 1e-4}: the recipe's dotted key names (a mapping-valued
+    key such as data.columns stays whole)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "columns":
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
     """Return `value` converted to `annotation`, or raise a RecipeError naming `key` and `source`."""
     origin = typing.get_origin(annotation)
@@ -314,6 +329,9 @@ def _check_range(value: Any, f: dataclasses.Field, annotation: Any, key: str, so
 def _check_recipe(recipe: Recipe, source: str) -> None:
     """Rules between fields: a recipe that could not train anything is an error before anything loads."""
     t, d = recipe.training, recipe.data
+    if recipe.lora.enabled and not recipe.lora.target_modules:
+        raise RecipeError(f"{source}: lora.target_modules is empty: name the modules to adapt (Phi-3: qkv_proj, "
+                          "o_proj, gate_up_proj, down_proj), or set lora.enabled=false")
     if t.max_steps == 0 and t.epochs == 0:
         raise RecipeError(f"{source}: training.epochs=0 with training.max_steps=0 would train zero steps "
                           "(set training.epochs >= 1, or training.max_steps >= 1)")
@@ -341,12 +359,31 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (line {seen[key] + 1} and line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"command line: override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
     # YAML parsing gives 1e-4 -> float, true -> bool, [a, b] -> list, null -> None.
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"command line: override {text!r}: the value is not valid YAML ({problem})") from None
     return key.strip().split("."), value
 
 
@@ -379,9 +416,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{path}: not a text file in UTF-8 (byte {e.start}: {e.reason})") from None
         except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {e}") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
         values = loaded or {}
         if not isinstance(values, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(values).__name__}")

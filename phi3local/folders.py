@@ -29,7 +29,7 @@ LEGACY_SIGNS = {
     "train": lambda d: (d / "recipe.yaml").is_file() and "\n# versions: {\"phi3local\"" in _head(d / "recipe.yaml"),
     "merge": lambda d: (d / "merge_report.json").is_file(),
     "export": lambda d: (d / "export_report.json").is_file() and (d / "genai_config.json").is_file(),
-    "prepare": lambda d: (d / "stats.json").is_file(),
+    "prepare": lambda d: _is_prepared(d),
 }
 
 
@@ -39,6 +39,17 @@ class OutputExistsError(Phi3LocalError, FileExistsError):
 
 class FolderInUseError(Phi3LocalError):
     """Another live process is writing into the folder."""
+
+
+def _is_prepared(folder: Path) -> bool:
+    """A prepared-data folder written before the marker: its splits and a stats.json with our cache key."""
+    if not ((folder / "train").is_dir() and (folder / "validation").is_dir() and (folder / "stats.json").is_file()):
+        return False
+    try:
+        stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(stats, dict) and "cache_key" in stats and "steps" in stats
 
 
 def _head(path: Path, size: int = 1 << 16) -> str:
@@ -103,7 +114,10 @@ def claim(folder: Path, stage: str) -> Path:
     """Make `folder` this stage's own (create it, or mark an empty one); refuse anyone else's."""
     folder = Path(folder)
     check_output_dir(folder, stage, overwrite=True)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a file where a parent folder should be
+        raise OutputExistsError(f"cannot create {folder}: {e.strerror} ({e.filename})") from e
     if not (folder / MARKER).is_file():
         write_marker(folder, stage)
     return folder

@@ -185,10 +185,36 @@ def test_a_crafted_pickle_in_a_checkpoint_is_never_executed(interrupted_run, tmp
     latest = ckpt.list_checkpoints(run)[-1]
     torch.save({"python": Payload()}, latest / "rng.pt")
     ckpt.write_checksums(latest)  # the attacker fixes the checksums too
-    code, out = cli(capsys, "train", TINY, f"output_dir={run}", *QUICK, "training.max_steps=6",
-                    "training.checkpoint_every=2", "--resume")
-    assert code == 1 and "rng.pt" in out and "pickled" in out, out
+    base = [f"output_dir={run}", *QUICK, "training.max_steps=6", "training.checkpoint_every=2"]
+    code, out = cli(capsys, "train", TINY, *base, "training.on_damaged_checkpoint=stop", "--resume")
+    assert code == 1 and "rng.pt holds pickled Python objects" in out, out
+    # By default it is one more damaged checkpoint: reported, and the previous one is used.
+    code, out = cli(capsys, "train", TINY, *base, "--resume")
+    assert code == 0 and "step-4 is damaged" in out and "rng.pt holds pickled" in out and "step-2 (step 2)" in out
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["safetensors header", "trainer_state", "recipe", "optimizer"])
+def test_a_checkpoint_damaged_behind_matching_checksums_is_not_resumed(interrupted_run, tmp_path, damage):
+    run = copy_run(interrupted_run, tmp_path / "run")
+    latest = ckpt.list_checkpoints(run)[-1]
+    if damage == "safetensors header":
+        path = latest / "adapter" / "adapter_model.safetensors"
+        path.write_bytes(b"\xff" * 8 + path.read_bytes()[8:])
+    elif damage == "trainer_state":
+        (latest / "trainer_state.json").write_text('{"step": 4, "epo')
+    elif damage == "recipe":
+        (latest / "recipe.yaml").write_text("lora: [unclosed\n")
+    else:
+        path = latest / "optimizer.pt"
+        path.write_bytes(path.read_bytes()[:200])
+    ckpt.write_checksums(latest)  # written broken: the checksums match the broken files
+    warnings = []
+    found = ckpt.find_resumable(run, warn=warnings.append)
+    assert found.path.name == "step-2" and "step-4 is damaged" in warnings[0] and "cannot be read" in warnings[0]
+    (run / "checkpoints" / "step-3.bak").mkdir()  # a user's copy beside ours is left alone
+    (run / "checkpoints" / "step-3.bak" / "trainer_state.json").write_text("{}")
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-2", "step-4"]
 
 
 def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(interrupted_run, tmp_path, capsys):
@@ -224,7 +250,7 @@ def test_a_truncated_checkpoint_is_detected(interrupted_run, tmp_path):
     with open(latest / "optimizer.pt", "r+b") as f:
         f.truncate(100)
     assert any("optimizer.pt" in p and "truncated" in p for p in ckpt.verify(latest))
-    assert ckpt.find_resumable(run, warn=lambda m: None).name == "step-2"
+    assert ckpt.find_resumable(run, warn=lambda m: None).path.name == "step-2"
 
 
 def test_resume_with_a_changed_recipe_or_data_is_refused_before_anything_changes(interrupted_run, tmp_path, capsys):
@@ -335,3 +361,49 @@ def test_bench_runs_the_package_benchmarks_not_the_current_folders_makefile(tmp_
     [(cmd, cwd)] = calls
     assert cmd[:3] == [sys.executable, "-m", "kernels_bench.run_all"] and "--only" in cmd and Path(cwd) == REPO
     assert not (tmp_path / "hijacked").exists()
+
+
+# ------------------------------------------------------------------------- what the sweep found next
+
+
+def test_prepare_never_replaces_a_users_folder_or_a_link(tmp_path, capsys):
+    mine = users_folder(tmp_path / "mine")
+    (mine / "stats.json").write_text('{"mine": true}')  # a stats.json of the user's own is not ours
+    before = snapshot(mine)
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    for out, expected in ((mine, "holds files phi3local did not write"), (link, "symbolic link")):
+        code, out_text = cli(capsys, "prepare", TINY, f"output_dir={tmp_path / 'run'}", "--out", out)
+        assert code == 1 and expected in out_text and "Traceback" not in out_text, out_text
+    assert snapshot(mine) == before and link.is_symlink()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".link.old")]
+
+
+@pytest.mark.parametrize("argv, expected, status", [
+    (["prepare", "{tmp}/dup.yaml"], "dup.yaml:3: not valid YAML: key 'lora' appears twice", 2),
+    (["prepare", "{tmp}/binary.yaml"], "binary.yaml: not a text file in UTF-8", 2),
+    (["prepare", TINY, "lora.target_modules=[qkv_proj"], "override 'lora.target_modules=[qkv_proj': the value is "
+                                                          "not valid YAML", 2),
+    (["prepare", TINY, "lora.target_modules=[]"], "lora.target_modules is empty", 2),
+    (["prepare", TINY, "output_dir={tmp}/run", "model.name_or_path={tmp}/no-model"], "no-model: no such folder", 1),
+    (["train", TINY, "output_dir={tmp}/a-file/run"], "cannot create", 1),
+    (["train", TINY, "output_dir={tmp}/run", "--resume", "--overwrite"], "give one of them", 2),
+    (["chat", "{tmp}/cut-export", "--prompt", "hi"], "genai_config.json:1: not valid JSON", 1),
+    (["chat", "{tmp}/empty-export", "--prompt", "hi"], "has no \"model\" section", 1),
+])
+def test_more_misuse_is_one_clear_line(tmp_path, capsys, argv, expected, status):
+    (tmp_path / "dup.yaml").write_text("lora:\n  r: 8\nlora:\n  r: 4\n")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "a-file").write_text("not a folder")
+    for name, text in (("cut-export", '{"model": {"eos_tok'), ("empty-export", "{}")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "genai_config.json").write_text(text)
+    code, out = cli(capsys, *[str(a).format(tmp=tmp_path) for a in argv])
+    assert code == status and expected in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--top-p", "5"), ("--top-p", "0")])
+def test_chat_sampling_flags_are_range_checked(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exited:
+        main(["chat", str(tmp_path), "--prompt", "hi", flag, value])
+    assert exited.value.code == 2 and flag in capsys.readouterr().err

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phi3local import folders
 from phi3local.config import Recipe, RecipeError
 from phi3local.data import clean
 from phi3local.data.formats import CHAT_FORMATS, detect_format, read_records, require_file, to_example
@@ -368,19 +369,6 @@ def clean_stale_temporaries(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished tmp folder to out_dir, replacing an older prepared folder."""
-    if out_dir.exists():
-        if not (out_dir / "stats.json").exists() and any(out_dir.iterdir()):
-            raise FileExistsError(f"{out_dir} exists and is not a prepared-data folder; refusing to replace it")
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
-
-
 # ------------------------------------------------------------------------------------------- prepare
 
 
@@ -410,6 +398,7 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
         require_file(path, f"data.{name}_file: {shown}")
     check_system_prompt(recipe)
 
+    folders.check_output_dir(out_dir, "prepare", overwrite=True)  # before any work: never someone else's folder
     clean_stale_temporaries(out_dir)
     inputs = {name: {"path": shown, "sha256": input_digest(path, shown)} for name, (path, shown) in files.items()}
     key = cache_key(recipe, inputs, tokenizer_fingerprint(tokenizer))
@@ -500,7 +489,7 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
         # backslashreplace: a file name that is not UTF-8 (decoded by Python into surrogates) must not crash here.
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n", encoding="utf-8",
                                         errors="backslashreplace")
-        _replace_dir(tmp, out_dir)
+        folders.publish_dir(tmp, out_dir, "prepare", overwrite=True)  # replaces only an earlier prepare output
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

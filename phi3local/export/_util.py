@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from phi3local.errors import Phi3LocalError
+
 # Files that make up a tokenizer folder. onnxruntime-genai (onnxruntime-extensions) needs tokenizer.json
 # AND tokenizer_config.json: without the config it fails with "Failed to open a json file".
 TOKENIZER_FILES = (
@@ -25,8 +27,22 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+class BadFileError(Phi3LocalError, ValueError):
+    """A file a stage reads (config.json, genai_config.json, a report) is not what it should be."""
+
+
 def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON object from a file, or a BadFileError naming the file (and the line of a syntax error)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BadFileError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); the file is damaged or cut short") from None
+    except UnicodeDecodeError as e:
+        raise BadFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(data, dict):
+        raise BadFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def write_json(path: Path, data: dict) -> None:

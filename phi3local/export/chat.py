@@ -117,11 +117,18 @@ class OnnxChatModel:
             raise ChatError(f"{self.model_dir} is not an ONNX export (no genai_config.json); export it first with "
                             "`phi3local export MODEL --out DIR`")
         self.genai_config = read_json(self.model_dir / "genai_config.json")
-        self.stop_ids = set(as_id_list(self.genai_config["model"].get("eos_token_id")))
-        self.context_length = int(self.genai_config["model"].get("context_length", 4096))
+        model_cfg = self.genai_config.get("model")
+        if not isinstance(model_cfg, dict):
+            raise ChatError(f"{self.model_dir / 'genai_config.json'} has no \"model\" section; re-export the model")
+        self.stop_ids = set(as_id_list(model_cfg.get("eos_token_id")))
+        self.context_length = int(model_cfg.get("context_length", 4096))
         self.template = load_chat_template(self.model_dir)
         self.special_tokens = _special_tokens(self.model_dir)
-        self.model = og.Model(str(self.model_dir))
+        try:
+            self.model = og.Model(str(self.model_dir))
+        except RuntimeError as e:  # onnxruntime's own message: a damaged or cut-short model file
+            raise ChatError(f"{self.model_dir}: onnxruntime-genai cannot load this export "
+                            f"({str(e).splitlines()[0][:300]}); re-export it") from None
         self.tokenizer = og.Tokenizer(self.model)
 
     @staticmethod
@@ -201,6 +208,10 @@ class OnnxChatModel:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ChatError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         prompt = self.render(messages)
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # e.g. bytes of another encoding that reached us as surrogates
+            raise ChatError(f"the prompt is not valid text (character {e.start}); write it in UTF-8") from None
         ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int32)
         if len(ids) >= self.context_length:
             raise ChatError(f"the prompt is {len(ids)} tokens, over the model's context of {self.context_length} "

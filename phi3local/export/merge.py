@@ -191,7 +191,6 @@ def merge_adapter(
     prompts: texts (or message lists) to compare logits on; rendered with the chat template when there is one.
     Returns the report also written to out_dir/merge_report.json.
     """
-    from peft import PeftModel
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -212,7 +211,9 @@ def merge_adapter(
 
     log.info("merging %s into %s (%s, %s)", adapter_dir, base, task, dtype)
     model = _load_base(base, task, torch_dtype, adapter_dir, tokenizer).to(device)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    from phi3local.model.load import load_adapter
+
+    peft_model = load_adapter(model, adapter_dir, MergeError).eval()
     batches = _prompt_ids(tokenizer, list(prompts or DEFAULT_PROMPTS))
     unmerged = _logits(peft_model, batches, device)
     with peft_model.disable_adapter():

@@ -38,6 +38,9 @@ def resolve_model_path(name_or_path: str) -> str:
         from phi3local.model.llama2c import ensure_stories260k
 
         return str(ensure_stories260k(cache_dir() / "stories260k"))
+    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+        # A path, not a Hub id ("org/name"): say so, rather than the Hub client's complaint about repo ids.
+        raise ModelSetupError(f"model.name_or_path: {name_or_path}: no such folder")
     return name_or_path
 
 
@@ -192,6 +195,18 @@ def keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def load_adapter(model, adapter_dir: Path, error: type[Exception]):
+    """peft's PeftModel over `model`; damaged adapter weights are an `error` naming the file, not a traceback."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except (SafetensorError, OSError) as e:
+        raise error(f"{adapter_dir / 'adapter_model.safetensors'} cannot be read "
+                    f"({str(e).splitlines()[0][:200]}); the adapter is damaged") from None
 
 
 def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:

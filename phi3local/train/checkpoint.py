@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +25,13 @@ import numpy as np
 import torch
 
 from phi3local import versions
+from phi3local.config import flatten_keys
 from phi3local.errors import Phi3LocalError
 
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"
 CHECKSUMS = "checksums.json"
+STEP_NAME = re.compile(r"step-\d+")
 # Recipe keys that may change between a checkpoint and its resume: they do not change what is trained.
 RESUME_MAY_CHANGE = ("output_dir", "data.prepared_dir", "training.display", "training.log_every",
                      "training.checkpoint_every", "training.keep_checkpoints", "training.on_damaged_checkpoint",
@@ -174,7 +177,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith("step-")
+    # Only our own names: a user's `step-3.bak` copy beside them is neither listed nor pruned.
+    done = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and STEP_NAME.fullmatch(p.name)
             and (p / "trainer_state.json").is_file()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
@@ -194,13 +198,62 @@ def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> N
             shutil.rmtree(p)
 
 
-def find_resumable(run_dir: Path, on_damaged: str = "previous", warn=print) -> Path | None:
-    """The newest checkpoint that passes its checksums; damaged ones are reported (and skipped or fatal)."""
+@dataclass
+class Checkpoint:
+    """A checkpoint read whole into memory, so a damaged file shows before anything is restored from it."""
+
+    path: Path
+    adapter_weights: dict
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    trainer_state: dict
+    recipe: dict
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Every file of a checkpoint, parsed; a CheckpointError names the file that cannot be read."""
+    import yaml
+    from safetensors.torch import load_file
+
+    path = Path(path)
+
+    def read(name: str, loader):
+        try:
+            return loader(path / name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the parser raises, the file is what is wrong
+            raise CheckpointError(f"{path / name} cannot be read: {str(e).splitlines()[0][:200]}") from e
+
+    return Checkpoint(
+        path=path,
+        adapter_weights=read("adapter/adapter_model.safetensors", lambda p: load_file(str(p))),
+        optimizer=read("optimizer.pt", _load_plain),
+        scheduler=read("scheduler.pt", _load_plain),
+        rng=read("rng.pt", _load_plain),
+        trainer_state=read("trainer_state.json", lambda p: _mapping(json.loads(p.read_text()), p)),
+        recipe=read("recipe.yaml", lambda p: _mapping(yaml.safe_load(p.read_text()), p)),
+    )
+
+
+def _mapping(value, path: Path) -> dict:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} does not hold a mapping")
+    return value
+
+
+def find_resumable(run_dir: Path, on_damaged: str = "previous", warn=print) -> Checkpoint | None:
+    """The newest checkpoint that passes its checksums and reads whole; damaged ones are reported (and
+    skipped, or fatal with on_damaged="stop")."""
     checkpoints = list_checkpoints(run_dir)
     for path in reversed(checkpoints):
         problems = verify(path)
         if not problems:
-            return path
+            try:
+                return read_checkpoint(path)
+            except CheckpointError as e:
+                problems = [str(e)]
         detail = "; ".join(problems[:3])
         if on_damaged == "stop":
             raise CheckpointError(f"checkpoint {path} is damaged ({detail}); stopping as "
@@ -208,26 +261,13 @@ def find_resumable(run_dir: Path, on_damaged: str = "previous", warn=print) -> P
         warn(f"checkpoint {path} is damaged ({detail}); trying the one before it")
     if checkpoints:
         raise CheckpointError(f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS}: all {len(checkpoints)} "
-                              "failed their checksums; start again with --overwrite")
+                              "are damaged; start again with --overwrite")
     return None
 
 
-def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and key != "columns":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def recipe_changes(checkpoint: Path, recipe_dict: dict) -> list[str]:
-    """Keys whose value differs from the recipe the checkpoint was trained with ('key: old -> new')."""
-    import yaml
-
-    saved = _flatten(yaml.safe_load((Path(checkpoint) / "recipe.yaml").read_text()) or {})
-    now = _flatten(recipe_dict)
+def recipe_changes(saved_recipe: dict, recipe_dict: dict) -> list[str]:
+    """Keys whose value differs from the recipe a checkpoint was trained with ('key: old -> new')."""
+    saved, now = flatten_keys(saved_recipe), flatten_keys(recipe_dict)
     changed = []
     for key in sorted(set(saved) | set(now)):
         if key.startswith(RESUME_MAY_CHANGE) or saved.get(key) == now.get(key):
@@ -244,18 +284,19 @@ def _load_plain(path: Path):
                               "(a checkpoint from elsewhere could run code)") from e
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
-    """Restore a verified checkpoint into model, optimizer and scheduler; return its trainer state."""
+def restore(checkpoint: Checkpoint, model, optimizer, scheduler) -> TrainerState:
+    """Put a checkpoint read by read_checkpoint into model, optimizer and scheduler; return its trainer state."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    path = Path(path)
-    weights = load_file(path / "adapter" / "adapter_model.safetensors")
-    result = set_peft_model_state_dict(model, weights)
+    result = set_peft_model_state_dict(model, checkpoint.adapter_weights)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise CheckpointError(f"{path}: adapter weights do not fit this model (unexpected: {unexpected[:5]})")
-    optimizer.load_state_dict(_load_plain(path / "optimizer.pt"))
-    scheduler.load_state_dict(_load_plain(path / "scheduler.pt"))
-    set_rng_state(_load_plain(path / "rng.pt"))
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+        raise CheckpointError(f"{checkpoint.path}: adapter weights do not fit this model (unexpected: "
+                              f"{unexpected[:5]})")
+    try:
+        optimizer.load_state_dict(checkpoint.optimizer)
+        scheduler.load_state_dict(checkpoint.scheduler)
+        set_rng_state(checkpoint.rng)
+        return TrainerState(**checkpoint.trainer_state)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{checkpoint.path} does not fit this run: {str(e).splitlines()[0][:200]}") from e

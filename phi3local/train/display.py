@@ -1,16 +1,15 @@
-"""What a run shows and keeps: a rich live panel, metrics.jsonl, TensorBoard, a loss plot."""
+"""What a run shows while it trains: the rich live panel (progress, loss trend) or plain log lines."""
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
-import time
-from pathlib import Path
 
 import torch
+from rich.columns import Columns
 from rich.console import Console
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 
@@ -33,32 +32,18 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-class MetricsLog:
-    """One JSON object per line, appended and flushed, so a crashed run keeps what it logged."""
+TREND_BLOCKS = "▁▂▃▄▅▆▇█"
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run, closed in close())
-        self._tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            pass
-
-    def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+def loss_trend(losses: list[float], width: int = 30) -> str:
+    """The last `width` losses as a sparkline (lowest ▁, highest █), and the change over them."""
+    recent = losses[-width:]
+    if len(recent) < 2:
+        return ""
+    low, high = min(recent), max(recent)
+    span = (high - low) or 1.0
+    line = "".join(TREND_BLOCKS[min(int((v - low) / span * len(TREND_BLOCKS)), len(TREND_BLOCKS) - 1)] for v in recent)
+    return f"{line}  {recent[-1] - recent[0]:+.3f}"
 
 
 class TrainDisplay:
@@ -72,6 +57,7 @@ class TrainDisplay:
         self.total_steps = total_steps
         self._live: Live | None = None
         self._last_val: dict = {}
+        self._losses: list[float] = []  # the logged training losses, for the trend
 
     def __enter__(self):
         if self.mode == "rich":
@@ -88,9 +74,12 @@ class TrainDisplay:
         table.add_column(style="bold cyan")
         table.add_column()
         step = m.get("step", 0)
+        done = step / max(self.total_steps, 1)
         rows = [
             ("step", f"{step}/{self.total_steps}  epoch {m.get('epoch', 0)}"),
+            ("progress", Columns([ProgressBar(total=self.total_steps, completed=step, width=30), f"{100 * done:.0f}%"])),
             ("loss", f"{m['loss']:.4f}" if "loss" in m else "-"),
+            ("loss trend", loss_trend(self._losses) or "-"),
             ("val loss", f"{self._last_val['val_loss']:.4f}  ppl {self._last_val['val_perplexity']:.2f}"
              if self._last_val else "-"),
             ("lr", f"{m['lr']:.2e}" if "lr" in m else "-"),
@@ -108,6 +97,8 @@ class TrainDisplay:
     def update(self, metrics: dict) -> None:
         if "val_loss" in metrics:
             self._last_val = metrics
+        if "loss" in metrics:
+            self._losses.append(float(metrics["loss"]))
         if self.mode == "rich" and self._live is not None:
             if "loss" in metrics:
                 self._live.update(self._panel(metrics))
@@ -119,38 +110,3 @@ class TrainDisplay:
     def print(self, *args, **kwargs) -> None:
         if self.mode != "none":
             self.console.print(*args, **kwargs)
-
-
-def plot_losses(metrics_path: Path, out_png: Path) -> bool:
-    """Train and validation loss against step, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if not train and not val:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return True
-
-
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start

@@ -35,10 +35,8 @@ def _locate(path: Path) -> tuple[Path | None, Path | None, Path | None]:
 
 def evaluate_model(path: Path, data_file: Path, overrides: list[str] | None = None,
                    console: Console | None = None) -> dict:
-    from peft import PeftModel
-
     from phi3local.data.prepare import load_prepared, prepare
-    from phi3local.model.load import load_model, pick_device
+    from phi3local.model.load import load_adapter, load_model, pick_device
     from phi3local.model.tokenizer import load_tokenizer
     from phi3local.train.recipe import Documents, evaluate
 
@@ -68,7 +66,7 @@ def evaluate_model(path: Path, data_file: Path, overrides: list[str] | None = No
         loaded = load_model(recipe, tokenizer, pick_device())
         model = loaded.model
         if adapter is not None and lora_enabled:
-            model = PeftModel.from_pretrained(model, str(adapter))
+            model = load_adapter(model, adapter, EvalError)
         model.eval()
         run = SimpleNamespace(model=model, recipe=recipe, tokenizer=tokenizer, device=loaded.device)
         with torch.no_grad():

@@ -2,7 +2,8 @@
 
 A custom PyTorch loop (no HF Trainer): 4-bit QLoRA model from `phi3local.model.load`, packed
 micro-batches from `phi3local.train.batching`, the chunked loss from `phi3local.train.loss`,
-atomic checkpoints from `phi3local.train.checkpoint`, the live panel from `phi3local.train.display`.
+atomic checkpoints from `phi3local.train.checkpoint`, the live panel from `phi3local.train.display`,
+the metrics sinks from `phi3local.train.metrics`.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from rich.console import Console
 from rich.table import Table
 
 from phi3local import folders
-from phi3local.config import Recipe
+from phi3local.config import Recipe, flatten_keys
 from phi3local.errors import Phi3LocalError
 from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
 from phi3local.model.load import LoadedModel, base_causal_lm, load_model, resolve_model_path
 from phi3local.train import checkpoint as ckpt
 from phi3local.train.batching import MicroBatch, collate, plan_epoch
-from phi3local.train.display import MetricsLog, TrainDisplay, format_bytes, peak_memory_bytes, plot_losses
+from phi3local.train.display import TrainDisplay, format_bytes, peak_memory_bytes
 from phi3local.train.loss import chunked_cross_entropy
+from phi3local.train.metrics import MetricsLog
+from phi3local.train.plots import plot_losses
 
 
 class TrainingError(Phi3LocalError, RuntimeError):
@@ -131,7 +134,11 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 folders.remove(child)
         return
     state_file = run_dir / "trainer_state.json"
-    if state_file.is_file() and json.loads(state_file.read_text()).get("finished") and not resume:
+    try:
+        finished = state_file.is_file() and json.loads(state_file.read_text()).get("finished")
+    except (ValueError, AttributeError):  # damaged: its checkpoints decide what the run is
+        finished = False
+    if finished and not resume:
         raise TrainingError(f"{run_dir} holds a finished run; pass --overwrite to replace it, "
                             "or choose another output_dir=...")
     if ckpt.list_checkpoints(run_dir) and not resume:
@@ -151,23 +158,26 @@ def data_sha256(recipe: Recipe) -> dict[str, str]:
     return {name: input_digest(path, shown) for name, (path, shown) in files.items() if path.exists()}
 
 
-def checkpoint_to_resume(recipe: Recipe, run_dir: Path, console: Console) -> Path | None:
+def checkpoint_to_resume(recipe: Recipe, run_dir: Path, console: Console) -> ckpt.Checkpoint | None:
     """The intact checkpoint to continue from, after checking it was trained with this recipe and data."""
     checkpoint = ckpt.find_resumable(run_dir, recipe.training.on_damaged_checkpoint,
-                                     warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
+                                     warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True))
     if checkpoint is None:
         return None
-    changes = ckpt.recipe_changes(checkpoint, recipe.to_dict())
+    changes = ckpt.recipe_changes(checkpoint.recipe, recipe.to_dict())
     if changes:
-        raise TrainingError(f"the recipe differs from the one {checkpoint} was trained with ("
+        raise TrainingError(f"the recipe differs from the one {checkpoint.path} was trained with ("
                             + "; ".join(changes) + "); resume with the same recipe, or start again with --overwrite")
-    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("data_sha256") or {}
+    saved = checkpoint.trainer_state.get("data_sha256") or {}
     now = data_sha256(recipe)
-    changed = [name for name in saved if saved[name] != now.get(name)]
-    if changed:
-        raise TrainingError(f"the {' and '.join(changed)} data changed since {checkpoint} was written (sha256 "
-                            f"{saved[changed[0]][:12]}… then, {str(now.get(changed[0]))[:12]}… now); resume "
-                            "with the same data, or start again with --overwrite")
+    for name, digest in saved.items():
+        if name not in now:
+            raise TrainingError(f"the {name} data file of this recipe is missing (data.{name}_file); {checkpoint.path} "
+                                "was trained on it")
+        if digest != now[name]:
+            raise TrainingError(f"the {name} data changed since {checkpoint.path} was written (sha256 {digest[:12]}… "
+                                f"then, {now[name][:12]}… now); resume with the same data, or start again with "
+                                "--overwrite")
     return checkpoint
 
 
@@ -261,6 +271,9 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     if not train_docs.input_ids:
         raise TrainingError(f"no training rows after prepare (see {prepared.out_dir / 'stats.json'})")
     check_label_mask(train_docs, tokenizer, recipe.task)
+    if not val_docs.input_ids:
+        console.print(f"[yellow]warning:[/] no validation rows ({len(train_docs.input_ids)} training rows, "
+                      f"data.val_fraction={recipe.data.val_fraction}): the validation loss is not measured", soft_wrap=True)
     total_steps, _ = count_total_steps(recipe, train_docs)
     if total_steps < 1:
         raise TrainingError("this recipe trains zero steps (training.epochs, training.max_steps); nothing to do")
@@ -278,8 +291,8 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
     state = ckpt.TrainerState(data_sha256={k: v["sha256"] for k, v in prepared.stats["inputs"].items()})
     if checkpoint is not None:
-        state = ckpt.load_checkpoint(checkpoint, loaded.model, optimizer, scheduler)
-        console.print(f"resumed from {checkpoint} (step {state.step})")
+        state = ckpt.restore(checkpoint, loaded.model, optimizer, scheduler)
+        console.print(f"resumed from {checkpoint.path} (step {state.step})", soft_wrap=True)
     elif resume:
         console.print("--resume: no checkpoint yet, starting from step 0")
 
@@ -288,9 +301,15 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     flops_per_token = training_flops_per_token(config, int(mean_len))
     peak = recipe.training.peak_flops or measured_matmul_peak(loaded.device, loaded.compute_dtype)
     run = Run(recipe, run_dir, console, tokenizer, loaded, train_docs, val_docs, optimizer, scheduler, state,
-              total_steps, flops_per_token, peak, MetricsLog(run_dir), held=held)
+              total_steps, flops_per_token, peak, open_metrics(recipe, run_dir), held=held)
     install_signal_handlers(run)
     return run
+
+
+def open_metrics(recipe: Recipe, run_dir: Path) -> MetricsLog:
+    """metrics.jsonl plus the recipe's trackers, which get the recipe's values and file too."""
+    return MetricsLog(run_dir, recipe.training.trackers, params=flatten_keys(recipe.to_dict()),
+                      recipe_file=run_dir / "recipe.yaml", run_name=run_dir.name)
 
 
 def install_signal_handlers(run: Run) -> None:
@@ -621,7 +640,7 @@ def cleanup(run: Run, failed: bool = False) -> None:
     try:
         for sig, previous in run.previous_handlers.items():
             signal.signal(sig, previous)
-        run.metrics.close()
+        run.metrics.close(failed)
         metrics = run.run_dir / "metrics.jsonl"
         if metrics.is_file():
             try:
