@@ -407,3 +407,27 @@ def test_chat_sampling_flags_are_range_checked(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exited:
         main(["chat", str(tmp_path), "--prompt", "hi", flag, value])
     assert exited.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_export_names_a_damaged_weights_file(tmp_path, capsys):
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text('{"architectures": ["Phi3ForCausalLM"]}')
+    (merged / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
+    code, out = cli(capsys, "export", merged, "--out", tmp_path / "onnx", "--precision", "fp32")
+    assert code == 1 and "model.safetensors cannot be read" in out and "Traceback" not in out, out
+
+
+def test_resume_accepts_keys_that_do_not_change_training_and_keys_newer_than_the_checkpoint():
+    from phi3local.config import Recipe
+
+    now = Recipe().to_dict()
+    saved = Recipe().to_dict()
+    del saved["training"]["trackers"]  # written by a phi3local without that key
+    saved["training"]["on_damaged_checkpoint"] = "stop"
+    assert ckpt.recipe_changes(saved, now) == []
+    now["training"]["trackers"] = ["mlflow"]
+    assert ckpt.recipe_changes(saved, now) == []
+    del saved["lora"]["use_dora"]
+    now["lora"]["use_dora"] = True  # a newer key set to something else than its default does change training
+    assert ckpt.recipe_changes(saved, now) == ["lora.use_dora: None -> True"]

@@ -186,6 +186,20 @@ def _fix_genai_config(out: Path, stop_ids: list[int]) -> dict:
     return cfg
 
 
+def check_weight_files(model_dir: Path) -> None:
+    """Every safetensors file readable end to end in its header and sizes, or an ExportError naming it
+    (the model builder's own message does not say which file is damaged)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "np") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise ExportError(f"{path} cannot be read ({str(e).splitlines()[0][:200]}); the merged model is "
+                              "damaged or cut short: merge again") from None
+
+
 def export_onnx(
     model_dir: Path,
     out_dir: Path,
@@ -232,6 +246,7 @@ def export_onnx(
     if (model_dir / "adapter_config.json").is_file():
         raise ExportError(f"{model_dir} is an adapter folder; merge it first or pass it as adapter_path")
     config = read_json(model_dir / "config.json")
+    check_weight_files(model_dir)
     arch = (config.get("architectures") or ["?"])[0]
     if arch != "Phi3ForCausalLM":
         what = "a sequence classifier" if arch.endswith("ForSequenceClassification") else arch

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from phi3local import versions
-from phi3local.config import flatten_keys
+from phi3local.config import Recipe, flatten_keys
 from phi3local.errors import Phi3LocalError
 
 CHECKPOINTS = "checkpoints"
@@ -35,7 +35,7 @@ STEP_NAME = re.compile(r"step-\d+")
 # Recipe keys that may change between a checkpoint and its resume: they do not change what is trained.
 RESUME_MAY_CHANGE = ("output_dir", "data.prepared_dir", "training.display", "training.log_every",
                      "training.checkpoint_every", "training.keep_checkpoints", "training.on_damaged_checkpoint",
-                     "training.peak_flops", "eval.", "export.", "azure.")
+                     "training.peak_flops", "training.trackers", "eval.", "export.", "azure.")
 
 
 class CheckpointError(Phi3LocalError):
@@ -268,10 +268,13 @@ def find_resumable(run_dir: Path, on_damaged: str = "previous", warn=print) -> C
 def recipe_changes(saved_recipe: dict, recipe_dict: dict) -> list[str]:
     """Keys whose value differs from the recipe a checkpoint was trained with ('key: old -> new')."""
     saved, now = flatten_keys(saved_recipe), flatten_keys(recipe_dict)
+    defaults = flatten_keys(Recipe().to_dict())
     changed = []
     for key in sorted(set(saved) | set(now)):
         if key.startswith(RESUME_MAY_CHANGE) or saved.get(key) == now.get(key):
             continue
+        if key not in saved and now.get(key) == defaults.get(key):
+            continue  # a key newer than the checkpoint, left at its default: the run trained that way
         changed.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
     return changed
 
