@@ -49,7 +49,7 @@ demo: install
 	$(DEMO_ENV) $(VENV)/bin/phi3local train recipes/tiny-cpu.yaml output_dir=.demo/run --overwrite
 	$(DEMO_ENV) $(VENV)/bin/phi3local merge .demo/run --out .demo/merged --overwrite
 	$(DEMO_ENV) $(VENV)/bin/phi3local export .demo/merged --out .demo/onnx --precision fp32 --target cpu --overwrite
-	$(DEMO_ENV) $(VENV)/bin/phi3local chat .demo/onnx --prompt "What is 12 plus 7?" --max-new-tokens 24
+	$(DEMO_ENV) $(PY) -m phi3local.demo_report .demo/run .demo/onnx
 
 test: install install-azure azurite
 	$(PY) -m pytest tests --ignore=tests/azure -q -x --durations=15

@@ -22,35 +22,80 @@ def test_checked_in_files_match_the_generator():
         assert path.stat().st_size < 200_000
 
 
+STORY = re.compile(r"(\w+) (\w+) a (\w+) (\w+) ([\w ]+)\.")
+ASKS = {"who_what": demo.STORY_ASKS, "capital": demo.CAPITAL_ASKS, "opposite": demo.OPPOSITE_ASKS}
+
+
+def parse(question: str, answer: str) -> tuple[str, tuple, str]:
+    """(kind, what the question is about, phrasing) of a demo question, checking its answer is right."""
+    for ask in demo.STORY_ASKS:
+        m = re.fullmatch(re.escape(ask).replace(re.escape("{story}"), f"({STORY.pattern})"), question)
+        if m:
+            name, verb, adjective, thing, place = m.groups()[1:]
+            assert (name in demo.NAMES and thing in demo.THINGS and verb in demo.VERBS
+                    and adjective in demo.ADJECTIVES and place in demo.PLACES), question
+            assert answer == f"Who: {name}. What: {thing}.", (question, answer)
+            return "who_what", (demo.NAMES.index(name), demo.THINGS.index(thing)), ask
+    for kind, facts, key, sentence in (("capital", demo.CAPITALS, "country", "The capital of {} is {}."),
+                                       ("opposite", demo.OPPOSITES, "word", "The opposite of {} is {}.")):
+        for i, (subject, fact) in enumerate(facts):
+            for ask in ASKS[kind]:
+                if question == ask.format(**{key: subject}):
+                    assert answer == sentence.format(subject, fact), (question, answer)
+                    return kind, (i,), ask
+    raise AssertionError(f"not a demo question: {question!r}")
+
+
 def test_chat_demo_is_regular_and_correct():
     rows = [json.loads(line) for line in demo.CHAT_FILE.read_text().splitlines()]
     assert len(rows) == 400 and len({json.dumps(r) for r in rows}) == 400
     with_system = sum(r["messages"][0]["role"] == "system" for r in rows)
     multi = sum(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in rows)
     assert 60 <= with_system <= 160 and 60 <= multi <= 160
-    checked = Counter()
+    kinds, phrasings = Counter(), Counter()
     for r in rows:
         msgs = [m for m in r["messages"] if m["role"] != "system"]
-        for q, a in zip(msgs[::2], msgs[1::2]):
+        in_row = []
+        for q, a in zip(msgs[::2], msgs[1::2], strict=True):
             assert (q["role"], a["role"]) == ("user", "assistant")
-            if m := re.fullmatch(r"What is (\d+) plus (\d+)\?", q["content"]):
-                x, y = int(m[1]), int(m[2])
-                assert a["content"] == f"{x} plus {y} is {x + y}."
-                checked["plus"] += 1
-            elif m := re.fullmatch(r"What is (\d+) minus (\d+)\?", q["content"]):
-                x, y = int(m[1]), int(m[2])
-                assert a["content"] == f"{x} minus {y} is {x - y}." and x >= y
-                checked["minus"] += 1
-            elif m := re.fullmatch(r"Spell (\w+) backwards\.", q["content"]):
-                assert a["content"] == m[1][::-1]
-                checked["backwards"] += 1
-            elif m := re.fullmatch(r"Write (\w+) in capital letters\.", q["content"]):
-                assert a["content"] == m[1].upper()
-                checked["capitals"] += 1
-    assert checked["plus"] > 100 and min(checked.values()) > 20
+            kind, about, ask = parse(q["content"], a["content"])
+            # Nothing held out is trained on: no held-out pair, no fact in its held-out phrasing.
+            if kind == "who_what":
+                assert not demo._held_out_pair(*about), q["content"]
+            else:
+                assert ASKS[kind].index(ask) != demo._held_out_ask(about[0], len(ASKS[kind])), q["content"]
+            kinds[kind] += 1
+            phrasings[ask] += 1
+            in_row.append(kind)
+        assert len(in_row) == len(set(in_row)), r  # a longer chat asks each kind once
+    assert kinds["who_what"] > 200 and min(kinds.values()) > 80, kinds
+    assert len(phrasings) == sum(map(len, ASKS.values())) and min(phrasings.values()) > 20, phrasings
     texts = demo.demo_texts()
-    assert "What is 2 plus 18?" in texts and "tac" in texts
+    assert "Who: Ben. What: toy." in texts and "Who: Tom. What: mug." not in texts and "The capital of France is Paris." in texts
     assert len(texts) == sum(len(r["messages"]) for r in rows) + 300
+
+
+def test_held_out_chats_are_new_and_cover_every_fact():
+    held_out = demo.generate_held_out()
+    assert held_out == demo.generate_held_out()  # deterministic
+    assert len(held_out) == 30 and len(demo.generate_held_out(stories=50)) == 70
+    trained = {m["content"] for line in demo.CHAT_FILE.read_text().splitlines()
+               for m in json.loads(line)["messages"] if m["role"] == "user"}
+    kinds = Counter()
+    for r in held_out:
+        *prompt, answer = r["messages"]
+        assert [m["role"] for m in prompt][-1] == "user" and answer["role"] == "assistant"
+        question = prompt[-1]["content"]
+        assert question not in trained, question
+        kind, about, ask = parse(question, answer["content"])
+        if kind == "who_what":
+            assert demo._held_out_pair(*about)
+        else:
+            assert ASKS[kind].index(ask) == demo._held_out_ask(about[0], len(ASKS[kind]))
+        kinds[kind] += 1
+    assert kinds == {"who_what": 10, "capital": len(demo.CAPITALS), "opposite": len(demo.OPPOSITES)}
+    assert [parse(r["messages"][-2]["content"], r["messages"][-1]["content"])[0] for r in held_out[:3]] == list(
+        demo.KINDS)  # the kinds take turns
 
 
 def test_classification_demo_is_balanced_with_cues():

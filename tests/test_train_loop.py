@@ -33,7 +33,7 @@ def test_tiny_model_learns_and_saves_a_usable_adapter(tmp_path):
     recipe = tiny_recipe(tmp_path, "eval.generate_samples=1")
     summary = loop.run_training(recipe)
     first, final = summary["first_val_loss"], summary["final"]["val_loss"]
-    assert final < first - 3.0, (first, final)  # measured: 6.24 -> about 1.1 in 300 steps
+    assert final < first - 3.0, (first, final)  # measured: 6.26 -> 0.11 in 300 steps
     run = Path(recipe.output_dir)
     for name in ("recipe.yaml", "metrics.jsonl", "loss.png", "summary.json", "adapter/adapter_model.safetensors",
                  "adapter/tokenizer.json", "adapter/generation_config.json"):
