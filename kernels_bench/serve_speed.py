@@ -225,22 +225,6 @@ def liveness_during_stream(url: str, stream_tokens: int) -> dict:
 
 # ---- the benchmark -----------------------------------------------------------------------------------------
 
-def build_model(folder: Path, hidden: int, layers: int, heads: int, intermediate: int) -> Path:
-    import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    from kernels_bench.common import PHI3_TOKENIZER
-    from phi3local.model.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    config = Phi3Config(vocab_size=32064, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
-                        sliding_window=None, bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
-    Phi3ForCausalLM(config).save_pretrained(folder)
-    load_tokenizer(PHI3_TOKENIZER).save_pretrained(folder)
-    return folder
-
-
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -283,7 +267,8 @@ def main(argv=None) -> int:
     if args.serve_torch:
         return serve_torch(args)
 
-    from kernels_bench.common import make_console
+    from kernels_bench.common import make_console, repo_relative
+    from kernels_bench.generate_speed import build_model
     from phi3local.bench.report import Column, fmt_bytes, fmt_num, fmt_ratio, fmt_seconds, print_table, save_result
     from phi3local.export.onnx import export_onnx
 
@@ -339,7 +324,7 @@ def main(argv=None) -> int:
     summary["liveness"] = [{k: v for k, v in entry.items() if k != "liveness_s"} for entry in liveness]
     summary["worker_rss_bytes"] = memory
     summary["errors"] = sum(r["errors"] for r in rows)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+    config = {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("serve_torch", "port", "max_tokens")}
     config["int4_size_bytes"] = export.get("size_bytes")
     notes = ["Both servers: azmlinfsrv, 1 worker x `threads` threads, phi3local.serve's protocol/service; greedy, "
