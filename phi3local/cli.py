@@ -46,7 +46,8 @@ def cmd_prepare(args) -> int:
     in_run = out is None and not recipe.data.prepared_dir and folders.owner(run_dir) == "train"
     with folders.exclusive(run_dir, "training") if in_run else contextlib.nullcontext():
         result = prepare(recipe, tokenizer, out_dir=out, console=console)
-    console.print(f"prepared data in [bold]{result.out_dir}[/]")
+    console.print(f"prepared data in [bold]{escape(str(result.out_dir))}[/]", soft_wrap=True)
+    console.print(f"[cyan]next:[/] [bold]phi3local train {escape(str(args.recipe))}[/]", soft_wrap=True)
     return 0
 
 
@@ -61,7 +62,10 @@ def cmd_train(args) -> int:
     except TrainingInterrupted as e:
         console.print(f"[yellow]{e}[/]")
         return 128 + e.signum
-    console.print(f"adapter saved in [bold]{Path(recipe.output_dir) / 'adapter'}[/]")
+    run_dir = Path(recipe.output_dir)
+    console.print(f"adapter saved in [bold]{escape(str(run_dir / 'adapter'))}[/]", soft_wrap=True)
+    console.print(f"[cyan]next:[/] [bold]phi3local merge {escape(str(run_dir))} --out "
+                  f"{escape(str(run_dir.parent / (run_dir.name + '-merged')))}[/]", soft_wrap=True)
     return 0 if summary else 1
 
 
