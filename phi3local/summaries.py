@@ -13,15 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+from phi3local.units import format_bytes
 
 
 @dataclass
@@ -52,7 +44,7 @@ def merge_table(report: dict, out_dir: Path) -> Summary:
         ("written to", str(out_dir)),
         ("base model", str(report.get("base_model"))),
         ("dtype", str(report.get("dtype"))),
-        ("size", _size(report.get("size_bytes"))),
+        ("size", format_bytes(report.get("size_bytes"))),
         ("check", f"merged vs base+adapter: max |Δlogit| {report['max_abs_diff']:.2g} = "
                   f"{report['relative_diff']:.1e} of scale (tolerance {report['tolerance_relative']:g}) {verdict}"),
         ("adapter effect", f"max |Δlogit| {report['adapter_effect_max_abs']:.3g} against the base"),
@@ -65,7 +57,7 @@ def export_table(report: dict, out_dir: Path) -> Summary:
     rows = [
         ("written to", str(out_dir)),
         ("precision", f"{report['precision']} for {report['target']}"),
-        ("size", _size(report.get("size_bytes"))),
+        ("size", format_bytes(report.get("size_bytes"))),
         ("time", f"{report.get('seconds', 0):.1f} s"),
     ]
     parity = report.get("parity") or {}

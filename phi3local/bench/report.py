@@ -22,6 +22,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from phi3local.units import format_bytes as fmt_bytes  # noqa: F401 (the benchmarks' name for it)
+
 VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets", "flash-attn",
              "phi3local")
 
@@ -124,18 +126,6 @@ def save_result(out_dir: Path, name: str, size: str, device: torch.device | str,
 
 
 # --------------------------------------------------------------------------------------------- formatting
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "-"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    return f"{sign}{n:.1f} GiB"
-
 
 def fmt_seconds(s: float | None) -> str:
     if s is None or (isinstance(s, float) and math.isnan(s)):

@@ -31,10 +31,11 @@ from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
 from phi3local.model.load import LoadedModel, base_causal_lm, load_model, resolve_model_path
 from phi3local.train import checkpoint as ckpt
 from phi3local.train.batching import MicroBatch, collate, plan_epoch
-from phi3local.train.display import TrainDisplay, format_bytes, peak_memory_bytes
+from phi3local.train.display import TrainDisplay, peak_memory_bytes
 from phi3local.train.loss import chunked_cross_entropy
 from phi3local.train.metrics import MetricsLog
 from phi3local.train.plots import plot_losses
+from phi3local.units import format_bytes
 
 
 class TrainingError(Phi3LocalError, RuntimeError):
