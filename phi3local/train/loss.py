@@ -1,9 +1,13 @@
 """Memory-lean cross-entropy: logits are computed a chunk of tokens at a time and never kept.
 
 A full `[tokens x 32064]` fp32 logits tensor for 8k tokens is 1 GiB, plus as much again for its
-gradient. Here only the positions that are trained are projected through `lm_head`, in chunks,
-and each chunk is recomputed in backward (activation checkpointing), so peak extra memory is one
-chunk's logits.
+gradient, and Phi-4-mini's 200064-row vocabulary makes that 6x larger. Here only the positions that
+are trained are projected through `lm_head`, a chunk at a time, and each chunk's gradient is worked out
+in the forward pass while its logits exist (softmax minus one-hot, times the lm_head weight): backward
+only scales the stored gradient, so no chunk is projected twice and the peak extra memory is one
+chunk's logits. When lm_head itself is trained (lora.modules_to_save) its weight gradient is summed
+chunk by chunk in the same pass. An lm_head that is not a plain linear layer (LoRA-adapted, 4-bit)
+takes the older path: each chunk under activation checkpointing, recomputed in backward.
 """
 
 from __future__ import annotations
@@ -11,6 +15,64 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i) with its gradients computed in forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, want_grads: bool, count_correct: bool):
+        grad_hidden = torch.empty_like(hidden) if want_grads and hidden.requires_grad else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if want_grads and weight.requires_grad else None)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, targets.numel(), chunk_size):
+            h = hidden[start : start + chunk_size].to(weight.dtype)
+            t = targets[start : start + chunk_size]
+            logits = (h @ weight.t()).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            loss_sum += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if count_correct:
+                correct += (logits.argmax(-1) == t).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d CE / d logits = softmax - one_hot, built in place over the logits.
+            probs = logits.sub_(log_norm[:, None]).exp_()
+            probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            d_logits = probs.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_size] = (d_logits @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(d_logits.t().float(), h.float())
+            del logits, probs, d_logits
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
+        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        saved = list(ctx.saved_tensors)
+        # A 0-dim fp32 factor keeps each stored gradient's own dtype.
+        grad_hidden = saved.pop(0) * grad_loss if ctx.has[0] else None
+        grad_weight = (saved.pop(0) * grad_loss).to(ctx.weight_dtype) if ctx.has[1] else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def plain_linear(lm_head: torch.nn.Module) -> torch.nn.Linear | None:
+    """The nn.Linear that lm_head computes with (peft's trainable copy when it is in modules_to_save),
+    or None when it is something else (LoRA-adapted, 4-bit, with a bias)."""
+    module = lm_head
+    copies = getattr(module, "modules_to_save", None)
+    if isinstance(copies, torch.nn.ModuleDict) and hasattr(module, "original_module"):  # ModulesToSaveWrapper
+        active = module.active_adapter
+        active = active[0] if isinstance(active, (list, tuple)) and active else active
+        module = copies[active] if not module.disable_adapters and active in copies else module.original_module
+    if type(module) is torch.nn.Linear and module.bias is None:
+        return module
+    return None
 
 
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
@@ -39,6 +101,11 @@ def chunked_cross_entropy(
     keep = targets.reshape(-1) != -100
     hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
     targets = targets.reshape(-1)[keep]
+    linear = plain_linear(lm_head)
+    if linear is not None:
+        loss_sum, correct = _LinearCrossEntropy.apply(hidden, linear.weight, targets, chunk_size,
+                                                      torch.is_grad_enabled(), count_correct)
+        return loss_sum, correct if count_correct else None
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device) if count_correct else None
     for start in range(0, targets.numel(), chunk_size):
