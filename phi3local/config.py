@@ -103,7 +103,9 @@ class DataConfig:
     dedupe: bool = True
     normalize_whitespace: bool = True
     system_prompt: str | None = None
-    packing: bool = True
+    # true: several documents per row; false: length-grouped padding; auto: the cheaper of the two for this
+    # data (a packed row pays L x L attention over its whole length, padding pays for its pad tokens).
+    packing: bool | Literal["auto"] = "auto"
     # Where `prepare` writes its output; defaults to <output_dir>/prepared.
     prepared_dir: str | None = None
 
@@ -143,12 +145,19 @@ class TrainingConfig:
     epochs: int = num(1, ge=0)
     # When > 0, overrides epochs (epochs and max_steps both 0 is an error: it would train nothing).
     max_steps: int = num(0, ge=0)
-    micro_batch_size: int = num(4, ge=1)
+    # "auto": the largest that the memory plan (phi3local plan) fits in the device's free memory.
+    micro_batch_size: int | Literal["auto"] = num(4, ge=1)
     # Micro-batches per optimizer step.
     grad_accum: int = num(1, ge=1)
     # Gradient clipping norm; 0 means no clipping.
     max_grad_norm: float = num(1.0, ge=0)
-    gradient_checkpointing: bool = True
+    # auto: on only when the memory plan says the step would not fit without it (off is ~35% faster).
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # With gradient checkpointing on CUDA: keep the checkpointed layer inputs in host memory (long contexts).
+    offload_activations: bool = False
+    # The card this recipe is written for, in GiB (a "24 GB" card: 24); `phi3local plan` checks against it
+    # when no --device-memory is given, and the tests check that every shipped recipe fits it.
+    target_memory_gb: float | None = num(None, gt=0)
     # "auto": paged 8-bit AdamW (bitsandbytes) on CUDA, torch AdamW elsewhere.
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit"] = "auto"
     compile: bool = False
@@ -316,7 +325,7 @@ def _check_type(value: Any, annotation: Any, key: str, source: str) -> Any:
 def _check_range(value: Any, f: dataclasses.Field, annotation: Any, key: str, source: str) -> None:
     """Raise a RecipeError naming `key`, `value`, the rule and `source` if `value` is outside `f`'s range."""
     rule: Range | None = f.metadata.get("range")
-    if rule is None or value is None:
+    if rule is None or value is None or isinstance(value, str):  # a string is a Literal choice ("auto")
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise RecipeError(f"{source}: {key}: {value!r} is not a finite number (must be {rule})")

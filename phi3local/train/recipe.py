@@ -28,11 +28,13 @@ from phi3local import folders
 from phi3local.config import Recipe, flatten_keys
 from phi3local.errors import Phi3LocalError
 from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
-from phi3local.model.load import LoadedModel, base_causal_lm, load_model, resolve_model_path
+from phi3local.model.load import LoadedModel, activation_offload, base_causal_lm, load_model, pick_device, resolve_model_path
+from phi3local.train import auto_settings
 from phi3local.train import checkpoint as ckpt
 from phi3local.train.batching import MicroBatch, collate, plan_epoch
 from phi3local.train.display import TrainDisplay, peak_memory_bytes
 from phi3local.train.loss import chunked_cross_entropy
+from phi3local.train.memory_plan import plan_table
 from phi3local.train.metrics import MetricsLog
 from phi3local.train.plots import plot_losses
 from phi3local.units import format_bytes
@@ -165,6 +167,7 @@ def checkpoint_to_resume(recipe: Recipe, run_dir: Path, console: Console) -> ckp
                                      warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True))
     if checkpoint is None:
         return None
+    recipe = auto_settings.adopt_saved_choices(recipe, checkpoint.recipe)  # auto: what the run chose then
     changes = ckpt.recipe_changes(checkpoint.recipe, recipe.to_dict())
     if changes:
         raise TrainingError(f"the recipe differs from the one {checkpoint.path} was trained with ("
@@ -238,6 +241,16 @@ def count_total_steps(recipe: Recipe, docs: Documents) -> tuple[int, int]:
     return total, steps_per_epoch
 
 
+def decide_auto_settings(recipe: Recipe, docs: Documents, console: Console) -> Recipe:
+    """The recipe with its `auto` settings decided; prints the memory plan and why each auto chose what it did."""
+    resolved, report, reasons = auto_settings.resolve(recipe, docs.lengths, device=pick_device().type)
+    if report is not None:
+        console.print(plan_table(report))
+    for key, why in reasons.items():
+        console.print(f"[dim]auto {key}: {why}[/]", soft_wrap=True, highlight=False)
+    return resolved
+
+
 def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False,
           console: Console | None = None) -> Run:
     """Claim and lock the run folder, then prepare the data, load the model and (on resume) the checkpoint."""
@@ -272,6 +285,9 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     if not train_docs.input_ids:
         raise TrainingError(f"no training rows after prepare (see {prepared.out_dir / 'stats.json'})")
     check_label_mask(train_docs, tokenizer, recipe.task)
+    if checkpoint is not None:
+        recipe = auto_settings.adopt_saved_choices(recipe, checkpoint.recipe)
+    recipe = decide_auto_settings(recipe, train_docs, console)  # before loading: refuses a plan that won't fit
     if not val_docs.input_ids:
         console.print(f"[yellow]warning:[/] no validation rows ({len(train_docs.input_ids)} training rows, "
                       f"data.val_fraction={recipe.data.val_fraction}): the validation loss is not measured", soft_wrap=True)
@@ -280,6 +296,10 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
         raise TrainingError("this recipe trains zero steps (training.epochs, training.max_steps); nothing to do")
 
     loaded = load_model(recipe, tokenizer)
+    if recipe.data.packing == "auto":  # timed on the loaded model: one micro-batch each way
+        recipe, why = auto_settings.measure_packing(recipe, train_docs, loaded, tokenizer.pad_token_id, forward_loss)
+        console.print(f"[dim]auto packing: {why}[/]", soft_wrap=True, highlight=False)
+        total_steps, _ = count_total_steps(recipe, train_docs)
     if recipe.training.compile:
         # Compiles the decoder stack in place; the chunked loss and lm_head stay eager.
         base_causal_lm(loaded.model).model.compile()
@@ -378,7 +398,8 @@ def train_step(run: Run, batches: list[MicroBatch]) -> tuple[torch.Tensor, torch
     loss_total = torch.zeros((), device=run.device)
     per_batch = []
     for batch in batches:
-        loss_sum, _, _ = forward_loss(run, batch.to(run.device))
+        with activation_offload(run.recipe.training.offload_activations, run.device):
+            loss_sum, _, _ = forward_loss(run, batch.to(run.device))
         (loss_sum / units).backward()
         per_batch.append(loss_sum.detach())
         loss_total += loss_sum.detach()
@@ -521,7 +542,8 @@ def train(run: Run) -> dict:
                     f"out of GPU memory at step {s.step + 1} (micro_batch_size={r.training.micro_batch_size}, "
                     f"max_seq_len={r.data.max_seq_len}, gradient_checkpointing={r.training.gradient_checkpointing})."
                     " Lower training.micro_batch_size (raise training.grad_accum to keep the batch), lower "
-                    "data.max_seq_len, or turn on training.gradient_checkpointing=true") from e
+                    "data.max_seq_len, or turn on training.gradient_checkpointing=true (and for long rows "
+                    "training.offload_activations=true); `phi3local plan RECIPE` shows what fits") from e
             s.step += 1
             for b in batches:
                 # A classification example trains on its whole text (one label from all its tokens).

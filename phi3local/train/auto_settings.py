@@ -1,0 +1,170 @@
+"""The `auto` training settings, resolved once before the model loads: packing, micro-batch, checkpointing.
+
+- `data.packing: auto`: the cheaper epoch of the two, by measured cost. A micro-batch's FLOPs come from the
+  real document lengths and the batches `phi3local.train.batching.plan_epoch` would make: a row of width w
+  costs w x (6N + 12 x layers x d x w) (dense matmuls plus attention; a packed row's block-diagonal mask
+  still computes the whole w x w), so packing wins by filling rows and loses by lengthening attention.
+  Once the model is loaded, one packed and one padded micro-batch are timed (forward + backward, after a
+  warm-up each) to fit seconds = fixed + per-FLOP x FLOPs, which adds what FLOPs miss (per-step overheads
+  that dominate small models, kernels of unequal speed); each epoch's batches are then costed with it.
+  With flash-attention 2 (varlen: a packed row pays only its documents' own attention) packing is chosen.
+- `training.gradient_checkpointing: auto`: off when the memory plan fits without it (~35% faster on CPU,
+  measured in kernels_bench/results/train_e2e_extended.json), else on.
+- `training.micro_batch_size: auto`: the largest the memory plan fits (at most `MAX_AUTO_MICRO_BATCH`).
+
+On --resume an `auto` takes the value the run was started with (the checkpoint's recipe), so a resumed run
+sees the same batches whatever the device's free memory is now.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from phi3local.config import Recipe
+from phi3local.model.shapes import ModelShape
+from phi3local.train.batching import plan_epoch
+from phi3local.train.memory_plan import (
+    MemoryPlanError,
+    PlanReport,
+    available_bytes,
+    device_kind,
+    does_not_fit_message,
+    make_plan,
+    recipe_shape,
+)
+
+MAX_AUTO_MICRO_BATCH = 64
+AUTO_KEYS = (("data", "packing"), ("training", "micro_batch_size"), ("training", "gradient_checkpointing"))
+
+
+def adopt_saved_choices(recipe: Recipe, saved: dict) -> Recipe:
+    """`recipe` with each `auto` replaced by the concrete value of the checkpoint's recipe `saved`."""
+    out = copy.deepcopy(recipe)
+    for section, key in AUTO_KEYS:
+        value = (saved.get(section) or {}).get(key)
+        if getattr(getattr(out, section), key) == "auto" and value not in (None, "auto"):
+            setattr(getattr(out, section), key, value)
+    return out
+
+
+def batch_flops(batch: list[list[int]], lengths: list[int], shape: ModelShape) -> float:
+    """Estimated FLOPs of one micro-batch's forward + backward (see the module docstring)."""
+    dense = 6.0 * shape.parameter_count
+    attention = 12.0 * shape.num_hidden_layers * shape.num_attention_heads * shape.dims_per_head
+    width = max(sum(lengths[d] for d in row) for row in batch)
+    return len(batch) * width * (dense + attention * width)
+
+
+def epoch_batches(lengths: list[int], recipe: Recipe, micro_batch_size: int, packing: bool) -> list:
+    return plan_epoch(lengths, recipe.data.max_seq_len, micro_batch_size, packing, recipe.seed, 0)
+
+
+def choose_packing(lengths: list[int], shape: ModelShape, recipe: Recipe, micro_batch_size: int,
+                   fixed_flops: float = 0.0) -> tuple[bool, dict]:
+    """Packed or not by estimated epoch cost; `fixed_flops`: a measured per-micro-batch overhead in FLOPs."""
+    costs = {packing: sum(fixed_flops + batch_flops(b, lengths, shape)
+                          for b in epoch_batches(lengths, recipe, micro_batch_size, packing))
+             for packing in (True, False)}
+    return costs[True] <= costs[False], {"packed_flops": costs[True], "unpacked_flops": costs[False]}
+
+
+def measure_packing(recipe: Recipe, docs, loaded, pad_id: int, forward_loss) -> tuple[Recipe, dict]:
+    """`recipe` with data.packing decided by timing one micro-batch of each kind on the loaded model.
+
+    `docs`: the training Documents; `forward_loss(run, batch)`: the loop's loss (run needs recipe, model,
+    device). Gradients are cleared and the RNG state restored afterwards: training starts as it would have.
+    """
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from phi3local.train.batching import collate
+
+    out = copy.deepcopy(recipe)
+    shape = recipe_shape(out)
+    mbs = out.training.micro_batch_size
+    lengths = docs.lengths
+    if loaded.attn_implementation == "flash_attention_2":
+        out.data.packing = True
+        return out, {"chosen": "packed", "why": "flash-attention 2 varlen: packed rows pay no cross-document attention"}
+    probe = SimpleNamespace(recipe=out, model=loaded.model, device=loaded.device)
+
+    def seconds(rows: list[list[int]]) -> float:
+        batch = collate(rows, docs.input_ids, docs.labels, pad_id, docs.class_labels).to(loaded.device)
+        best = math.inf
+        for _ in range(2):  # the first run warms allocator and kernels up; the second is timed
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss_sum, _, _ = forward_loss(probe, batch)
+            loss_sum.backward()
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = time.perf_counter() - start
+        return best
+
+    samples = {}
+    with torch.random.fork_rng(devices=[loaded.device] if loaded.device.type == "cuda" else []):
+        for packing in (True, False):
+            batches = sorted(epoch_batches(lengths, out, mbs, packing), key=lambda b: batch_flops(b, lengths, shape))
+            rows = batches[len(batches) // 2]  # the median micro-batch of its kind
+            samples[packing] = (batch_flops(rows, lengths, shape), seconds(rows))
+    loaded.model.zero_grad(set_to_none=True)
+    (f_packed, t_packed), (f_padded, t_padded) = samples[True], samples[False]
+    # seconds = fixed + per_flop x flops through the two points; noise can tilt it, so keep both >= 0.
+    per_flop = (t_packed - t_padded) / (f_packed - f_padded) if f_packed != f_padded else 0.0
+    if per_flop <= 0:
+        per_flop = max(t_packed, t_padded) / max(f_packed, f_padded)
+    fixed_flops = max(t_padded - per_flop * f_padded, 0.0) / per_flop
+    out.data.packing, costs = choose_packing(lengths, shape, out, mbs, fixed_flops)
+    return out, {**costs, "fixed_flops_per_micro_batch": fixed_flops,
+                 "measured_seconds": {"packed": t_packed, "padded": t_padded},
+                 "chosen": "packed" if out.data.packing else "length-grouped padding"}
+
+
+def resolve(recipe: Recipe, lengths: list[int] | None, device: str | None = None,
+            available: int | None = None) -> tuple[Recipe, PlanReport | None, dict]:
+    """A copy of `recipe` with every `auto` decided, the memory plan of the result, and why (for the log).
+
+    `lengths`: the training documents' token counts (None: packing stays undecided). Raises MemoryPlanError,
+    naming the settings that fit, when the plan does not fit the device. A model whose shapes are unknown
+    gets no plan (None); its `auto` packing is still decided, the other autos must then be set.
+    """
+    out = copy.deepcopy(recipe)
+    t, d = out.training, out.data
+    reasons: dict = {}
+    try:
+        shape = recipe_shape(out)
+    except MemoryPlanError as e:
+        if "auto" in (t.micro_batch_size, t.gradient_checkpointing):
+            raise MemoryPlanError(f"{e}; set training.micro_batch_size and training.gradient_checkpointing "
+                                  "(not auto) for such a model") from None
+        shape, reasons["plan"] = None, str(e)
+    if available is None and shape is not None:
+        available = available_bytes(device_kind(device))
+
+    def plan(micro_batch_size: int, gradient_checkpointing: bool) -> PlanReport:
+        return make_plan(out, device=device, available=available, micro_batch_size=micro_batch_size,
+                         gradient_checkpointing=gradient_checkpointing, shape=shape)
+
+    if t.micro_batch_size == "auto":
+        without = plan(1, False).largest_micro_batch if t.gradient_checkpointing is not True else 0
+        if without >= 1 and t.gradient_checkpointing == "auto":
+            t.gradient_checkpointing = False
+        largest = plan(1, True).largest_micro_batch if t.gradient_checkpointing is not False else without
+        t.micro_batch_size = max(1, min(largest, MAX_AUTO_MICRO_BATCH, len(lengths) if lengths else MAX_AUTO_MICRO_BATCH))
+        reasons["micro_batch_size"] = f"the largest that fits is {largest}"
+    if t.gradient_checkpointing == "auto":
+        t.gradient_checkpointing = not plan(t.micro_batch_size, False).plan.fits
+        reasons["gradient_checkpointing"] = ("on: the step does not fit without it" if t.gradient_checkpointing
+                                             else "off: the step fits without it")
+    if d.packing == "auto" and (out.task != "causal_lm" or shape is None):
+        d.packing = out.task == "causal_lm"  # else measured once the model is loaded (measure_packing)
+    if shape is None:
+        return out, None, reasons
+    report = plan(t.micro_batch_size, t.gradient_checkpointing)
+    if not report.plan.fits:
+        raise MemoryPlanError(does_not_fit_message(report))
+    return out, report, reasons

@@ -1,0 +1,382 @@
+"""The memory a training step will need, worked out from the model's shapes before anything is loaded.
+
+Parts (bytes), for `micro_batch_size` rows of `max_seq_len` tokens (a packed row is full; the plan is the
+worst case of a padded one too):
+- weights: the 4-bit NF4 linear layers (half a byte per weight, plus one uint8 absmax per 64 weights and
+  one fp32 absmax per 256 of those with double quant, fp32 absmax per 64 without), and the parts kept in
+  the compute dtype (embeddings, lm_head, norms; `phi3local.model.load.prepare_for_training`);
+- LoRA: the adapter weights (fp32), their gradients (fp32) and the optimizer state (AdamW: two fp32
+  moments; paged 8-bit AdamW: two uint8 moments plus a fp32 scale per 256), and the same for
+  lora.modules_to_save copies;
+- activations: what autograd keeps for backward. Without checkpointing, per token and layer, the
+  tensors each op of a Phi-3 decoder layer saves (listed in `_saved_per_token_per_layer`) plus one
+  layer's gradients in flight; with checkpointing, one layer input per layer plus one layer recomputed;
+- loss: `phi3local.train.loss` keeps the trained tokens' hidden states and their gradient, plus one
+  chunk of fp32 logits (and its cast when the lm_head weight is 16-bit).
+
+Checked against torch's own accounting of a real CPU step in tests/test_memory_plan.py (within 15%).
+The device side: CUDA's free memory (`torch.cuda.mem_get_info`) less a reserve for the CUDA context and
+allocator slack; on CPU the available RAM (MemAvailable).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from phi3local.config import Recipe
+from phi3local.errors import Phi3LocalError
+from phi3local.model.shapes import ModelShape, known_shape, shape_from_config
+
+GIB = 1024**3
+LONGEST_SEARCHED = 262144  # the longest sequence the plan searches for (memory-wise; see model_positions)
+# CUDA: the context, cuBLAS workspace and allocator fragmentation that tensor accounting does not see.
+CUDA_RESERVE_BYTES = int(0.75 * GIB)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Linear layer names of a Phi-3 decoder layer: (input features, output features) as functions of the shape.
+LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+class MemoryPlanError(Phi3LocalError, RuntimeError):
+    """The shapes for a plan are unknown, or the plan does not fit; the message says what would."""
+
+
+@dataclass
+class MemoryPlan:
+    micro_batch_size: int
+    max_seq_len: int
+    gradient_checkpointing: bool
+    compute_dtype: str
+    optimizer: str
+    weights_4bit: int
+    weights_kept: int
+    lora_weights: int
+    lora_gradients: int
+    optimizer_state: int
+    activations: int  # kept for backward over the whole step
+    backward_working: int  # extra while backward passes one layer
+    loss: int  # extra while one loss chunk runs (backward_working and loss never overlap)
+    available: int | None = None  # bytes the step may use on the device; None: unknown
+    device: str = ""
+
+    @property
+    def total(self) -> int:
+        return (self.weights_4bit + self.weights_kept + self.lora_weights + self.lora_gradients
+                + self.optimizer_state + self.activations + max(self.backward_working, self.loss))
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total, "fits": self.fits}
+
+
+def layer_linears(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    d, hd = shape.hidden_size, shape.dims_per_head
+    q, kv = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
+    return {"qkv_proj": (d, q + 2 * kv), "o_proj": (q, d), "gate_up_proj": (d, 2 * shape.intermediate_size),
+            "down_proj": (shape.intermediate_size, d)}
+
+
+def weight_bytes(shape: ModelShape, dtype_bytes: int, double_quant: bool = True,
+                 load_in_4bit: bool = True) -> tuple[int, int]:
+    """(4-bit linear layers incl. their quantization constants, parts kept in the compute dtype)."""
+    n_linear = shape.num_hidden_layers * sum(i * o for i, o in layer_linears(shape).values())
+    if load_in_4bit:
+        blocks = n_linear / 64
+        constants = blocks + blocks / 256 * 4 if double_quant else blocks * 4
+        quantized = int(n_linear / 2 + constants)
+    else:
+        quantized = n_linear * dtype_bytes
+    rows = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
+    norms = (2 * shape.num_hidden_layers + 1) * shape.hidden_size
+    return quantized, (rows + norms) * dtype_bytes
+
+
+def trainable_parameter_count(shape: ModelShape, r: int, targets: list[str], modules_to_save: list[str]) -> int:
+    count = shape.num_hidden_layers * sum(r * (i + o) for name, (i, o) in layer_linears(shape).items()
+                                          if name in targets)
+    embedding = shape.vocab_size * shape.hidden_size
+    count += embedding * sum(1 for m in modules_to_save if m in ("embed_tokens", "lm_head"))
+    return count
+
+
+def optimizer_state_bytes(params: int, optimizer: str) -> int:
+    if optimizer == "paged_adamw_8bit":
+        return int(params * 2 + params / 256 * 2 * 4)
+    return params * 8
+
+
+def saved_per_token_per_layer(shape: ModelShape, b: int, r: int, n_lora: int) -> int:
+    """Bytes autograd keeps per token for one decoder layer (b: compute dtype bytes; LoRA runs in fp32).
+
+    Counted with a saved-tensors hook over a real forward (unique storages, weights excluded) on
+    Phi-3-shaped models of several widths, in fp32 and bf16: per layer 5 fp32 and 6 compute-dtype
+    tensors of hidden width (the norms' fp32 input and normalised tensor, q, k, v, the attention output
+    and o_proj's input, the residual sum), 1 fp32 and 3 compute-dtype tensors of intermediate width
+    (gate_up_proj's output counts two; silu(gate), silu(gate) * up, peft's fp32 copy for the adapter),
+    the r-wide middle of each LoRA layer (fp32) and the attention's fp32 log-sum-exp per head.
+    """
+    return ((5 * 4 + 6 * b) * shape.hidden_size + (4 + 3 * b) * shape.intermediate_size
+            + 4 * r * n_lora + 4 * shape.num_attention_heads)
+
+
+def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, gradient_checkpointing: bool,
+                     r: int, n_lora: int) -> tuple[int, int]:
+    """(kept for backward through the whole step, extra while backward passes one layer).
+
+    Kept: every layer's saved tensors, or with checkpointing only each layer's input; plus the loss's
+    gradient w.r.t. the trained hidden states (`phi3local.train.loss`) and half a hidden width more (the
+    embedding output and final norm). In backward a layer's gradients (about three hidden widths in the
+    compute dtype) are alive, and with checkpointing the recomputed layer's saved tensors too.
+    """
+    b, d = dtype_bytes, shape.hidden_size
+    per_layer = saved_per_token_per_layer(shape, b, r, n_lora)
+    kept_per_layer = d * b if gradient_checkpointing else per_layer
+    kept = tokens * (shape.num_hidden_layers * kept_per_layer + d * b + d * b // 2)
+    working = tokens * (3 * d * b + (per_layer if gradient_checkpointing else 0))
+    return kept, working
+
+
+def loss_bytes(shape: ModelShape, trained_tokens: int, dtype_bytes: int, chunk_size: int,
+               head_trained: bool) -> int:
+    """Extra while one chunk of the loss runs: its fp32 logits and logsumexp's temporary of the same size,
+    plus (16-bit lm_head) the matmul output and the gradient's cast; a trained lm_head's fp32 gradient."""
+    chunk = min(chunk_size, trained_tokens)
+    head_bytes = 4 if head_trained else dtype_bytes
+    per_row = 2 * 4 + (2 * head_bytes if head_bytes < 4 else 0)
+    head_grad = shape.vocab_size * shape.hidden_size * 4 if head_trained else 0
+    return chunk * shape.vocab_size * per_row + head_grad
+
+
+def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_len: int,
+              gradient_checkpointing: bool, compute_dtype: str, optimizer: str,
+              available: int | None = None, device: str = "") -> MemoryPlan:
+    """The plan for one micro-batch of `micro_batch_size` x `max_seq_len` tokens, every token trained."""
+    b = DTYPE_BYTES[compute_dtype]
+    lora = recipe.lora
+    targets = [t for t in lora.target_modules if t in LINEARS] if lora.enabled else []
+    saved = list(lora.modules_to_save) if lora.enabled else []
+    quantized, unquantized = weight_bytes(shape, b, recipe.quantization.double_quant, recipe.quantization.load_in_4bit)
+    trainable = trainable_parameter_count(shape, lora.r, targets, saved)
+    tokens = micro_batch_size * max_seq_len
+    saved_tensors, working = activation_bytes(shape, tokens, b, gradient_checkpointing, lora.r, len(targets))
+    return MemoryPlan(
+        micro_batch_size=micro_batch_size, max_seq_len=max_seq_len, gradient_checkpointing=gradient_checkpointing,
+        compute_dtype=compute_dtype, optimizer=optimizer, weights_4bit=quantized, weights_kept=unquantized,
+        lora_weights=trainable * 4, lora_gradients=trainable * 4,
+        optimizer_state=optimizer_state_bytes(trainable, optimizer),
+        activations=saved_tensors, backward_working=working,
+        loss=loss_bytes(shape, tokens, b, recipe.training.loss_chunk_size, "lm_head" in saved),
+        available=available, device=device,
+    )
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+def recipe_shape(recipe: Recipe) -> ModelShape:
+    """The model's shapes: its config.json when the model is a local folder, else the known family shapes."""
+    name = recipe.model.name_or_path
+    if name in ("tiny", "stories260k"):
+        from phi3local.model.load import resolve_model_path
+
+        name = resolve_model_path(name)
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return shape_from_config(json.loads((folder / "config.json").read_text()))
+    shape = known_shape(name)
+    if shape is None:
+        shape = _cached_hub_shape(name)
+    if shape is None:
+        raise MemoryPlanError(f"model.name_or_path: {name}: no local config.json and not a known Phi-3-family "
+                              "model id, so its shapes are unknown without a download")
+    return shape
+
+
+def _cached_hub_shape(name: str) -> ModelShape | None:
+    """The shapes of a Hub model already in the local Hugging Face cache (never downloads)."""
+    try:
+        from transformers import AutoConfig
+
+        return shape_from_config(AutoConfig.from_pretrained(name, local_files_only=True).to_dict())
+    except (OSError, ValueError, KeyError, ImportError):
+        return None
+
+
+def device_kind(device: str | None = None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolved_dtype(recipe: Recipe, device: str) -> str:
+    if recipe.model.compute_dtype != "auto":
+        return recipe.model.compute_dtype
+    if device == "cuda":
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16" \
+            if torch.cuda.is_available() else "bfloat16"
+    return "float32"
+
+
+def resolved_optimizer(recipe: Recipe, device: str) -> str:
+    choice = recipe.training.optimizer
+    return ("paged_adamw_8bit" if device == "cuda" else "adamw") if choice == "auto" else choice
+
+
+def available_bytes(device: str) -> int | None:
+    """What a training step may allocate: CUDA free memory less a reserve, or the CPU's available RAM."""
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return max(free - CUDA_RESERVE_BYTES, 0)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def card_bytes(gib: float) -> int:
+    """A card of `gib` GiB ("a 24 GB card"): what a step may use after the CUDA reserve."""
+    return max(int(gib * GIB) - CUDA_RESERVE_BYTES, 0)
+
+
+def parse_memory(text: str) -> float:
+    """'16GB', '16 GiB', '16G', '16' -> 16.0 (GiB: card makers' 'GB' are GiB); anything else raises."""
+    t = text.strip().lower().replace(" ", "")
+    for suffix in ("gib", "gb", "g"):
+        if t.endswith(suffix):
+            t = t[: -len(suffix)]
+            break
+    try:
+        value = float(t)
+    except ValueError:
+        raise MemoryPlanError(f"--device-memory {text!r}: expected a size such as 16GB or 24GiB") from None
+    if not value > 0 or not math.isfinite(value):
+        raise MemoryPlanError(f"--device-memory {text!r}: must be a positive size")
+    return value
+
+
+# --------------------------------------------------------------------------------------------- search
+
+@dataclass
+class PlanReport:
+    plan: MemoryPlan
+    largest_micro_batch: int  # at plan.max_seq_len; 0: not even one row fits
+    longest_seq_len: int  # at plan.micro_batch_size, multiples of 128 up to LONGEST_SEARCHED; 0: none fits
+    longest_at_micro_batch: int = 1  # the micro-batch longest_seq_len is for
+    model_positions: int = 0  # the model's max_position_embeddings: training longer rows is not meaningful
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan.to_dict(), "largest_micro_batch": self.largest_micro_batch,
+                "longest_seq_len": self.longest_seq_len,
+                "longest_at_micro_batch": self.longest_at_micro_batch, "model_positions": self.model_positions}
+
+
+def make_plan(recipe: Recipe, device: str | None = None, available: int | None = None,
+              micro_batch_size: int | None = None, gradient_checkpointing: bool | None = None,
+              shape: ModelShape | None = None) -> PlanReport:
+    """The plan of the recipe on `device` (default: this machine's) against `available` bytes (default: its
+    free memory), with the largest micro-batch and longest sequence that fit."""
+    device = device_kind(device)
+    shape = shape or recipe_shape(recipe)
+    if available is None:
+        available = available_bytes(device)
+    dtype, optimizer = resolved_dtype(recipe, device), resolved_optimizer(recipe, device)
+    t = recipe.training
+    mbs = micro_batch_size or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
+    gc = gradient_checkpointing if gradient_checkpointing is not None else t.gradient_checkpointing is not False
+    seq = recipe.data.max_seq_len
+
+    def plan(batch: int, length: int) -> MemoryPlan:
+        return plan_step(shape, recipe, batch, length, gc, dtype, optimizer, available, device)
+
+    largest = largest_fitting(lambda n: plan(n, seq).fits, 1, 4096)
+    at = mbs if largest >= 1 else 1  # nothing fits at this length: how long a row of one may be
+    return PlanReport(plan(mbs, seq), largest, _longest(lambda n: plan(at, n).fits, LONGEST_SEARCHED),
+                      at, shape.max_position_embeddings)
+
+
+def largest_fitting(fits, low: int, high: int) -> int:
+    """The largest n in [low, high] with fits(n) (fits is monotone: true then false); low - 1 if none."""
+    if not fits(low):
+        return low - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def _longest(fits, limit: int) -> int:
+    step = 128 if limit >= 128 else 1
+    n = largest_fitting(lambda k: fits(k * step), 1, max(limit // step, 1))
+    return limit if n == limit // step and fits(limit) else n * step
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+def plan_table(report: PlanReport, title: str = "memory plan"):
+    """Two columns (part, bytes) that fit 80 terminal columns, then the verdict and what fits."""
+    from rich.table import Table
+
+    from phi3local.units import format_bytes
+
+    p = report.plan
+    table = Table(title=f"{title}: {p.micro_batch_size} x {p.max_seq_len} tokens, {p.compute_dtype}, "
+                        f"checkpointing {'on' if p.gradient_checkpointing else 'off'}",
+                  title_justify="left", show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="cyan", no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    rows = [
+        ("weights, 4-bit", p.weights_4bit), (f"weights, {p.compute_dtype}", p.weights_kept),
+        ("LoRA weights + gradients", p.lora_weights + p.lora_gradients), (f"optimizer ({p.optimizer})", p.optimizer_state),
+        ("activations kept", p.activations), ("backward, one layer", p.backward_working), ("loss chunk", p.loss),
+    ]
+    for name, value in rows:
+        table.add_row(name, format_bytes(value))
+    table.add_row("[bold]peak[/]", f"[bold]{format_bytes(p.total)}[/]")
+    if p.available is not None:
+        table.add_row(f"available ({p.device})", format_bytes(p.available))
+        verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
+        table.add_row("verdict", verdict)
+    table.add_row("largest micro-batch", f"{report.largest_micro_batch} at {p.max_seq_len} tokens")
+    table.add_row("longest sequence", f"{report.longest_seq_len} at micro-batch {report.longest_at_micro_batch}")
+    if report.model_positions:
+        table.add_row("model positions", str(report.model_positions))
+    table.caption = "peak: the parts above, of the last two only the larger (they never overlap)"
+    table.caption_justify = "left"
+    return table
+
+
+def does_not_fit_message(report: PlanReport) -> str:
+    p = report.plan
+    from phi3local.units import format_bytes
+
+    fixes = []
+    if report.largest_micro_batch >= 1:
+        fixes.append(f"training.micro_batch_size={report.largest_micro_batch} (raise training.grad_accum to keep "
+                     "the batch)")
+    if report.longest_seq_len >= 1:
+        batch = "" if report.longest_at_micro_batch == p.micro_batch_size else "training.micro_batch_size=1 with "
+        fixes.append(f"{batch}data.max_seq_len={min(report.longest_seq_len, p.max_seq_len)}")
+    if not p.gradient_checkpointing:
+        fixes.append("training.gradient_checkpointing=true")
+    hint = "; ".join(fixes) if fixes else "a GPU with more memory (even one row of 128 tokens does not fit)"
+    return (f"the memory plan needs {format_bytes(p.total)} for micro_batch_size={p.micro_batch_size} x "
+            f"max_seq_len={p.max_seq_len}, but {p.device} has {format_bytes(p.available)} available; what fits: "
+            f"{hint}")

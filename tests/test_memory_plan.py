@@ -1,0 +1,235 @@
+"""The memory plan against torch's own accounting of real steps, the `plan` command, and the auto settings."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from phi3local.bench.memory import torch_allocated_peak_bytes
+from phi3local.cli import main
+from phi3local.config import RecipeError, load_recipe
+from phi3local.model.load import base_causal_lm, load_model, resolve_model_path
+from phi3local.model.shapes import known_shape
+from phi3local.model.tokenizer import load_tokenizer
+from phi3local.train import auto_settings
+from phi3local.train import recipe as loop
+from phi3local.train.batching import collate
+from phi3local.train.memory_plan import GIB, MemoryPlanError, card_bytes, make_plan, plan_step, recipe_shape
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "tiny-cpu.yaml"
+# Every shipped recipe declares its card in training.target_memory_gb; unset, the 24 GB card the
+# project's GPU recipes are written for.
+DEFAULT_TARGET_GB = 24.0
+
+
+@pytest.fixture(scope="module")
+def phi3_shaped(tmp_path_factory):
+    """A Phi-3-shaped small model: heads of 64, intermediate ~8/3 hidden, Phi-3's 32064-row vocabulary."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    folder = tmp_path_factory.mktemp("phi3-shaped")
+    config = Phi3Config(vocab_size=32064, hidden_size=192, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=4096,
+                        original_max_position_embeddings=4096, sliding_window=None,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+                        bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
+    torch.manual_seed(0)
+    Phi3ForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def resident_bytes(model, optimizer) -> int:
+    """Bytes of every distinct storage the model and optimizer hold between steps (4-bit constants too)."""
+    seen, total = set(), 0
+    tensors = [*model.parameters(), *model.buffers()]
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code]
+            if state.state2 is not None:
+                tensors += [state.state2.absmax, state.state2.code]
+    tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def measured_step_peak(model_path: str, micro_batch: int, seq_len: int, checkpointing: bool) -> tuple[int, object]:
+    """Peak tensor bytes of the second optimizer step of `recipe.train_step` (so AdamW's state exists).
+
+    Method: the bytes held between steps (every storage of parameters, buffers, 4-bit quantization
+    constants and optimizer state) plus the highest running total of torch.profiler's allocation and
+    free events (profile_memory=True, `phi3local.bench.memory.torch_allocated_peak_bytes`) during the step.
+    """
+    recipe = load_recipe(TINY, [f"model.name_or_path={model_path}", "lora.modules_to_save=[]",
+                                f"training.gradient_checkpointing={str(checkpointing).lower()}",
+                                "training.loss_chunk_size=256", f"data.max_seq_len={seq_len}",
+                                f"training.micro_batch_size={micro_batch}"])
+    torch.manual_seed(0)
+    loaded = load_model(recipe, load_tokenizer(resolve_model_path("tiny")), torch.device("cpu"))
+    loaded.model.train()
+    optimizer = loop.make_optimizer(loaded.model, recipe, loaded.device)
+    run = SimpleNamespace(model=loaded.model, recipe=recipe, device=loaded.device, optimizer=optimizer,
+                          scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                          state=SimpleNamespace(step=0), train_docs=None)
+    vocab = base_causal_lm(loaded.model).config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(3, vocab, (seq_len,), generator=g).tolist() for _ in range(micro_batch)]
+    batch = collate([[i] for i in range(micro_batch)], ids, [list(x) for x in ids], 0, None)
+    loop.train_step(run, [batch])
+    peak = resident_bytes(loaded.model, optimizer) + torch_allocated_peak_bytes(lambda: loop.train_step(run, [batch]))
+    plan = plan_step(recipe_shape(recipe), recipe, micro_batch, seq_len, checkpointing, "float32", "adamw")
+    return peak, plan
+
+
+@pytest.mark.parametrize("model", ["tiny", "phi3_shaped"])
+def test_plan_is_within_15_percent_of_a_measured_step(model, request):
+    path = resolve_model_path("tiny") if model == "tiny" else request.getfixturevalue("phi3_shaped")
+    for micro_batch in (1, 2):
+        for checkpointing in (False, True):
+            peak, plan = measured_step_peak(path, micro_batch, 128, checkpointing)
+            assert abs(plan.total - peak) <= 0.15 * peak, (model, micro_batch, checkpointing, plan.total, peak)
+
+
+def plan_json(capsys, *args) -> list[dict]:
+    capsys.readouterr()
+    code = main(["plan", *args, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    return code, out
+
+
+def test_plan_command_names_what_fits_phi3_mini_on_16_and_24_gb_cards(capsys):
+    recipe = str(REPO / "recipes" / "phi3-mini-4k-qlora.yaml")
+    code, (card16, card24) = plan_json(capsys, recipe, "--device-memory", "16GB", "--device-memory", "24GB")
+    assert code == 0 and card16["plan"]["fits"] and card24["plan"]["fits"]
+    assert card16["plan"]["compute_dtype"] == "bfloat16" and card16["plan"]["optimizer"] == "paged_adamw_8bit"
+    # Phi-3-mini's real shapes: 3.8B parameters, 4-bit linears + bf16 embeddings ~2.1 GiB.
+    weights = card16["plan"]["weights_4bit"] + card16["plan"]["weights_kept"]
+    assert 1.9 * GIB < weights < 2.4 * GIB
+    assert 2 <= card16["largest_micro_batch"] < card24["largest_micro_batch"]
+    assert 4096 < card16["longest_seq_len"] < card24["longest_seq_len"]
+    capsys.readouterr()
+    assert main(["plan", recipe, "--device-memory", "16GB,24GB"]) == 0
+    text = capsys.readouterr().out
+    assert f"{card16['largest_micro_batch']} at 4096 tokens" in text
+    assert f"{card24['longest_seq_len']} at micro-batch 2" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_plan_that_does_not_fit_says_so_and_names_the_settings_that_fit(capsys):
+    recipe = str(REPO / "recipes" / "phi3-mini-4k-qlora.yaml")
+    code, (report,) = plan_json(capsys, recipe, "--device-memory", "6GB", "training.micro_batch_size=8")
+    assert code == 1 and not report["plan"]["fits"]
+    largest = report["largest_micro_batch"]
+    assert 1 <= largest < 8
+    assert main(["plan", recipe, "--device-memory", "6GB", "training.micro_batch_size=8"]) == 1
+    assert f"training.micro_batch_size={largest}" in capsys.readouterr().out.replace("\n", " ")
+
+
+SHIPPED = [p for p in sorted((REPO / "recipes").glob("*.yaml"))
+           if known_shape(load_recipe(p).model.name_or_path) is not None]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_recipe_fits_its_target_card(path):
+    recipe = load_recipe(path)
+    target = recipe.training.target_memory_gb or DEFAULT_TARGET_GB
+    report = make_plan(recipe, device="cuda", available=card_bytes(target))
+    assert report.plan.fits, f"{path.name}: {report.plan.total / GIB:.1f} GiB on a {target:g} GiB card"
+
+
+def test_auto_micro_batch_and_checkpointing_follow_the_memory_available():
+    recipe = load_recipe(TINY, ["training.micro_batch_size=auto", "training.gradient_checkpointing=auto",
+                                "data.packing=true"])
+    lengths = [100] * 200
+    plenty, report, _ = auto_settings.resolve(recipe, lengths, device="cpu", available=8 * GIB)
+    assert plenty.training.micro_batch_size == auto_settings.MAX_AUTO_MICRO_BATCH
+    assert plenty.training.gradient_checkpointing is False and report.plan.fits
+    # Room for exactly 3 rows without checkpointing: the plan's own figure decides.
+    three = make_plan(recipe, device="cpu", available=None, micro_batch_size=3, gradient_checkpointing=False)
+    four = make_plan(recipe, device="cpu", available=None, micro_batch_size=4, gradient_checkpointing=False)
+    tight = (three.plan.total + four.plan.total) // 2
+    chosen, _, _ = auto_settings.resolve(recipe, lengths, device="cpu", available=tight)
+    assert chosen.training.micro_batch_size == 3 and chosen.training.gradient_checkpointing is False
+    fixed = load_recipe(TINY, ["training.micro_batch_size=4", "training.gradient_checkpointing=auto"])
+    with_gc, report, _ = auto_settings.resolve(fixed, lengths, device="cpu", available=tight)
+    assert with_gc.training.gradient_checkpointing is True and report.plan.fits
+    assert recipe.training.micro_batch_size == "auto"  # the user's recipe is left as it was
+
+
+def test_auto_packing_weighs_attention_width_against_per_micro_batch_overhead():
+    recipe = load_recipe(TINY, ["data.packing=auto", "data.max_seq_len=512"])
+    shape = recipe_shape(recipe)
+    short_mixed = [5 + (i * 37) % 120 for i in range(400)]
+    # By FLOPs alone length-grouped padding wastes little and keeps attention short...
+    packing, costs = auto_settings.choose_packing(short_mixed, shape, recipe, 4)
+    assert not packing and costs["unpacked_flops"] < costs["packed_flops"]
+    # ...but ~5x more micro-batches: with a per-micro-batch overhead (measured on the loaded model) packing wins.
+    overhead = 2 * costs["packed_flops"] / len(auto_settings.epoch_batches(short_mixed, recipe, 4, True))
+    packing, costs = auto_settings.choose_packing(short_mixed, shape, recipe, 4, fixed_flops=overhead)
+    assert packing and costs["packed_flops"] < costs["unpacked_flops"]
+    equal_long = [500] * 64  # no padding to save and no two fit a row: the same batches either way
+    packing, costs = auto_settings.choose_packing(equal_long, shape, recipe, 4, fixed_flops=overhead)
+    assert costs["packed_flops"] == costs["unpacked_flops"]
+
+
+def test_measured_packing_choice_follows_its_measurement_and_leaves_no_trace():
+    from phi3local.train.recipe import Documents, forward_loss
+
+    recipe = load_recipe(TINY, ["data.packing=auto", "lora.modules_to_save=[]"])
+    tokenizer = load_tokenizer(resolve_model_path("tiny"))
+    loaded = load_model(recipe, tokenizer, torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(3, 500, (int(n),), generator=g).tolist() for n in torch.randint(8, 60, (48,), generator=g)]
+    docs = Documents(input_ids=ids, labels=[list(x) for x in ids], sources=[str(i) for i in range(len(ids))])
+    rng_before = torch.get_rng_state()
+    chosen, why = auto_settings.measure_packing(recipe, docs, loaded, tokenizer.pad_token_id, forward_loss)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(p.grad is None for p in loaded.model.parameters())
+    assert why["measured_seconds"]["packed"] > 0 and why["measured_seconds"]["padded"] > 0
+    again, costs = auto_settings.choose_packing(docs.lengths, recipe_shape(recipe), recipe, 4,
+                                                why["fixed_flops_per_micro_batch"])
+    assert chosen.data.packing is again and recipe.data.packing == "auto"
+
+
+def test_train_refuses_before_loading_when_the_plan_does_not_fit(tmp_path, monkeypatch):
+    from phi3local.train import memory_plan
+
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda device: 64 * 1024)
+    monkeypatch.setattr(auto_settings, "available_bytes", lambda device: 64 * 1024)
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("loaded the model despite the plan"))
+    recipe = load_recipe(TINY, [f"output_dir={tmp_path / 'run'}", "training.display=none"])
+    with pytest.raises(MemoryPlanError, match="does not fit|what fits"):
+        loop.run_training(recipe)
+
+
+def test_auto_values_read_the_same_from_yaml_and_overrides(tmp_path):
+    yaml_file = tmp_path / "r.yaml"
+    yaml_file.write_text("training:\n  micro_batch_size: auto\n  gradient_checkpointing: auto\n"
+                         "data:\n  packing: auto\n")
+    from_yaml = load_recipe(yaml_file)
+    from_overrides = load_recipe(None, ["training.micro_batch_size=auto", "training.gradient_checkpointing=auto",
+                                        "data.packing=auto"])
+    for r in (from_yaml, from_overrides):
+        assert (r.training.micro_batch_size, r.training.gradient_checkpointing, r.data.packing) == ("auto",) * 3
+    with pytest.raises(RecipeError, match="training.micro_batch_size: 0 is out of range"):
+        load_recipe(None, ["training.micro_batch_size=0"])
+
+
+def test_resume_takes_the_choices_the_run_was_started_with():
+    recipe = load_recipe(TINY, ["training.micro_batch_size=auto", "training.gradient_checkpointing=auto",
+                                "data.packing=auto"])
+    saved = load_recipe(TINY, ["training.micro_batch_size=7", "training.gradient_checkpointing=false",
+                               "data.packing=false"]).to_dict()
+    adopted = auto_settings.adopt_saved_choices(recipe, saved)
+    assert (adopted.training.micro_batch_size, adopted.training.gradient_checkpointing, adopted.data.packing) == (
+        7, False, False)
+    from phi3local.train.checkpoint import recipe_changes
+
+    assert recipe_changes(saved, adopted.to_dict()) == []
