@@ -39,7 +39,8 @@ def cmd_prepare(args) -> int:
     from phi3local.model.tokenizer import load_tokenizer
 
     recipe = _recipe(args)
-    tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path))
+    tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path),
+                               revision=None if recipe.model.tokenizer else recipe.model.revision)
     out = Path(args.out) if args.out else None
     run_dir = Path(recipe.output_dir)
     # Into <run>/prepared: hold the run's lock, so data is never replaced under a live training.

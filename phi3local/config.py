@@ -71,6 +71,9 @@ class ModelConfig:
     name_or_path: str = "microsoft/Phi-3-mini-4k-instruct"
     # Tokenizer folder or id; defaults to the model's own.
     tokenizer: str | None = None
+    # Hub commit of name_or_path (and of its tokenizer) to download; null: the latest. Pin one: the same id
+    # has been re-released with new weights. Ignored for a local folder.
+    revision: str | None = None
     # "auto" picks flash_attention_2 on CUDA when flash-attn is importable, else sdpa.
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     # "auto": bf16 where the GPU supports it, fp16 on older CUDA GPUs, fp32 on CPU.

@@ -233,3 +233,12 @@ def tiny_merged(tmp_path_factory) -> Path:
 def logits_of(model, tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def family_member(tmp_path_factory, name: str) -> Path:
+    """A tiny family member (phi3local/model/family.py) built once per test session."""
+    from phi3local.data.demo import demo_texts
+    from phi3local.model.family import ensure_tiny_member
+
+    return ensure_tiny_member(name, Path(tmp_path_factory.getbasetemp()) / "export-assets" / f"family-{name}",
+                              demo_texts())

@@ -153,3 +153,115 @@ def test_sliding_window_sdpa_equals_eager_with_packing():
             outs.append(model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                               use_cache=False).logits)
     assert (outs[0] - outs[1]).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------- LongRoPE (switch at 16)
+
+SWITCH = 16
+
+
+def longrope_model():
+    from phi3local.model.family import longrope_factors
+
+    torch.manual_seed(0)
+    short, long = longrope_factors(4)  # head_dim 8: 4 rotary frequencies
+    config = Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4 * SWITCH,
+                        original_max_position_embeddings=SWITCH, pad_token_id=0,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
+                                         "long_factor": long, "original_max_position_embeddings": SWITCH})
+    model = Phi3ForCausalLM(config).eval()
+    with torch.no_grad():  # sharper attention than the default init, so the factor set shows in the loss
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def mixed_documents():
+    """Short documents (<= SWITCH tokens) and two long ones (> SWITCH), all trained after a short prompt."""
+    g = torch.Generator().manual_seed(2)
+    lengths = [15, 5, 12, 9, 27, 14, 7, 22, 16, 11]
+    ids = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    labels = [[-100] * 2 + t[2:] for t in ids]
+    return ids, labels
+
+
+@torch.no_grad()
+def doc_losses(model, rows, ids, labels, position_limit=None) -> dict[int, float]:
+    """Each document's summed token loss inside the collated batch of rows."""
+    batch = collate(rows, ids, labels, pad_id=0, position_limit=position_limit)
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none",
+                                                   ignore_index=-100)
+    out = {}
+    for b, row in enumerate(rows):
+        at = 0
+        for d in row:
+            out[d] = float(token_loss[b, at : at + len(ids[d])].sum())
+            at += len(ids[d])
+    return out
+
+
+def test_longrope_plan_keeps_long_documents_apart():
+    ids, _ = mixed_documents()
+    lengths = [len(x) for x in ids]
+    for packing in (True, False):
+        plan = plan_epoch(lengths, 48, 3, packing, seed=3, epoch=1, long_from=SWITCH)
+        assert plan == plan_epoch(lengths, 48, 3, packing, seed=3, epoch=1, long_from=SWITCH)
+        assert sorted(d for batch in plan for row in batch for d in row) == list(range(len(ids)))
+        for batch in plan:
+            docs = [d for row in batch for d in row]
+            long = [lengths[d] > SWITCH for d in docs]
+            assert all(long) or not any(long), (batch, [lengths[d] for d in docs])
+            if any(long):
+                assert all(len(row) == 1 for row in batch)  # never packed with another document
+    # Without a document past the switch the plan is the plain one, so resuming an old run is unchanged.
+    short = [n for n in lengths if n <= SWITCH]
+    assert plan_epoch(short, 48, 3, True, 3, 1, long_from=SWITCH) == plan_epoch(short, 48, 3, True, 3, 1)
+
+
+def test_longrope_every_document_loss_in_packed_batches_equals_its_loss_alone():
+    model = longrope_model()
+    ids, labels = mixed_documents()
+    lengths = [len(x) for x in ids]
+    alone = {d: doc_losses(model, [[d]], ids, labels)[d] for d in range(len(ids))}
+
+    planned: dict[int, float] = {}
+    plan = plan_epoch(lengths, 48, 3, True, seed=0, epoch=0, long_from=SWITCH)
+    assert any(len(row) > 1 for batch in plan for row in batch), "the test needs packed rows"
+    for rows in plan:
+        planned.update(doc_losses(model, rows, ids, labels, position_limit=SWITCH))
+    for d in range(len(ids)):
+        assert abs(planned[d] - alone[d]) <= 1e-5 * max(1.0, alone[d]), (d, lengths[d], planned[d], alone[d])
+
+    # The plain plan puts long and short documents in one batch: short ones then train on the long factors.
+    plain: dict[int, float] = {}
+    for rows in plan_epoch(lengths, 48, 3, True, seed=0, epoch=0):
+        plain.update(doc_losses(model, rows, ids, labels))
+    worst = max(abs(plain[d] - alone[d]) / alone[d] for d in range(len(ids)) if lengths[d] <= SWITCH)
+    assert worst > 1e-3
+
+
+def test_longrope_padding_never_moves_a_short_batch_past_the_switch():
+    model = longrope_model()
+    ids, labels = mixed_documents()
+    # 15 + 14 tokens, then a document of exactly SWITCH tokens (still short) and 13 pads up to position 28.
+    rows = [[0, 5], [8]]
+    alone = doc_losses(model, [[8]], ids, labels)[8]
+    batch = collate(rows, ids, labels, pad_id=0, position_limit=SWITCH)
+    assert int(batch.position_ids.max()) < SWITCH
+    assert abs(doc_losses(model, rows, ids, labels, position_limit=SWITCH)[8] - alone) <= 1e-5 * alone
+    assert abs(doc_losses(model, rows, ids, labels)[8] - alone) > 1e-3 * alone  # continued pads: long factors
+
+
+def test_longrope_long_document_trains_on_the_long_factors():
+    model = longrope_model()
+    rotary = model.model.rotary_emb
+    ids, labels = mixed_documents()
+    long_doc = max(range(len(ids)), key=lambda d: len(ids[d]))
+    doc_losses(model, [[1], [2]], ids, labels, position_limit=SWITCH)
+    assert torch.equal(rotary.inv_freq, rotary.original_inv_freq)
+    doc_losses(model, [[long_doc]], ids, labels, position_limit=SWITCH)
+    assert not torch.equal(rotary.inv_freq, rotary.original_inv_freq)
+    assert torch.equal(rotary.inv_freq, rotary.long_inv_freq)

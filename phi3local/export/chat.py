@@ -30,6 +30,40 @@ class ChatError(Phi3LocalError, ValueError):
     """The model folder or the request cannot be used; the message says which and why."""
 
 
+# Written by `export` next to genai_config.json for a LongRoPE model (onnxruntime-genai refuses unknown keys in
+# its own config): {"original_max_position_embeddings": N}, where the long rotary factors take over.
+LONGROPE_FILE = "longrope.json"
+# onnxruntime-genai (0.18) re-prefills a "phi3" model by itself when its sequence reaches 4097 tokens, and only
+# at batch 1 / beam 1 (measured in tests/test_family_longrope.py); any other switch point is ours to handle.
+OWN_REPREFILL_SWITCH = 4096
+
+
+def longrope_switch(model_dir: Path) -> int | None:
+    """The LongRoPE switch point of an export (original_max_position_embeddings), or None without LongRoPE."""
+    path = Path(model_dir) / LONGROPE_FILE
+    return int(read_json(path)["original_max_position_embeddings"]) if path.is_file() else None
+
+
+def reprefill_at_switch(generator, prompt_tokens: int, switch: int | None) -> bool:
+    """Rewind the Generator and run its whole sequence again, once, when it first grows past the switch.
+
+    The graph picks the rotary factors per run from the total sequence length, so after the switch every new
+    token gets the long factors while the cached keys of the earlier ones keep the short factors: the decode
+    drifts from a fresh forward of the same tokens (which uses the long factors throughout). Running the whole
+    sequence again, as transformers' generate does, rebuilds the cache with the long factors. Call it after
+    each generate_next_token(); True when it re-prefilled (the next token is then picked from the new logits).
+    """
+    if switch is None or switch == OWN_REPREFILL_SWITCH or prompt_tokens > switch:
+        return False
+    sequence = generator.get_sequence(0)
+    if len(sequence) != switch + 1:
+        return False
+    sequence = np.asarray(sequence, dtype=np.int32)
+    generator.rewind_to(0)
+    generator.append_tokens(sequence)
+    return True
+
+
 def load_chat_template(model_dir: Path) -> str | None:
     model_dir = Path(model_dir)
     cfg_path = model_dir / "tokenizer_config.json"
@@ -130,6 +164,7 @@ class OnnxChatModel:
             raise ChatError(f"{self.model_dir}: onnxruntime-genai cannot load this export "
                             f"({str(e).splitlines()[0][:300]}); re-export it") from None
         self.tokenizer = og.Tokenizer(self.model)
+        self.longrope_switch = longrope_switch(self.model_dir)
 
     @staticmethod
     def _piece(decoder, token: int, first: bool) -> str:
@@ -189,6 +224,8 @@ class OnnxChatModel:
                 if tok in self.stop_ids:
                     yield tok, ""
                     return
+                if produced < max_new_tokens:
+                    reprefill_at_switch(generator, len(ids), self.longrope_switch)
                 piece = self._piece(decoder, tok, first=not emitted)
                 emitted += bool(piece)
                 yield tok, piece

@@ -118,16 +118,18 @@ def _num_labels_from_adapter(adapter_dir: Path) -> int | None:
     return None
 
 
-def _load_base(base: str, task: str, dtype: torch.dtype, adapter_dir: Path, tokenizer):
+def _load_base(base: str, task: str, dtype: torch.dtype, adapter_dir: Path, tokenizer, revision: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(base)
+    # The Hub commit training used (adapter_config.json "revision", from model.revision); a folder has none.
+    pinned = {"revision": revision} if revision and not Path(base).is_dir() else {}
+    config = AutoConfig.from_pretrained(base, **pinned)
     if getattr(config, "quantization_config", None):
         raise MergeError(
             f"the base model {base} is a quantized checkpoint ({config.quantization_config}); merging needs "
             "the unquantised base weights (point base_model_name_or_path at the original model)"
         )
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, **pinned}
     if task == "SEQ_CLS":
         labels = _read_labels(adapter_dir)
         n = _num_labels_from_adapter(adapter_dir) or (len(labels) if labels else None)
@@ -210,7 +212,7 @@ def merge_adapter(
     tokenizer = load_hf_tokenizer(tok_dir)
 
     log.info("merging %s into %s (%s, %s)", adapter_dir, base, task, dtype)
-    model = _load_base(base, task, torch_dtype, adapter_dir, tokenizer).to(device)
+    model = _load_base(base, task, torch_dtype, adapter_dir, tokenizer, adapter_cfg.get("revision")).to(device)
     from phi3local.model.load import load_adapter
 
     peft_model = load_adapter(model, adapter_dir, MergeError).eval()
@@ -254,8 +256,9 @@ def merge_adapter(
         log.warning("the adapter does not change the logits at all (untrained or zero-initialised LoRA B)")
 
     with staging_dir(out_dir) as tmp:
-        merged_model.config.use_cache = True
+        merged_model.config.use_cache = True  # training turns it off; inference needs the KV cache
         merged_model.save_pretrained(tmp)
+        report["tie_word_embeddings"] = _clean_config(tmp / "config.json")
         report["tokenizer_files"] = copy_tokenizer_files(tok_dir, tmp)
         if task != "SEQ_CLS":
             report["stop_token_ids"] = _write_generation_config(tmp, adapter_dir, base, tok_dir)
@@ -267,6 +270,17 @@ def merge_adapter(
     log.info("merged model saved to %s (max |diff| %.3g, %.3g x logit scale)", out_dir, max_diff,
              report["relative_diff"])
     return report
+
+
+def _clean_config(path: Path) -> bool:
+    """Drop `auto_map` (remote code of the base's old revision: transformers has Phi3 built in, and a stale
+    pointer breaks loaders that follow it) and keep use_cache on; returns whether the embeddings are tied
+    (then saved once, and reloaded as one matrix)."""
+    config = read_json(path)
+    config.pop("auto_map", None)
+    config["use_cache"] = True
+    write_json(path, config)
+    return bool(config.get("tie_word_embeddings", False))
 
 
 def _write_generation_config(folder: Path, adapter_dir: Path, base: str, tok_dir: Path) -> list[int]:

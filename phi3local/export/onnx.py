@@ -39,6 +39,7 @@ from phi3local.export._util import (
     versions,
     write_json,
 )
+from phi3local.export.chat import LONGROPE_FILE
 from phi3local.folders import check_output_dir, publish_dir, staging_dir
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,58 @@ def _no_gqa_for_small_heads(base_mod, head_dim: int):
             setattr(model_cls, n, f)
 
 
+def hub_rope_config(config: dict) -> dict | None:
+    """config.json with its rope section rewritten the way Hub checkpoints carry it, or None when it is already so.
+
+    transformers 5 saves `rope_parameters: {rope_type, rope_theta, short_factor, ...}`; the builder reads
+    `rope_parameters["type"]`, which only the Hub form (`rope_scaling: {type, short_factor, long_factor}`,
+    rope_theta at the top level) gives it, so a transformers-5 LongRoPE config fails with "'type'".
+    """
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "type" in rope or isinstance(config.get("rope_scaling"), dict):
+        return None
+    out = {k: v for k, v in config.items() if k != "rope_parameters"}
+    rope_type = rope.get("rope_type", "default")
+    for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):
+        if key in rope:
+            out.setdefault(key, rope[key])
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta", "partial_rotary_factor",
+                                                          "original_max_position_embeddings")}
+    out["rope_scaling"] = {"type": rope_type, **scaling} if rope_type != "default" else None
+    return out
+
+
+@contextlib.contextmanager
+def builder_input(model_dir: Path, config: dict, staging: Path):
+    """The folder the builder reads: model_dir itself, or (when its config needs the Hub's rope form) a copy in
+    staging that links model_dir's files and carries the rewritten config.json; the user's folder is not touched."""
+    rewritten = hub_rope_config(config)
+    if rewritten is None:
+        yield model_dir
+        return
+    folder = staging / "_builder_input"
+    folder.mkdir()
+    try:
+        for path in model_dir.iterdir():
+            if path.is_file() and path.name != "config.json":
+                (folder / path.name).symlink_to(path.resolve())
+        write_json(folder / "config.json", rewritten)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def longrope_switch_of(config: dict) -> int | None:
+    """original_max_position_embeddings of a LongRoPE config (either form), else None."""
+    from phi3local.model.shapes import shape_from_config
+
+    shape = shape_from_config(config)
+    if shape.rope_type != "longrope":
+        return None
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return int(shape.original_max_position_embeddings or rope["original_max_position_embeddings"])
+
+
 def _fix_genai_config(out: Path, stop_ids: list[int]) -> dict:
     cfg = read_json(out / "genai_config.json")
     model = cfg["model"]
@@ -284,9 +337,10 @@ def export_onnx(
         buf = io.StringIO()
         try:
             with patch, _no_gqa_for_small_heads(base_mod, head_dim), _quiet_builder_logging(), \
-                    contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-                extra = builder.parse_extra_options(None, str(model_dir), str(tmp), precision, target, str(cache), kv)
-                builder.create_model(None, str(model_dir), str(tmp), precision, target, str(cache), **extra)
+                    contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
+                    builder_input(model_dir, hf_config, tmp) as source:
+                extra = builder.parse_extra_options(None, str(source), str(tmp), precision, target, str(cache), kv)
+                builder.create_model(None, str(source), str(tmp), precision, target, str(cache), **extra)
         except Exception as e:
             raise ExportError(f"the model builder failed: {e}\n--- builder output ---\n{buf.getvalue()[-4000:]}") from e
         finally:
@@ -295,6 +349,9 @@ def export_onnx(
         shutil.rmtree(cache, ignore_errors=True)
 
         tokenizer_files = copy_tokenizer_files(model_dir, tmp)
+        switch = longrope_switch_of(hf_config)
+        if switch is not None:
+            write_json(tmp / LONGROPE_FILE, {"original_max_position_embeddings": switch})
         genai_cfg = _fix_genai_config(tmp, stop_ids)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         model_bytes = sum(s for n, s in files.items() if n.endswith((".onnx", ".onnx.data")))

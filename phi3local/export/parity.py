@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from phi3local.export._util import as_id_list, load_hf_tokenizer, read_json, write_json
+from phi3local.export.chat import longrope_switch, reprefill_at_switch
 
 DEFAULT_PROMPTS = (
     "Once upon a time",
@@ -32,6 +33,48 @@ DEFAULT_PROMPTS = (
     [{"role": "system", "content": "You are a helpful assistant."},
      {"role": "user", "content": "Write a haiku about the sea."}],
 )
+
+
+# Repeated to make the LongRoPE prompts as long as needed.
+_FILLER = ("Once upon a time a little cat played in the sun, and the quick brown fox jumped over the lazy dog. ")
+
+
+def longrope_prompts(tokenizer, switch: int, new_tokens: int) -> list[str]:
+    """Two prompts for a LongRoPE model: one a few tokens past the switch (its prompt runs on the long factors)
+    and one ending a few tokens before it, so that a decode of new_tokens crosses the switch through the cache."""
+    def tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    words = (_FILLER * (2 + 2 * switch // max(tokens(_FILLER), 1))).split(" ")
+    text, prompts = "", []
+    short_target = switch - max(2, min(8, new_tokens // 4))
+    for word in words:
+        text = f"{text} {word}" if text else word
+        n = tokens(text)
+        if not prompts and n >= short_target:
+            prompts.append(text)  # n in [switch - 8, switch - 8 + one word]: the decode crosses
+        if n > switch + 4:
+            return prompts + [text]
+    raise ValueError(f"could not build a prompt of {switch + 4} tokens")
+
+
+def reference_logits(model, prompt_ids: list[int], ids: list[int], switch: int | None) -> np.ndarray:
+    """PyTorch's logits for every position of ids = prompt_ids + generated tokens, computed as a user gets them.
+
+    The prompt positions come from one forward of the prompt. Each decode position i comes from a fresh
+    forward of ids[:i+1]. Without LongRoPE one forward of ids gives both. With it the factor set follows
+    the length of each forward: prefixes of up to `switch` tokens run on the short factors, longer ones on the
+    long factors (a long prompt runs all of its positions on the long factors). A causal model's position i
+    depends only on tokens <= i, so two forwards (the first `switch` tokens, then all) give them all.
+    """
+    def forward(tokens: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([tokens])).logits[0].float().numpy()
+
+    whole = forward(ids)
+    if switch is None or len(ids) <= switch or len(prompt_ids) > switch:
+        return whole  # one factor set throughout (a long prompt: the long factors, as for all its prefixes here)
+    return np.concatenate([forward(ids[:switch]), whole[switch:]])
 
 
 def _prompt_text(tokenizer, prompt) -> str:
@@ -89,26 +132,30 @@ def fake_quantize_int4_(model: torch.nn.Module, block_size: int = 32) -> torch.n
 
 
 @torch.no_grad()
-def _hf_greedy(model, ids: list[int], n: int, stop_ids: list[int]) -> list[int]:
+def _hf_greedy(model, ids: list[int], n: int, stop_ids: list[int], through_stops: bool = False) -> list[int]:
     """Greedy decoding with transformers' KV cache; an explicit config, so no generation_config defaults
-    (sampling, repetition penalty) of the model folder get in."""
+    (sampling, repetition penalty) of the model folder get in. through_stops: stop ids are never picked."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=stop_ids or None,
-                              pad_token_id=stop_ids[0] if stop_ids else 0)
+                              pad_token_id=stop_ids[0] if stop_ids else 0, min_new_tokens=n if through_stops else 0)
     out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          generation_config=config)
     return [int(t) for t in out[0, len(ids):]]
 
 
-def _og_run(og_model, ids: list[int], new_tokens: int, context_length: int):
-    """Prompt logits, per-step decode logits and the greedy tokens from onnxruntime-genai."""
+def _og_run(og_model, ids: list[int], new_tokens: int, context_length: int, switch: int | None = None,
+            stop_ids: list[int] | None = None):
+    """Prompt logits, per-step decode logits and the greedy tokens from onnxruntime-genai.
+
+    stop_ids: given, they are never picked (min_length), so the decode runs all new_tokens steps.
+    """
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(og_model)
     # One step more than new_tokens so that the last generated token's logits get computed too.
     max_length = min(len(ids) + new_tokens + 1, context_length)
-    params.set_search_options(max_length=max_length, do_sample=False)
+    params.set_search_options(max_length=max_length, do_sample=False, min_length=max_length if stop_ids else 0)
     gen = og.Generator(og_model, params)
     gen.append_tokens(np.asarray(ids, dtype=np.int32))
     prompt_logits = _to_f32(gen.get_output("logits"))[0]  # [P, V]
@@ -122,8 +169,15 @@ def _og_run(og_model, ids: list[int], new_tokens: int, context_length: int):
             step_logits.append(row)
             chosen_from.append(row)
         tokens.append(int(gen.get_next_tokens()[0]))
+        reprefill_at_switch(gen, len(ids), switch)  # as `chat` and `serve` do
     del gen
-    aligned = all(int(np.argmax(row)) == tok for row, tok in zip(chosen_from, tokens))
+    def pick(row: np.ndarray) -> int:
+        if stop_ids:
+            row = row.copy()
+            row[stop_ids] = -np.inf
+        return int(np.argmax(row))
+
+    aligned = all(pick(row) == tok for row, tok in zip(chosen_from, tokens))
     # The extra step's token is only there to get the logits of the last kept token.
     return prompt_logits, step_logits[:new_tokens], tokens[:new_tokens], aligned
 
@@ -143,7 +197,9 @@ def check_parity(
 ) -> dict:
     """Compare the ONNX model in onnx_dir with the PyTorch model in hf_model_dir; write parity.json.
 
-    prompts: texts (used as they are) or message lists (rendered with the chat template); default: three.
+    prompts: texts (used as they are) or message lists (rendered with the chat template); default: three,
+        and for a LongRoPE export (longrope.json) two more: one past the switch and one whose decode crosses it
+        (both decoded through stop tokens, so that every step is compared).
     new_tokens: greedy tokens generated per prompt (each also compared through the KV cache).
     adapter_path: a peft adapter the export applied (builder adapter_path); the reference applies it too.
     tolerance: when given, `passed` says whether every position's max |diff| <= tolerance x logit scale.
@@ -172,26 +228,37 @@ def check_parity(
     else:
         og_model = og.Model(str(onnx_dir))
     og_tok = og.Tokenizer(og_model)
+    switch = longrope_switch(onnx_dir)
 
     results = []
-    for prompt in list(prompts if prompts is not None else DEFAULT_PROMPTS):
+    runs = [(prompt, False) for prompt in (prompts if prompts is not None else DEFAULT_PROMPTS)]
+    if prompts is None and switch is not None:
+        # Past the switch, so the long factors are compared too, and one decode that crosses it (through
+        # stop tokens: a trained model may end its turn before the switch).
+        runs += [(prompt, True) for prompt in longrope_prompts(tokenizer, switch, new_tokens)]
+    for prompt, through_stops in runs:
         text = _prompt_text(tokenizer, prompt)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         og_ids = [int(x) for x in og_tok.encode(text)]
-        prompt_logits, step_logits, og_tokens, aligned = _og_run(og_model, ids, new_tokens, context_length)
+        prompt_logits, step_logits, og_tokens, aligned = _og_run(og_model, ids, new_tokens, context_length, switch,
+                                                                 stop_ids if through_stops else None)
 
         full = ids + og_tokens
-        with torch.no_grad():
-            ref = model(input_ids=torch.tensor([full])).logits[0].float().numpy()
+        ref = reference_logits(model, ids, full, switch)
         p = len(ids)
         prompt_diff = np.abs(prompt_logits - ref[:p]).max(axis=-1)
         decode_ref = ref[p:p + len(step_logits)]
-        decode_diff = (np.abs(np.stack(step_logits) - decode_ref).max(axis=-1)
-                       if step_logits else np.zeros(0, dtype=np.float32))
+        if step_logits:
+            decode_delta = np.abs(np.stack(step_logits) - decode_ref)
+            if through_stops:  # onnxruntime-genai's min_length writes the lowest float into those logits
+                decode_delta[:, stop_ids] = 0.0
+            decode_diff = decode_delta.max(axis=-1)
+        else:
+            decode_diff = np.zeros(0, dtype=np.float32)
         scale = float(np.abs(ref[:p + len(step_logits)]).max())
         max_diff = float(max(prompt_diff.max(initial=0.0), decode_diff.max(initial=0.0)))
 
-        hf_tokens = _hf_greedy(model, ids, new_tokens, stop_ids)
+        hf_tokens = _hf_greedy(model, ids, new_tokens, stop_ids, through_stops)
         compared = max(len(hf_tokens), len(og_tokens))
         identical = sum(a == b for a, b in zip(hf_tokens, og_tokens))
         first_div = next((i for i, (a, b) in enumerate(zip(hf_tokens, og_tokens)) if a != b), None)
@@ -216,6 +283,12 @@ def check_parity(
             "greedy_text_onnx": og_tok.decode(np.asarray(og_tokens, dtype=np.int32)) if og_tokens else "",
             "logits_alignment_ok": aligned,
         }
+        if through_stops:
+            entry["decoded_through_stops"] = True
+        if switch is not None:  # which LongRoPE factors this prompt compared
+            entry["longrope_switch"] = switch
+            entry["prompt_on_long_factors"] = p > switch
+            entry["decode_crosses_switch"] = p <= switch < p + len(step_logits)
         results.append(entry)
     del og_model
 

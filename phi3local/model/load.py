@@ -44,6 +44,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def revision_kwargs(name_or_path: str, revision: str | None) -> dict:
+    """{"revision": ...} for a Hub id when the recipe pins one (from_pretrained refuses it for nothing else)."""
+    return {"revision": revision} if revision and not Path(name_or_path).expanduser().is_dir() else {}
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -118,7 +123,7 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
     attn = pick_attn_implementation(recipe.model.attn_implementation, device, dtype)
     base_path = resolve_model_path(recipe.model.name_or_path)
     quant = recipe.quantization
-    kwargs: dict = {"attn_implementation": attn, "dtype": dtype}
+    kwargs: dict = {"attn_implementation": attn, "dtype": dtype, **revision_kwargs(base_path, recipe.model.revision)}
     if quant.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -155,6 +160,13 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
         modules_to_save = list(recipe.lora.modules_to_save)
         if recipe.task == "classification" and "score" not in modules_to_save:
             modules_to_save.append("score")
+        tied = [m for m in modules_to_save if m.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head")]
+        if tied and getattr(model.config, "tie_word_embeddings", False):
+            # peft trains a separate copy of each listed module: the merged model would carry two matrices.
+            raise ModelSetupError(
+                f"lora.modules_to_save lists {tied}, but this model ties its input and output embeddings "
+                "(tie_word_embeddings, e.g. Phi-4-mini): training a copy would untie them and double their size "
+                "in the merged model. Remove them from lora.modules_to_save (LoRA on the other layers suffices)")
         lora_config = LoraConfig(
             r=recipe.lora.r,
             lora_alpha=recipe.lora.alpha,
@@ -163,6 +175,7 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
             use_dora=recipe.lora.use_dora,
             use_rslora=recipe.lora.use_rslora,
             modules_to_save=modules_to_save or None,
+            revision=revision_kwargs(base_path, recipe.model.revision).get("revision"),  # merge loads the same
             task_type=TaskType.SEQ_CLS if recipe.task == "classification" else TaskType.CAUSAL_LM,
         )
         model = get_peft_model(model, lora_config)

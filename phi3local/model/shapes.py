@@ -110,3 +110,14 @@ def shape_from_config(config: dict | Path) -> ModelShape:
         eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
         sliding_window=config.get("sliding_window"), model_id=config.get("_name_or_path", ""),
     )
+
+
+def longrope_switch(name_or_path: str) -> int | None:
+    """The LongRoPE switch point (original_max_position_embeddings) of a local folder or a known Hub id;
+    None without LongRoPE or when the model is neither (batching then plans as for plain RoPE)."""
+    folder = Path(name_or_path).expanduser()
+    if (folder / "config.json").is_file():
+        shape = shape_from_config(folder)
+    else:
+        shape = known_shape(name_or_path)
+    return shape.original_max_position_embeddings if shape is not None and shape.rope_type == "longrope" else None

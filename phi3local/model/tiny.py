@@ -32,12 +32,20 @@ TINY_VERSION = 1  # bump when the built folder changes, so cached builds are reb
 # ----------------------------------------------------------------------------------------- tokenizer
 
 
-def _train_pieces(texts: Sequence[str], n_pieces: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learned pieces and merges (BPE inside `▁`-prefixed words, as SentencePiece splits on whitespace)."""
+def _train_pieces(texts: Sequence[str], n_pieces: int, split_punctuation: bool = False
+                  ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learned pieces and merges (BPE inside `▁`-prefixed words, as SentencePiece splits on whitespace).
+
+    split_punctuation: no merge takes in punctuation. onnxruntime-extensions' BPE splits a word such as
+    "assistant." differently from `tokenizers` when a learned piece ends in punctuation, so only then do
+    onnxruntime-genai and transformers encode every text the same way.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    if split_punctuation:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer, pre_tokenizers.Punctuation()])
     trainer = trainers.BpeTrainer(vocab_size=len(BASE_SPECIALS) + n_pieces, special_tokens=BASE_SPECIALS,
                                   show_progress=False)
     tok.train_from_iterator(list(texts), trainer)  # deterministic: checked across processes
@@ -46,14 +54,15 @@ def _train_pieces(texts: Sequence[str], n_pieces: int) -> tuple[dict[str, int], 
     return dict(learned), [tuple(m) for m in model["merges"]]
 
 
-def build_tiny_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int = TINY_VOCAB) -> Path:
+def build_tiny_tokenizer(out_dir: Path, texts: Sequence[str], vocab_size: int = TINY_VOCAB,
+                         split_punctuation: bool = False) -> Path:
     """Train a small Phi-3-style BPE tokenizer on texts and save it (tokenizer.json + config) in out_dir."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
     n_fixed = len(BASE_SPECIALS) + N_BYTES
     if vocab_size <= n_fixed:
         raise ValueError(f"vocab_size must exceed {n_fixed} (3 specials + 256 byte pieces), got {vocab_size}")
-    learned, merges = _train_pieces(texts, vocab_size - n_fixed)
+    learned, merges = _train_pieces(texts, vocab_size - n_fixed, split_punctuation)
     vocab = {p: i for i, p in enumerate(BASE_SPECIALS)}
     vocab.update({f"<0x{b:02X}>": len(BASE_SPECIALS) + b for b in range(N_BYTES)})
     for piece in learned:  # in trained order: alphabet, then one piece per merge

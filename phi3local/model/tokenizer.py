@@ -32,6 +32,20 @@ PHI3_CHAT_TEMPLATE = (
 # (32000, 32001, 32006, 32007, 32010).
 PHI3_SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 
+# Phi-4-mini-instruct's chat template: no newlines, tags `<|role|>`, every turn closed by <|end|>, tools in
+# the system turn; <|endoftext|> after the last turn unless a generation prompt is asked for.
+PHI4_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# Phi-4-mini's special tokens in the order of their ids (199999, then 200019-200028).
+PHI4_SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>", "<|tool|>", "<|/tool|>",
+                       "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>", "<|tag|>"]
+
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Plain settings copied from tokenizer_config.json when present.
 _PLAIN_KEYS = ("model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces")
@@ -41,14 +55,14 @@ class TokenizerLoadError(Phi3LocalError, RuntimeError):
     """No tokenizer could be loaded from the given folder or id."""
 
 
-def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerFast:
-    """The tokenizer of a model folder (or Hub id), with a pad token and the model's own chat template."""
+def load_tokenizer(path_or_id: str | Path, revision: str | None = None) -> PreTrainedTokenizerFast:
+    """The tokenizer of a model folder (or Hub id at `revision`), with a pad token and its own chat template."""
     folder = Path(path_or_id)
     try:
         if (folder / "tokenizer.json").is_file():
             tokenizer = _from_tokenizer_json(folder)
         else:
-            tokenizer = _from_auto(str(path_or_id))
+            tokenizer = _from_auto(str(path_or_id), revision)
     except TokenizerLoadError:
         raise
     except Exception as e:  # any loader failure becomes one clear error naming the path
@@ -91,14 +105,14 @@ def _from_tokenizer_json(folder: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _from_auto(path_or_id: str) -> PreTrainedTokenizerFast:
+def _from_auto(path_or_id: str, revision: str | None = None) -> PreTrainedTokenizerFast:
     # No tokenizer.json (a Hub id, or a folder with only a SentencePiece model): let transformers build it.
     folder = Path(path_or_id)
     if folder.is_dir() and not any(folder.glob("tokenizer*")):
         raise TokenizerLoadError(f"{folder} has no tokenizer files (tokenizer.json, tokenizer.model, ...)")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path_or_id)
+    return AutoTokenizer.from_pretrained(path_or_id, **({"revision": revision} if revision else {}))
 
 
 def read_tokenizer_config(folder: Path) -> dict[str, Any]:

@@ -5,6 +5,12 @@ from which transformers builds a block-diagonal causal mask for SDPA/eager and f
 variable-length kernels, so attention never crosses documents. Targets are shifted inside each
 document, so no document is trained to predict the next one's first token.
 Right padding needs no attention mask: with a causal mask, real tokens never see the pads after them.
+
+LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini): transformers picks the rotary factor set per forward call from
+the largest position id in the whole batch: long factors when it is >= original_max_position_embeddings.
+With `long_from` set to that switch point, `plan_epoch` never puts a document longer than it in a row or a
+micro-batch with shorter ones, and `collate(position_limit=...)` keeps the pads of a batch of short documents
+below the switch, so every document trains on the factor set a fresh forward of it gets at inference.
 """
 
 from __future__ import annotations
@@ -52,15 +58,33 @@ def pack_rows(lengths: list[int], order: list[int], max_seq_len: int) -> list[li
 
 
 def plan_epoch(
-    lengths: list[int], max_seq_len: int, micro_batch_size: int, packing: bool, seed: int, epoch: int
+    lengths: list[int], max_seq_len: int, micro_batch_size: int, packing: bool, seed: int, epoch: int,
+    *, long_from: int | None = None,
 ) -> list[list[list[int]]]:
     """The micro-batches of one epoch, each a list of rows, each row a list of document indices.
 
     Deterministic in (seed, epoch), which is what makes resuming mid-epoch exact.
+    long_from: a LongRoPE switch point (original_max_position_embeddings). Documents longer than it get a row
+    of their own and share micro-batches only with each other; the others are planned as without it (the
+    same plan when no document is that long). None: no such split.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    if long_from is None:
+        long_rows: list[list[int]] = []
+    else:
+        long_docs = sorted((d for d in order if lengths[d] > long_from), key=lambda d: lengths[d])
+        order = [d for d in order if lengths[d] <= long_from]
+        long_rows = [[d] for d in long_docs]  # sorted by length: less padding in each long micro-batch
+    batches = _plan_rows(lengths, order, max_seq_len, micro_batch_size, packing)
+    batches += [long_rows[i : i + micro_batch_size] for i in range(0, len(long_rows), micro_batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _plan_rows(lengths: list[int], order: list[int], max_seq_len: int, micro_batch_size: int,
+               packing: bool) -> list[list[list[int]]]:
     if packing:
         rows = pack_rows(lengths, order, max_seq_len)
         # Similar-length rows together: the last, fuller rows would otherwise pad short ones.
@@ -72,9 +96,7 @@ def plan_epoch(
         for start in range(0, len(order), window):
             chunk = sorted(order[start : start + window], key=lambda d: lengths[d])
             rows.extend([d] for d in chunk)
-    batches = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-    rng.shuffle(batches)
-    return batches
+    return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
 
 
 def collate(
@@ -83,8 +105,14 @@ def collate(
     labels: list[list[int]],
     pad_id: int,
     class_labels: list[int] | None = None,
+    *,
+    position_limit: int | None = None,
 ) -> MicroBatch:
-    """Build tensors for one micro-batch from per-document token and label lists."""
+    """Build tensors for one micro-batch from per-document token and label lists.
+
+    position_limit: a LongRoPE switch point. When no document of the batch is longer than it, the pads'
+    positions wrap to 0 before reaching it, so padding never moves the batch onto the long factors.
+    """
     width = max(sum(len(input_ids[d]) for d in row) for row in rows)
     batch = len(rows)
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -92,6 +120,7 @@ def collate(
     tgt = torch.full((batch, width), -100, dtype=torch.long)
     mask = torch.zeros((batch, width), dtype=torch.long) if class_labels is not None else None
     doc_ids, real, trained = [], 0, 0
+    all_short = position_limit is not None and all(len(input_ids[d]) <= position_limit for r in rows for d in r)
     for b, row in enumerate(rows):
         at = 0
         for d in row:
@@ -108,6 +137,8 @@ def collate(
         if at < width:
             start = int(pos[b, at - 1]) + 1 if at else 0
             pos[b, at:] = torch.arange(start, start + width - at)
+            if all_short:  # a new (pads-only) segment at the wrap: no real token attends to it
+                pos[b, at:] %= position_limit
         if mask is not None:
             mask[b, :at] = 1
         real += at

@@ -28,7 +28,9 @@ from phi3local import folders
 from phi3local.config import Recipe, flatten_keys
 from phi3local.errors import Phi3LocalError
 from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
-from phi3local.model.load import LoadedModel, activation_offload, base_causal_lm, load_model, pick_device, resolve_model_path
+from phi3local.model.load import (LoadedModel, activation_offload, base_causal_lm, load_model, pick_device,
+                                  resolve_model_path, revision_kwargs)
+from phi3local.model.shapes import longrope_switch
 from phi3local.train import auto_settings
 from phi3local.train import checkpoint as ckpt
 from phi3local.train.batching import MicroBatch, collate, plan_epoch
@@ -233,9 +235,14 @@ def lr_lambda(recipe: Recipe, total_steps: int):
     return factor
 
 
+def long_from(recipe: Recipe) -> int | None:
+    """The model's LongRoPE switch: batching keeps longer documents apart from shorter ones (see batching.py)."""
+    return longrope_switch(resolve_model_path(recipe.model.name_or_path))
+
+
 def count_total_steps(recipe: Recipe, docs: Documents) -> tuple[int, int]:
     plan = plan_epoch(docs.lengths, recipe.data.max_seq_len, recipe.training.micro_batch_size,
-                      recipe.data.packing and recipe.task == "causal_lm", recipe.seed, 0)
+                      recipe.data.packing and recipe.task == "causal_lm", recipe.seed, 0, long_from=long_from(recipe))
     steps_per_epoch = math.ceil(len(plan) / recipe.training.grad_accum)
     total = recipe.training.max_steps or recipe.training.epochs * steps_per_epoch
     return total, steps_per_epoch
@@ -278,7 +285,8 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
                       recipe.to_yaml() + "\n# versions: " + json.dumps(ckpt.package_versions()) + "\n")
     seed_everything(recipe.seed)
 
-    tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path))
+    tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path),
+                               revision=None if recipe.model.tokenizer else recipe.model.revision)
     prepared = prepare(recipe, tokenizer, console=console)
     train_ds, val_ds = load_prepared(prepared.out_dir)
     train_docs, val_docs = Documents.from_dataset(train_ds), Documents.from_dataset(val_ds)
@@ -371,7 +379,8 @@ def batch_units(run: Run, batch: MicroBatch) -> int:
 def make_batches(run: Run, docs: Documents, epoch: int, packing: bool | None = None) -> list[list[list[int]]]:
     r = run.recipe
     packing = r.data.packing and r.task == "causal_lm" if packing is None else packing
-    return plan_epoch(docs.lengths, r.data.max_seq_len, r.training.micro_batch_size, packing, r.seed, epoch)
+    return plan_epoch(docs.lengths, r.data.max_seq_len, r.training.micro_batch_size, packing, r.seed, epoch,
+                      long_from=long_from(r))
 
 
 def next_micro_batches(run: Run, plans: dict[int, list]) -> list[MicroBatch]:
@@ -387,7 +396,8 @@ def next_micro_batches(run: Run, plans: dict[int, list]) -> list[MicroBatch]:
         s.epoch, s.batch_in_epoch = s.epoch + 1, 0
     pad = run.tokenizer.pad_token_id
     docs = run.train_docs
-    return [collate(rows, docs.input_ids, docs.labels, pad, docs.class_labels) for rows in chosen]
+    limit = long_from(run.recipe)
+    return [collate(rows, docs.input_ids, docs.labels, pad, docs.class_labels, position_limit=limit) for rows in chosen]
 
 
 def train_step(run: Run, batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,7 +442,8 @@ def evaluate(run: Run, docs: Documents, max_batches: int = 0) -> dict:
     if max_batches:
         plan = plan[:max_batches]
     for rows in plan:
-        batch = collate(rows, docs.input_ids, docs.labels, run.tokenizer.pad_token_id, docs.class_labels)
+        batch = collate(rows, docs.input_ids, docs.labels, run.tokenizer.pad_token_id, docs.class_labels,
+                        position_limit=long_from(run.recipe))
         batch = batch.to(run.device)
         ls, c, logits = forward_loss(run, batch, count_correct=True)
         loss_sum += float(ls)
@@ -619,7 +630,8 @@ def save_adapter(run: Run) -> Path:
     run.tokenizer.save_pretrained(tmp)
     if run.recipe.task == "causal_lm":
         try:
-            gen = GenerationConfig.from_pretrained(run.loaded.base_path)
+            gen = GenerationConfig.from_pretrained(
+                run.loaded.base_path, **revision_kwargs(run.loaded.base_path, run.recipe.model.revision))
         except OSError:
             gen = GenerationConfig()
         gen.eos_token_id = stop_token_ids(run.tokenizer)

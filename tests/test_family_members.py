@@ -1,0 +1,87 @@
+"""The tiny family members: each carries its real model's config features, deterministically; their
+tokenizers train the end of a turn even where the pad token is a stop id; export reads both rope forms."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import export_helpers as H
+import pytest
+
+from phi3local.data.demo import demo_texts
+from phi3local.data.template import IGNORE, encode_conversation
+from phi3local.export.onnx import export_onnx, hub_rope_config
+from phi3local.model.family import MEMBERS, ensure_tiny_member
+from phi3local.model.shapes import known_shape, shape_from_config
+from phi3local.model.tokenizer import load_tokenizer
+from phi3local.train.batching import collate
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"},
+                {"role": "assistant", "content": "Hi, how can I help?"}]
+
+
+@pytest.mark.parametrize("name", sorted(MEMBERS))
+def test_member_carries_the_real_models_features(name, tmp_path_factory):
+    folder = H.family_member(tmp_path_factory, name)
+    tiny, real = shape_from_config(folder), known_shape(MEMBERS[name].imitates)
+    assert (tiny.rope_type, tiny.partial_rotary_factor, tiny.tie_word_embeddings) == (
+        real.rope_type, real.partial_rotary_factor, real.tie_word_embeddings)
+    assert tiny.num_attention_heads // tiny.num_key_value_heads == real.num_attention_heads // real.num_key_value_heads
+    if real.rope_type == "longrope":
+        assert tiny.original_max_position_embeddings == 64 < tiny.max_position_embeddings
+        rope = json.loads((folder / "config.json").read_text())["rope_parameters"]  # as transformers 5 saves it
+        assert rope["rope_type"] == "longrope" and "type" not in rope
+        assert len(rope["short_factor"]) == len(rope["long_factor"]) == tiny.rotary_dims // 2
+        assert rope["short_factor"] != rope["long_factor"]
+    tokenizer = load_tokenizer(folder)
+    assert tiny.vocab_size >= len(tokenizer)  # rows padded to a multiple of 64, as Phi-3's 32064
+    stops = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    assert tokenizer.convert_tokens_to_ids("<|end|>") in stops
+    if name == "phi4mini":
+        # Phi-4-mini: <|end|> ends a turn (eos), <|endoftext|> pads and is not the end of a turn.
+        assert tiny.eos_token_ids == (tokenizer.convert_tokens_to_ids("<|end|>"),)
+        assert tiny.pad_token_id == tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        assert tiny.rotary_dims == 48 and (tiny.rotary_dims // 2) % 8 == 0  # onnxruntime-genai's CPU rule
+        assert tokenizer.apply_chat_template(CONVERSATION[1:2], tokenize=False, add_generation_prompt=True) == (
+            "<|user|>Hello there!<|end|><|assistant|>")
+
+
+def test_member_build_is_deterministic_and_cached(tmp_path, tmp_path_factory):
+    first = H.family_member(tmp_path_factory, "phi4mini")
+    again = ensure_tiny_member("phi4mini", tmp_path / "again", demo_texts())
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+    stamp = (again / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_member("phi4mini", again, demo_texts()) == again
+    assert (again / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("name", ["longrope", "phi4mini"])
+def test_end_of_turn_is_trained_and_padding_is_not(name, tmp_path_factory):
+    """Phi-3's pad (<|endoftext|>) is also a stop id, Phi-4-mini's is not: either way the <|end|> that
+    closes the assistant turn is a target, and only the pads are masked (by position, never by id)."""
+    tokenizer = load_tokenizer(H.family_member(tmp_path_factory, name))
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    encoded = encode_conversation(tokenizer, CONVERSATION, 128)
+    assert end in [t for t in encoded.labels if t != IGNORE]
+    short = encode_conversation(tokenizer, CONVERSATION[1:], 128)
+    batch = collate([[0], [1]], [encoded.input_ids, short.input_ids], [encoded.labels, short.labels],
+                    pad_id=tokenizer.pad_token_id)
+    n = len(short.input_ids)
+    assert (batch.input_ids[1, n:] == tokenizer.pad_token_id).all() and (batch.targets[1, n - 1:] == IGNORE).all()
+    assert end in batch.targets[1, :n].tolist() and end in batch.targets[0].tolist()
+
+
+def test_export_reads_the_hub_rope_form(tmp_path, tmp_path_factory):
+    """(The transformers-5 form is what merge writes: tests/test_family_e2e.py exports it.)"""
+    base = H.family_member(tmp_path_factory, "longrope")
+    hub = json.loads((base / "config.json").read_text())
+    rewritten = hub_rope_config(hub)
+    assert rewritten["rope_scaling"]["type"] == "longrope" and "rope_parameters" not in rewritten
+    assert hub_rope_config(rewritten) is None  # already the Hub form: used as it is
+    folder = tmp_path / "hub-form"
+    shutil.copytree(base, folder)
+    (folder / "config.json").write_text(json.dumps(rewritten, indent=2))
+    report = export_onnx(folder, tmp_path / "onnx", precision="fp32", new_tokens=8, show=False)
+    assert report["parity"]["passed"] and report["parity"]["greedy_all_agree"]
