@@ -53,8 +53,10 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from phi3local.train.distributed import from_environment
     from phi3local.train.recipe import TrainingInterrupted, run_training
 
+    console.quiet = not from_environment().is_main  # under torchrun/accelerate rank 0 alone prints
     if args.resume and args.overwrite:
         raise UsageError("--resume continues a run and --overwrite starts it again: give one of them")
     recipe = _recipe(args)
@@ -63,6 +65,8 @@ def cmd_train(args) -> int:
     except TrainingInterrupted as e:
         console.print(f"[yellow]{e}[/]")
         return 128 + e.signum
+    if summary.get("rank"):  # another rank than 0 under a launcher: rank 0 reports the run
+        return 0
     run_dir = Path(recipe.output_dir)
     console.print(f"adapter saved in [bold]{escape(str(run_dir / 'adapter'))}[/]", soft_wrap=True)
     console.print(f"[cyan]next:[/] [bold]phi3local merge {escape(str(run_dir))} --out "
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         # The package's own errors carry a message written for the user; anything else is a bug.
         if args.verbose:
             raise
+        console.quiet = False  # a rank kept quiet still reports its error
         console.print(f"[red]phi3local {args.command}: error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         return e.exit_code
 

@@ -180,6 +180,9 @@ class TrainingConfig:
     # Peak FLOP/s of the device for MFU; 0 means measure it.
     peak_flops: float = num(0.0, ge=0)
     display: Literal["auto", "rich", "plain", "none"] = "auto"
+    # Under torchrun/accelerate/Azure ML: how long a rank waits in a collective (for rank 0's data preparation, a
+    # hung peer) before the job fails; a rank that dies is noticed at once.
+    distributed_timeout_seconds: int = num(600, ge=10)
 
 
 @dataclass

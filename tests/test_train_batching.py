@@ -9,6 +9,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 
 from phi3local.config import Recipe
 from phi3local.train.batching import collate, pack_rows, plan_epoch
+from phi3local.train.distributed import World
 from phi3local.train.loss import chunked_cross_entropy
 from phi3local.train.recipe import forward_loss, train_step
 
@@ -38,7 +39,7 @@ def documents(n=6, seed=1):
 def run_for(model, task="causal_lm", chunk=7):
     recipe = Recipe(task=task)
     recipe.training.loss_chunk_size = chunk
-    return SimpleNamespace(model=model, recipe=recipe, device=torch.device("cpu"))
+    return SimpleNamespace(model=model, recipe=recipe, device=torch.device("cpu"), world=World())
 
 
 def test_pack_rows_first_fit_never_exceeds_capacity():

@@ -224,10 +224,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="submit the recipe as an Azure ML command job on a compute cluster",
                        epilog="The data files become uri_file inputs, the run folder a uri_folder output; the job "
-                              "runs `phi3local train recipe.yaml data.train_file=${{inputs.train}} "
+                              "runs `python -m phi3local train recipe.yaml data.train_file=${{inputs.train}} "
                               "output_dir=${{outputs.run}}`. With --instance-count or --gpus-per-node above 1 the job "
-                              "gets a PyTorchDistribution, but distributed training itself is another issue: today "
-                              "every process trains the whole recipe on its own.")
+                              "gets a PyTorchDistribution: Azure ML starts one process per GPU on every node and sets "
+                              "RANK, WORLD_SIZE, MASTER_ADDR/PORT; the ranks train the recipe together (DDP, NCCL), "
+                              "global batch = processes x micro_batch_size x grad_accum.")
     _recipe_flags(p, positional=True)
     p.add_argument("--compute", help="compute cluster name (default: azure.compute)")
     p.add_argument("--instance-count", type=positive_int, default=1, help="nodes (default 1)")

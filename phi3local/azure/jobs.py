@@ -3,10 +3,13 @@ handoff to Azure's hosted, serverless fine-tuning).
 
 train: the recipe's data files are uploaded (content-addressed, so a rerun re-uses them) and become uri_file
 inputs; the phi3local source and the resolved recipe are the job's code; the run folder is a uri_folder
-output; the command installs phi3local into the job's environment (its dependencies are already in the
-environment's image) and runs `phi3local train recipe.yaml data.train_file=${{inputs.train}}
-output_dir=${{outputs.run}}`. With several nodes or GPUs per node the job gets a PyTorchDistribution; the
-training code itself is not distributed yet (another issue): every process would train on its own.
+output; the command runs `python -m phi3local train recipe.yaml data.train_file=${{inputs.train}}
+output_dir=${{outputs.run}}` from the code folder (phi3local's dependencies are in the environment's image;
+nothing is pip-installed, so the processes of a node never race on one install). With several nodes or GPUs
+per node the job gets a PyTorchDistribution: Azure ML starts process_count_per_instance processes on each of
+instance_count nodes (its per-process launch, no torchrun) and sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK,
+LOCAL_RANK and NODE_RANK, which phi3local.train.distributed reads: one DDP rank per GPU, NCCL. The run
+output is one mounted folder all nodes see; rank 0 alone writes it.
 
 finetune: the chat JSONL is checked locally against the service's stated rules (below) and the rules
 phi3local's own training applies, a validation file is split off when none is given (the SDK raises
@@ -146,9 +149,9 @@ def stage_train_code(recipe: Any, dest: Path) -> Path:
 
 
 def train_command(inputs: dict[str, Any]) -> str:
+    """What every process runs (once per GPU under a PyTorchDistribution)."""
     overrides = [f"data.{name}_file=${{{{inputs.{name}}}}}" for name in ("train", "validation") if name in inputs]
-    return ("pip install --no-deps --quiet . && phi3local train recipe.yaml "
-            + " ".join(overrides) + " output_dir=${{outputs.run}}")
+    return "python -m phi3local train recipe.yaml " + " ".join(overrides) + " output_dir=${{outputs.run}}"
 
 
 def build_train_job(recipe: Any, *, compute: str, instance_count: int, gpus_per_node: int, code: str,
@@ -224,8 +227,10 @@ def submit_train(recipe: Any, *, compute: str | None, instance_count: int, gpus_
         f"command      {train_command(dict.fromkeys(files))}",
     ]
     if procs > 1:
-        plan.notes.append("distributed training is another issue: today every process trains the whole recipe "
-                          "on its own")
+        t = recipe.training
+        plan.notes.append(f"{procs} ranks (DDP, one per GPU): global batch {procs} x micro_batch_size "
+                          f"{t.micro_batch_size} x grad_accum {t.grad_accum} = {procs * t.micro_batch_size * t.grad_accum}"
+                          " sequences per optimizer step; lower grad_accum to keep a single GPU's batch")
     placeholder = BlobTarget(recipe.azure.datastore, "<account>", "<container>", "https://<account>.blob.core.windows.net")
     data_names = {n: f"{n}{p.suffix}" for n, p in files.items()}
     display = f"phi3local-train-{Path(recipe.source).stem}"

@@ -35,7 +35,8 @@ STEP_NAME = re.compile(r"step-\d+")
 # Recipe keys that may change between a checkpoint and its resume: they do not change what is trained.
 RESUME_MAY_CHANGE = ("output_dir", "data.prepared_dir", "training.display", "training.log_every",
                      "training.checkpoint_every", "training.keep_checkpoints", "training.on_damaged_checkpoint",
-                     "training.peak_flops", "training.trackers", "eval.", "export.", "azure.")
+                     "training.peak_flops", "training.trackers", "training.distributed_timeout_seconds", "eval.", "export.",
+                     "azure.")
 
 
 class CheckpointError(Phi3LocalError):
@@ -54,6 +55,7 @@ class TrainerState:
     elapsed_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # validation results so far
     data_sha256: dict[str, str] = field(default_factory=dict)  # sha256 of each input data file
+    world_size: int = 1  # processes that trained it (the global batch is world_size x micro-batch x grad_accum)
 
 
 def package_versions() -> dict[str, str]:

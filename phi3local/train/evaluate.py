@@ -11,6 +11,7 @@ from rich.console import Console
 
 from phi3local.config import Recipe, load_recipe
 from phi3local.errors import Phi3LocalError
+from phi3local.train.distributed import World
 
 
 class EvalError(Phi3LocalError, FileNotFoundError):
@@ -68,7 +69,7 @@ def evaluate_model(path: Path, data_file: Path, overrides: list[str] | None = No
         if adapter is not None and lora_enabled:
             model = load_adapter(model, adapter, EvalError)
         model.eval()
-        run = SimpleNamespace(model=model, recipe=recipe, tokenizer=tokenizer, device=loaded.device)
+        run = SimpleNamespace(model=model, recipe=recipe, tokenizer=tokenizer, device=loaded.device, world=World())
         with torch.no_grad():
             result = evaluate(run, Documents.from_dataset(docs_ds))
     result["rows"] = len(docs_ds)

@@ -72,3 +72,13 @@ def _start_mlflow(run_name: str, params: dict, recipe_file: Path | None):
     if recipe_file is not None and Path(recipe_file).is_file():
         mlflow.log_artifact(str(recipe_file))
     return mlflow
+
+
+class NullMetricsLog:
+    """What ranks other than 0 log to: nothing (rank 0 writes the job's totals)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self, failed: bool = False) -> None:
+        pass

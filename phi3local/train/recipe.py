@@ -33,11 +33,12 @@ from phi3local.model.load import (LoadedModel, activation_offload, base_causal_l
 from phi3local.model.shapes import longrope_switch
 from phi3local.train import auto_settings
 from phi3local.train import checkpoint as ckpt
+from phi3local.train import distributed
 from phi3local.train.batching import MicroBatch, collate, plan_epoch
 from phi3local.train.display import TrainDisplay, peak_memory_bytes
 from phi3local.train.loss import chunked_cross_entropy
 from phi3local.train.memory_plan import plan_table
-from phi3local.train.metrics import MetricsLog
+from phi3local.train.metrics import MetricsLog, NullMetricsLog
 from phi3local.train.plots import plot_losses
 from phi3local.units import format_bytes
 
@@ -104,6 +105,7 @@ class Run:
     flops_per_token: float
     peak_flops: float
     metrics: MetricsLog
+    world: distributed.World = field(default_factory=distributed.World)  # this process among the ranks
     stop_signal: list[int] = field(default_factory=list)
     previous_handlers: dict = field(default_factory=dict)
     held: ExitStack = field(default_factory=ExitStack)  # the run folder's lock, released in cleanup()
@@ -240,10 +242,10 @@ def long_from(recipe: Recipe) -> int | None:
     return longrope_switch(resolve_model_path(recipe.model.name_or_path))
 
 
-def count_total_steps(recipe: Recipe, docs: Documents) -> tuple[int, int]:
+def count_total_steps(recipe: Recipe, docs: Documents, world_size: int = 1) -> tuple[int, int]:
     plan = plan_epoch(docs.lengths, recipe.data.max_seq_len, recipe.training.micro_batch_size,
                       recipe.data.packing and recipe.task == "causal_lm", recipe.seed, 0, long_from=long_from(recipe))
-    steps_per_epoch = math.ceil(len(plan) / recipe.training.grad_accum)
+    steps_per_epoch = math.ceil(len(plan) / (recipe.training.grad_accum * world_size))
     total = recipe.training.max_steps or recipe.training.epochs * steps_per_epoch
     return total, steps_per_epoch
 
@@ -260,34 +262,49 @@ def decide_auto_settings(recipe: Recipe, docs: Documents, console: Console) -> R
 
 def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False,
           console: Console | None = None) -> Run:
-    """Claim and lock the run folder, then prepare the data, load the model and (on resume) the checkpoint."""
+    """Claim and lock the run folder, then prepare the data, load the model and (on resume) the checkpoint.
+
+    Under a launcher rank 0 alone claims, locks and writes the folder; the other ranks wait for it, then
+    read the same prepared data and checkpoint, and print nothing.
+    """
     console = console or Console()
-    run_dir = folders.claim(Path(recipe.output_dir), "train")
+    world = distributed.start(recipe.training.distributed_timeout_seconds)
     held = ExitStack()
-    held.enter_context(folders.exclusive(run_dir, "training"))
+    held.callback(world.close)  # the last thing released
     try:
-        return _setup_locked(recipe, run_dir, held, resume, overwrite, console)
+        run_dir = Path(recipe.output_dir)
+        with world.main_first():  # a folder refused to rank 0 stops every rank
+            if world.is_main:
+                run_dir = folders.claim(run_dir, "train")
+                held.enter_context(folders.exclusive(run_dir, "training"))
+        console = console if world.is_main else Console(quiet=True)
+        return _setup_locked(recipe, run_dir, held, resume, overwrite, console, world)
     except BaseException:
         held.close()
         raise
 
 
 def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, overwrite: bool,
-                  console: Console) -> Run:
+                  console: Console, world: distributed.World) -> Run:
     from phi3local.data.prepare import load_prepared, prepare
     from phi3local.model.tokenizer import load_tokenizer
 
-    check_run_dir(run_dir, resume, overwrite)
-    # Checked before anything in the run folder changes: a refused resume leaves it as it was.
-    checkpoint = checkpoint_to_resume(recipe, run_dir, console) if resume else None
-    ckpt.clean_stale_temporaries(run_dir)  # safe: the lock says no other process is saving here
-    folders.write_text_atomic(run_dir / "recipe.yaml",
-                      recipe.to_yaml() + "\n# versions: " + json.dumps(ckpt.package_versions()) + "\n")
-    seed_everything(recipe.seed)
+    with world.main_first():
+        if world.is_main:
+            check_run_dir(run_dir, resume, overwrite)
+        else:
+            world.require_shared(run_dir / "recipe.yaml")
+        # Checked before anything in the run folder changes: a refused resume leaves it as it was.
+        checkpoint = checkpoint_to_resume(recipe, run_dir, console) if resume else None
+        if world.is_main:
+            ckpt.clean_stale_temporaries(run_dir)  # safe: the lock says no other process is saving here
+            folders.write_text_atomic(run_dir / "recipe.yaml",
+                              recipe.to_yaml() + "\n# versions: " + json.dumps(ckpt.package_versions()) + "\n")
+        seed_everything(recipe.seed)
 
-    tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path),
-                               revision=None if recipe.model.tokenizer else recipe.model.revision)
-    prepared = prepare(recipe, tokenizer, console=console)
+        tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path),
+                                   revision=None if recipe.model.tokenizer else recipe.model.revision)
+        prepared = prepare(recipe, tokenizer, console=console)
     train_ds, val_ds = load_prepared(prepared.out_dir)
     train_docs, val_docs = Documents.from_dataset(train_ds), Documents.from_dataset(val_ds)
     if not train_docs.input_ids:
@@ -299,15 +316,15 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     if not val_docs.input_ids:
         console.print(f"[yellow]warning:[/] no validation rows ({len(train_docs.input_ids)} training rows, "
                       f"data.val_fraction={recipe.data.val_fraction}): the validation loss is not measured", soft_wrap=True)
-    total_steps, _ = count_total_steps(recipe, train_docs)
+    total_steps, _ = count_total_steps(recipe, train_docs, world.size)
     if total_steps < 1:
         raise TrainingError("this recipe trains zero steps (training.epochs, training.max_steps); nothing to do")
 
-    loaded = load_model(recipe, tokenizer)
+    loaded = load_model(recipe, tokenizer, world.device)
     if recipe.data.packing == "auto":  # timed on the loaded model: one micro-batch each way
         recipe, why = auto_settings.measure_packing(recipe, train_docs, loaded, tokenizer.pad_token_id, forward_loss)
         console.print(f"[dim]auto packing: {why}[/]", soft_wrap=True, highlight=False)
-        total_steps, _ = count_total_steps(recipe, train_docs)
+        total_steps, _ = count_total_steps(recipe, train_docs, world.size)
     if recipe.training.compile:
         # Compiles the decoder stack in place; the chunked loss and lm_head stay eager.
         base_causal_lm(loaded.model).model.compile()
@@ -318,19 +335,26 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     console.print(f"trainable parameters: {trainable:,}")
     optimizer = make_optimizer(loaded.model, recipe, loaded.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
-    state = ckpt.TrainerState(data_sha256={k: v["sha256"] for k, v in prepared.stats["inputs"].items()})
+    state = ckpt.TrainerState(data_sha256={k: v["sha256"] for k, v in prepared.stats["inputs"].items()},
+                              world_size=world.size)
     if checkpoint is not None:
         state = ckpt.restore(checkpoint, loaded.model, optimizer, scheduler)
         console.print(f"resumed from {checkpoint.path} (step {state.step})", soft_wrap=True)
+        if state.world_size != world.size:
+            raise TrainingError(f"{checkpoint.path} was trained by {state.world_size} process(es), this run has "
+                                f"{world.size}: the global batch would change; resume with {state.world_size}")
     elif resume:
         console.print("--resume: no checkpoint yet, starting from step 0")
+    world.broadcast_parameters([p for p in loaded.model.parameters() if p.requires_grad])
 
     config = base_causal_lm(loaded.model).config
     mean_len = float(np.mean(train_docs.lengths))
     flops_per_token = training_flops_per_token(config, int(mean_len))
-    peak = recipe.training.peak_flops or measured_matmul_peak(loaded.device, loaded.compute_dtype)
+    # MFU over the whole job: every rank's tokens against every rank's device.
+    peak = (recipe.training.peak_flops or measured_matmul_peak(loaded.device, loaded.compute_dtype)) * world.size
+    metrics = open_metrics(recipe, run_dir) if world.is_main else NullMetricsLog()
     run = Run(recipe, run_dir, console, tokenizer, loaded, train_docs, val_docs, optimizer, scheduler, state,
-              total_steps, flops_per_token, peak, open_metrics(recipe, run_dir), held=held)
+              total_steps, flops_per_token, peak, metrics, world=world, held=held)
     install_signal_handlers(run)
     return run
 
@@ -344,9 +368,16 @@ def open_metrics(recipe: Recipe, run_dir: Path) -> MetricsLog:
 def install_signal_handlers(run: Run) -> None:
     """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit cleanly."""
 
+    first_at: list[float] = []
+
     def handler(signum, frame):
-        if run.stop_signal:  # a second signal: stop now
+        # A second signal stops now; under a launcher the first may come twice at once (the terminal's Ctrl-C
+        # and torchrun forwarding it), which is still the first.
+        if run.stop_signal:
+            if run.world.distributed and time.monotonic() - first_at[0] < 2.0:
+                return
             raise KeyboardInterrupt
+        first_at.append(time.monotonic())
         run.stop_signal.append(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -384,25 +415,28 @@ def make_batches(run: Run, docs: Documents, epoch: int, packing: bool | None = N
 
 
 def next_micro_batches(run: Run, plans: dict[int, list]) -> list[MicroBatch]:
-    """The micro-batches of the next optimizer step; a step never crosses an epoch boundary."""
+    """This rank's micro-batches of the next optimizer step (grad_accum per rank); a step never crosses an
+    epoch boundary."""
     s = run.state
     if s.epoch not in plans:
         plans.clear()
         plans[s.epoch] = make_batches(run, run.train_docs, s.epoch)
     plan = plans[s.epoch]
-    chosen = plan[s.batch_in_epoch : s.batch_in_epoch + run.recipe.training.grad_accum]
+    chosen = plan[s.batch_in_epoch : s.batch_in_epoch + run.recipe.training.grad_accum * run.world.size]
     s.batch_in_epoch += len(chosen)
     if s.batch_in_epoch >= len(plan):
         s.epoch, s.batch_in_epoch = s.epoch + 1, 0
     pad = run.tokenizer.pad_token_id
     docs = run.train_docs
     limit = long_from(run.recipe)
-    return [collate(rows, docs.input_ids, docs.labels, pad, docs.class_labels, position_limit=limit) for rows in chosen]
+    return [collate(rows, docs.input_ids, docs.labels, pad, docs.class_labels, position_limit=limit)
+            for rows in run.world.share(chosen)]
 
 
 def train_step(run: Run, batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over grad_accum micro-batches, normalised by the step's trained tokens."""
-    units = sum(batch_units(run, b) for b in batches)
+    """One optimizer step over grad_accum micro-batches (on each rank), normalised by the step's trained tokens
+    (over all ranks)."""
+    (units,) = run.world.sum_ints([sum(batch_units(run, b) for b in batches)])
     if units == 0:
         return torch.zeros(()), torch.zeros(())
     loss_total = torch.zeros((), device=run.device)
@@ -414,6 +448,7 @@ def train_step(run: Run, batches: list[MicroBatch]) -> tuple[torch.Tensor, torch
         per_batch.append(loss_sum.detach())
         loss_total += loss_sum.detach()
     params = [p for p in run.model.parameters() if p.requires_grad]
+    loss_total = run.world.sum_gradients(params, loss_total)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.recipe.training.max_grad_norm or float("inf"))
     # One host sync per optimizer step: a non-finite loss must stop the run before it poisons the weights.
     if not bool(torch.isfinite(loss_total) & torch.isfinite(grad_norm)):
@@ -441,9 +476,10 @@ def evaluate(run: Run, docs: Documents, max_batches: int = 0) -> dict:
     plan = make_batches(run, docs, epoch=0)
     if max_batches:
         plan = plan[:max_batches]
-    for rows in plan:
+    limit = long_from(run.recipe)
+    for rows in run.world.share(plan):
         batch = collate(rows, docs.input_ids, docs.labels, run.tokenizer.pad_token_id, docs.class_labels,
-                        position_limit=long_from(run.recipe))
+                        position_limit=limit)
         batch = batch.to(run.device)
         ls, c, logits = forward_loss(run, batch, count_correct=True)
         loss_sum += float(ls)
@@ -453,6 +489,8 @@ def evaluate(run: Run, docs: Documents, max_batches: int = 0) -> dict:
             predictions += logits.argmax(-1).tolist()
             truths += batch.class_labels.tolist()
     run.model.train(was_training)
+    loss_sum, units, correct = run.world.sum_floats([loss_sum, units, correct])
+    predictions, truths = run.world.gather_lists(predictions), run.world.gather_lists(truths)
     loss = loss_sum / max(units, 1)
     result = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_accuracy": correct / max(units, 1)}
     if run.recipe.task == "classification":
@@ -515,9 +553,14 @@ def sample_generations(run: Run, docs: Documents, count: int, max_new_tokens: in
 # --------------------------------------------------------------------------------------------- train
 
 def save(run: Run) -> Path:
-    path = ckpt.save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.state,
-                                run.recipe.to_yaml(), run.tokenizer)
-    ckpt.prune_checkpoints(run.run_dir, run.recipe.training.keep_checkpoints, run.state.best_step)
+    """Rank 0 writes the checkpoint (the ranks hold the same adapter and state); the others wait until it is
+    written, so none ends the job while rank 0 still saves."""
+    path = run.run_dir / ckpt.CHECKPOINTS / f"step-{run.state.step}"
+    if run.world.is_main:
+        path = ckpt.save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.state,
+                                    run.recipe.to_yaml(), run.tokenizer)
+        ckpt.prune_checkpoints(run.run_dir, run.recipe.training.keep_checkpoints, run.state.best_step)
+    run.world.barrier()
     return path
 
 
@@ -538,7 +581,7 @@ def train(run: Run) -> dict:
     r, s = run.recipe, run.state
     run.model.train()
     plans: dict[int, list] = {}
-    display = TrainDisplay(run.total_steps, r.training.display, run.console)
+    display = TrainDisplay(run.total_steps, r.training.display if run.world.is_main else "none", run.console)
     window_tokens = window_real = window_padded = 0
     window_start = time.perf_counter()
     run_start = time.perf_counter() - s.elapsed_seconds
@@ -556,13 +599,14 @@ def train(run: Run) -> dict:
                     "data.max_seq_len, or turn on training.gradient_checkpointing=true (and for long rows "
                     "training.offload_activations=true); `phi3local plan RECIPE` shows what fits") from e
             s.step += 1
-            for b in batches:
-                # A classification example trains on its whole text (one label from all its tokens).
-                window_tokens += b.real_tokens if r.task == "classification" else b.trained_tokens
-                window_real += b.real_tokens
-                window_padded += b.padded_tokens
-            s.trained_tokens += sum(b.real_tokens if r.task == "classification" else b.trained_tokens
-                                    for b in batches)
+            # A classification example trains on its whole text (one label from all its tokens).
+            tokens, real, padded = run.world.sum_ints([
+                sum(b.real_tokens if r.task == "classification" else b.trained_tokens for b in batches),
+                sum(b.real_tokens for b in batches), sum(b.padded_tokens for b in batches)])
+            window_tokens += tokens
+            window_real += real
+            window_padded += padded
+            s.trained_tokens += tokens
 
             logged = s.step % r.training.log_every == 0 or s.step == run.total_steps
             if logged:
@@ -591,16 +635,19 @@ def train(run: Run) -> dict:
             s.elapsed_seconds = time.perf_counter() - run_start
             if r.training.checkpoint_every and s.step % r.training.checkpoint_every == 0:
                 save(run)
-            if run.stop_signal:
-                raise TrainingInterrupted(run.stop_signal[0], save(run))
+            if run.world.any(bool(run.stop_signal)):  # the ranks stop together, after the same step
+                raise TrainingInterrupted((run.stop_signal or [signal.SIGTERM])[0], save(run))
             if logged:  # after eval and checkpoint, so their time is not charged to the next window
                 window_start = time.perf_counter()
 
     final = run_eval(run)
     s.finished = True
     s.elapsed_seconds = time.perf_counter() - run_start
-    samples = sample_generations(run, run.val_docs, r.eval.generate_samples, r.eval.max_new_tokens)
+    samples = sample_generations(run, run.val_docs, r.eval.generate_samples if run.world.is_main else 0,
+                                 r.eval.max_new_tokens)
     save(run)
+    if not run.world.is_main:  # rank 0 alone writes the adapter and the summary
+        return {"rank": run.world.rank, "steps": s.step}
     save_adapter(run)
     summary = {
         "steps": s.step, "trained_tokens": s.trained_tokens, "seconds": s.elapsed_seconds,
@@ -677,7 +724,7 @@ def cleanup(run: Run, failed: bool = False) -> None:
             signal.signal(sig, previous)
         run.metrics.close(failed)
         metrics = run.run_dir / "metrics.jsonl"
-        if metrics.is_file():
+        if metrics.is_file() and run.world.is_main:
             try:
                 plot_losses(metrics, run.run_dir / "loss.png")
             except Exception as e:  # noqa: BLE001 - a plot must not hide the error that ended the run

@@ -81,7 +81,8 @@ def test_train_job_body(tmp_path):
                         container_factory=lambda t: "container", work_dir=tmp_path / "work")
     body = arm.put_body("/jobs/")["properties"]
     assert body["jobType"] == "Command"
-    assert body["command"] == ("pip install --no-deps --quiet . && phi3local train recipe.yaml "
+    # Run from the code folder, nothing pip-installed: Azure ML runs it once per process (4 on each node here).
+    assert body["command"] == ("python -m phi3local train recipe.yaml "
                                "data.train_file=${{inputs.train}} data.validation_file=${{inputs.validation}} "
                                "output_dir=${{outputs.run}}")
     assert body["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": 4}
@@ -104,8 +105,22 @@ def test_train_job_body(tmp_path):
     env = arm.put_body("/environments/phi3local-train/")["properties"]
     assert "torch" in env["condaFile"] and env["image"] == train_recipe(tmp_path).azure.train_image
     assert body["environmentId"].endswith(env_path(arm))
-    assert any("distributed training is another issue" in line for line in lines)
+    # 2 nodes x 4 GPUs: 8 ranks; the tiny default batch 4 x grad_accum 1 per rank.
+    assert any("8 ranks (DDP, one per GPU): global batch 8 x micro_batch_size 4 x grad_accum 1 = 32" in line
+               for line in lines)
     assert plan.submitted.studio_url.startswith("https://ml.azure.com/runs/")
+
+
+@pytest.mark.parametrize(("nodes", "gpus"), [(1, 2), (3, 1)])
+def test_one_node_several_gpus_and_several_single_gpu_nodes_are_distributed(tmp_path, nodes, gpus):
+    arm = FakeArm()
+    submit_train(train_recipe(tmp_path, "training.grad_accum=2"), compute="gpu-cluster", instance_count=nodes,
+                 gpus_per_node=gpus, client_factory=client(arm), dry_run=False, say=lambda line: None,
+                 upload_fn=FakeUpload(), container_factory=lambda t: "container", work_dir=tmp_path / "work")
+    body = arm.put_body("/jobs/")["properties"]
+    assert body["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": gpus}
+    assert body["resources"]["instanceCount"] == nodes
+    assert body["command"].startswith("python -m phi3local train recipe.yaml ")
 
 
 def env_path(arm):
@@ -280,6 +295,6 @@ def test_help_names_the_listed_models(capsys):
     assert "Phi-4, Phi-4-mini-instruct, Phi-4-multimodal-instruct" in out
     with pytest.raises(SystemExit):
         parser.parse_args(["azure", "train", "--help"])
-    assert "distributed training itself is another issue" in " ".join(capsys.readouterr().out.split())
+    assert "the ranks train the recipe together (DDP, NCCL)" in " ".join(capsys.readouterr().out.split())
     args = parser.parse_args(["azure"])
     assert args.func(args) == 2  # `phi3local azure` alone prints its help

@@ -1,0 +1,321 @@
+"""Several processes, one recipe: everything distributed the training recipe needs, behind one `World`.
+
+A launcher starts one process per device and tells each who it is through the environment:
+torchrun, `accelerate launch` and Azure ML's PyTorch distribution all set RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT. Without them this is one process, and every method below returns at
+once without touching torch.distributed (a single run behaves and costs exactly as before).
+
+Data parallel QLoRA without the DDP wrapper: every rank holds the whole 4-bit base and its own copy of
+the adapter; a step's micro-batches are dealt out over the ranks (`share`); each rank backpropagates
+its share normalised by the step's trained units summed over ranks (`sum_ints`), and the trainable
+gradients are summed once per optimizer step (`sum_gradients`), so the optimizer sees the same gradient
+as one process running all the step's micro-batches. Micro-batches before the last of a step never sync.
+
+gloo on CPU, NCCL on CUDA (one device per process, cuda:LOCAL_RANK), chosen here. Collectives time out
+after `training.distributed_timeout_seconds`; a rank that dies closes its sockets, so the others fail
+at their next collective within seconds, and rank 0 names the dead rank (same host) from the pids the
+ranks register at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+
+import torch
+
+from phi3local.errors import Phi3LocalError
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Gradients are summed in flat buffers of at most this many elements (64 MiB of fp32) each.
+BUCKET_ELEMENTS = 1 << 24
+_PID_KEY = "phi3local/pid/{}"
+log = logging.getLogger(__name__)
+
+
+class DistributedError(Phi3LocalError, RuntimeError):
+    """The processes of a distributed run cannot start or went out of step; the message names the rank."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of a run (rank 0 of 1 without a launcher)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # "gloo" or "nccl" once the process group is up; None for one process
+    pids: dict = field(default_factory=dict, compare=False)  # rank -> (host, pid), for naming a dead rank
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device | None:
+        """The rank's device; None for one process (the model loader picks it, as without a launcher)."""
+        if not self.distributed:
+            return None
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device or torch.device("cpu")
+
+    # ------------------------------------------------------------------------------ data
+
+    def share(self, items: Sequence) -> list:
+        """This rank's share of a step's micro-batches: every size-th from its rank on.
+
+        Over the ranks every item is taken exactly once; a rank may get none at an epoch's uneven end
+        (it still joins the step's collectives).
+        """
+        return list(items[self.rank :: self.size]) if self.distributed else list(items)
+
+    # ------------------------------------------------------------------------------ collectives
+
+    def sum_ints(self, values: Sequence[int]) -> list[int]:
+        """Each value summed over the ranks (exact, int64)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.int64, device=self._comm_device)
+        self._collective("sum counts", lambda: _dist().all_reduce(t))
+        return [int(v) for v in t.tolist()]
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        """Each value summed over the ranks (float64)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
+        self._collective("sum values", lambda: _dist().all_reduce(t))
+        return t.tolist()
+
+    def gather_lists(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order (small, picklable items: predictions, labels)."""
+        if not self.distributed:
+            return items
+        out: list = [None] * self.size
+        self._collective("gather results", lambda: _dist().all_gather_object(out, items))
+        return [x for part in out for x in part]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any: how the ranks agree to stop after a signal."""
+        if not self.distributed:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self._comm_device)
+        self._collective("agree to stop", lambda: _dist().all_reduce(t, op=_dist().ReduceOp.MAX))
+        return bool(t.item())
+
+    def sum_gradients(self, params: Sequence[torch.nn.Parameter], loss_sum: torch.Tensor) -> torch.Tensor:
+        """Sum the trainable parameters' gradients over the ranks, in place, once per optimizer step; return
+        the step's loss sum over the ranks.
+
+        A parameter without a gradient on a rank (no micro-batch there) counts as zero; one without a gradient
+        on every rank keeps none, as in one process (AdamW then skips it).
+        """
+        if not self.distributed:
+            return loss_sum
+        dist = _dist()
+        # Which parameters got a gradient anywhere, and the loss, in one small collective.
+        head = torch.tensor([float(p.grad is not None) for p in params] + [float(loss_sum)], dtype=torch.float64,
+                            device=self._comm_device)
+        self._collective("sum the step's loss", lambda: dist.all_reduce(head))
+        has_grad = head[:-1].tolist()
+        with_grad = [p for p, flag in zip(params, has_grad) if flag > 0]
+        for bucket in _buckets(with_grad):
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+            self._collective("sum gradients", lambda flat=flat: dist.all_reduce(flat))
+            at = 0
+            for p in bucket:
+                part = flat[at : at + p.numel()].view_as(p)
+                at += p.numel()
+                if p.grad is None:
+                    p.grad = part.clone()
+                else:
+                    p.grad.copy_(part)
+        return torch.as_tensor(head[-1].item(), dtype=loss_sum.dtype, device=loss_sum.device)
+
+    def broadcast_parameters(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Rank 0's values of the trainable parameters on every rank (the ranks start from one adapter)."""
+        if not self.distributed:
+            return
+        with torch.no_grad():
+            for p in params:
+                self._collective("share the adapter", lambda p=p: _dist().broadcast(p.data, src=0))
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self._collective("wait for the other ranks", lambda: _dist().barrier())
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (claims the folder, prepares the data); the others wait for it and
+        then run it themselves, or stop with rank 0's error when it failed."""
+        if not self.distributed:
+            yield
+            return
+        if self.is_main:
+            try:
+                yield
+            except BaseException as e:
+                self._tell_outcome(f"{type(e).__name__}: {e}")
+                raise
+            self._tell_outcome(None)
+        else:
+            error = self._tell_outcome(None)
+            if error is not None:
+                raise DistributedError(f"rank {self.rank}: rank 0 failed during setup ({error})")
+            yield
+
+    def require_shared(self, path) -> None:
+        """A rank other than 0 must see what rank 0 wrote (its run folder), or it would train on other data."""
+        if not os.path.exists(path):
+            raise DistributedError(f"rank {self.rank} on {socket.gethostname()} does not see {path}, which rank 0 "
+                                   "wrote: output_dir must be on a filesystem every node shares (NFS, Azure ML's "
+                                   "mounted job output)")
+
+    def _tell_outcome(self, error: str | None) -> str | None:
+        message = [error]
+        self._collective("wait for rank 0's setup", lambda: _dist().broadcast_object_list(message, src=0))
+        return message[0]
+
+    def close(self) -> None:
+        """Tear the process group down (the end of a run, or its failure)."""
+        if self.distributed and _dist().is_initialized():
+            _dist().destroy_process_group()
+
+    # ------------------------------------------------------------------------------ failures
+
+    def _collective(self, what: str, call) -> None:
+        try:
+            call()
+        except (RuntimeError, _dist().DistBackendError) as e:
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0])[:120]  # without gloo's source path
+            error = DistributedError(f"rank {self.rank}: {self.who_failed()} ({what}: {detail})")
+            # Said at once: the launcher may end this process (SIGTERM) before the error reaches the CLI.
+            log.error("%s", error)
+            raise error from e
+
+    def who_failed(self) -> str:
+        """The ranks on this host whose process is gone, else a hint at the launcher's report."""
+        dead = [f"rank {r} (pid {pid})" for r, (host, pid) in sorted(self.pids.items())
+                if host == socket.gethostname() and r != self.rank and not _alive(pid)]
+        if dead:
+            return ", ".join(dead) + (" is" if len(dead) == 1 else " are") + " dead"
+        return "another rank stopped answering (it died, hung or was killed; the launcher's log names it)"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _alive(pid: int) -> bool:
+    """False for a process that is gone or a zombie (dead, not yet reaped by its launcher)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc (macOS): ask the kernel
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _buckets(params: Sequence[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:
+    """Consecutive parameters of one dtype and device, at most BUCKET_ELEMENTS each (a larger one alone)."""
+    bucket: list[torch.nn.Parameter] = []
+    size = 0
+    for p in params:
+        if bucket and (size + p.numel() > BUCKET_ELEMENTS or (p.dtype, p.device) != (bucket[0].dtype, bucket[0].device)):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += p.numel()
+    if bucket:
+        yield bucket
+
+
+def _int_variable(environ, name: str, low: int = 0) -> int:
+    value = environ.get(name)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise DistributedError(f"environment variable {name}={value!r} is not a whole number (set by the "
+                               "launcher: torchrun, accelerate launch or Azure ML)") from None
+    if number < low:
+        raise DistributedError(f"environment variable {name}={number} must be at least {low}")
+    return number
+
+
+def from_environment(environ=None) -> World:
+    """Who this process is, from the launcher's variables (one process when WORLD_SIZE is unset or 1)."""
+    environ = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in environ:
+        return World()
+    size = _int_variable(environ, "WORLD_SIZE", 1)
+    if size == 1:
+        return World()
+    missing = [v for v in LAUNCHER_VARIABLES if v not in environ]
+    if missing:
+        raise DistributedError(f"WORLD_SIZE={size} but {', '.join(missing)} not set: start several processes "
+                               "with torchrun, accelerate launch or an Azure ML PyTorch job, which set them all")
+    rank = _int_variable(environ, "RANK")
+    if rank >= size:
+        raise DistributedError(f"environment variable RANK={rank} must be below WORLD_SIZE={size}")
+    return World(rank=rank, size=size, local_rank=_int_variable(environ, "LOCAL_RANK"))
+
+
+def start(timeout_seconds: float, environ=None) -> World:
+    """Join the launcher's process group (gloo on CPU, NCCL on CUDA, one GPU per process), or stay one process."""
+    world = from_environment(environ)
+    if not world.distributed:
+        return world
+    dist = _dist()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if world.local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"rank {world.rank}: LOCAL_RANK={world.local_rank} but this machine shows "
+                                   f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU")
+        torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
+        except (RuntimeError, ValueError) as e:
+            raise DistributedError(f"rank {world.rank}: cannot join the other {world.size - 1} process(es) at "
+                                   f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                                   f"{timeout_seconds:g} s: {str(e).splitlines()[0][:200]}") from e
+    world = replace(world, backend=backend)
+    return replace(world, pids=_register_pids(world))
+
+
+def _register_pids(world: World) -> dict:
+    """Every rank's (host, pid) through the launcher's key-value store, to name a rank that dies."""
+    try:
+        store = _dist().distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):  # a private helper of torch: without it no names
+        return {}
+    store.set(_PID_KEY.format(world.rank), f"{socket.gethostname()} {os.getpid()}")
+    world.barrier()  # every rank has registered
+    pids = {}
+    for r in range(world.size):
+        host, pid = store.get(_PID_KEY.format(r)).decode().rsplit(" ", 1)
+        pids[r] = (host, int(pid))
+    return pids
