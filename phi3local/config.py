@@ -167,6 +167,8 @@ class TrainingConfig:
     trackers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     # Peak FLOP/s of the device for MFU; 0 means measure it.
     peak_flops: float = num(0.0, ge=0)
+    # Price of one device-hour (a GPU, or this machine on CPU) for the run summary's cost; 0: not priced.
+    usd_per_device_hour: float = num(0.0, ge=0)
     display: Literal["auto", "rich", "plain", "none"] = "auto"
 
 
@@ -226,6 +228,12 @@ class AzureConfig:
     train_image: str = "mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04"
     # Experiment the train and finetune jobs are filed under.
     experiment_name: str = "phi3local"
+    # Your price table (JSON, as phi3local/assets/prices.json) whose entries replace the shipped placeholders.
+    price_table: str | None = None
+    # VM size of the `azure train` cluster, for its cost estimate only (the cluster itself decides).
+    train_instance_type: str = "Standard_NC24ads_A100_v4"
+    # Hosted fine-tuning price per 1,000 trained tokens (x epochs); 0: the price table's, else not priced.
+    finetune_usd_per_1k_tokens: float = num(0.0, ge=0)
 
 
 @dataclass

@@ -123,6 +123,7 @@ def cmd_invoke(args) -> int:
 
 def cmd_train(args) -> int:
     from phi3local.azure.jobs import submit_train
+    from phi3local.cost import azure_train_estimate
 
     recipe = _recipe(args)
     console = _console()
@@ -130,12 +131,19 @@ def cmd_train(args) -> int:
     submit_train(recipe, compute=args.compute, instance_count=args.instance_count, gpus_per_node=args.gpus_per_node,
                  client_factory=None if args.dry_run else _client_factory(ref), dry_run=args.dry_run,
                  say=_say(console), console=console)
+    _say_estimate(_say(console), "cost", azure_train_estimate(recipe, args.instance_count).lines)
     return 0
+
+
+def _say_estimate(say, label: str, lines: list[str]) -> None:
+    for i, line in enumerate(lines):
+        say(f"{label if i == 0 else '':<12} {line}")
 
 
 def cmd_finetune(args) -> int:
     from phi3local.azure.jobs import submit_finetune
     from phi3local.azure.workspace import registry_client
+    from phi3local.cost import finetune_comparison
 
     recipe = _recipe(args)
     console = _console()
@@ -145,6 +153,7 @@ def cmd_finetune(args) -> int:
                     client_factory=None if args.dry_run else _client_factory(ref),
                     registry_factory=None if args.dry_run else (lambda: registry_client("azureml")),
                     dry_run=args.dry_run, say=_say(console), console=console)
+    _say_estimate(_say(console), "cost", finetune_comparison(recipe, Path(args.data)))
     return 0
 
 

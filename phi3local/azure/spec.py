@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from phi3local.cost import instance_estimate, load_price_table
 from phi3local.errors import Phi3LocalError
 
 SCHEMA_URL = "https://azuremlschemas.azureedge.net/latest/{}.schema.json"
@@ -376,6 +377,7 @@ class Spec:
     plan: ServingPlan
     measurements: Measurements
     entities: dict[str, Any] = field(default_factory=dict)  # kind -> the SDK entity its loader returned
+    price_table: str | None = None  # the user's price table (azure.price_table), for the plan's cost lines
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -538,7 +540,7 @@ def write_spec(onnx_dir: str | Path, out_dir: str | Path, azure: Any, measuremen
 
     spec = Spec(out_dir, onnx_dir, {k: out_dir / v for k, v in FILES.items()}, code_dir, scoring_script,
                 azure.model_name, model_version, env_name, env_version, endpoint, azure.deployment_name, plan,
-                measurements)
+                measurements, price_table=getattr(azure, "price_table", None))
     spec.entities = load_spec(out_dir)
     (out_dir / MARKER).write_text(json.dumps(spec.summary(), indent=2) + "\n", encoding="utf-8")
     return spec
@@ -570,4 +572,6 @@ def plan_lines(spec: Spec) -> list[str]:
         f"every {p.liveness.period} s, {p.liveness.failure_threshold} failures allowed",
     ]
     lines += [f"note         {n}" for n in p.notes]
+    estimate = instance_estimate(p.instance_type, p.instance_count, load_price_table(spec.price_table))
+    lines += [f"{'instance' if i == 0 else '':<12} {line}" for i, line in enumerate(estimate.lines)]
     return lines
