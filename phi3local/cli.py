@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     from phi3local.azure import commands as azure_commands
 
     azure_commands.register(sub)
+    from phi3local.safety import commands as safety_commands
+
+    safety_commands.register(sub)
 
     p = sub.add_parser("doctor", help="what this machine has, what each stage will choose, how to fix gaps")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")

@@ -30,7 +30,8 @@ import psutil
 import pytest
 import requests
 import yaml
-from stories_task import make_rows, write_task
+from stories_models import tuned_stories
+from stories_task import make_rows
 
 from phi3local.errors import Phi3LocalError
 from phi3local.serve import bundle, protocol
@@ -351,23 +352,7 @@ def test_environment_files_pin_what_was_tested():
 @pytest.fixture(scope="module")
 def stories_onnx(tmp_path_factory, shared_data):
     """stories260K, QLoRA-tuned briefly on the stories task (20 steps: 57 of 60 held-out answers exact), fp32."""
-    from phi3local.config import load_recipe
-    from phi3local.export.merge import merge_adapter
-    from phi3local.export.onnx import export_onnx
-    from phi3local.train.recipe import run_training
-
-    folder = tmp_path_factory.mktemp("serve-stories")
-    train_file, val_file = write_task(folder, n_val=8)
-    recipe = load_recipe(REPO / "recipes" / "tiny-cpu.yaml", [
-        "model.name_or_path=stories260k", f"data.train_file={train_file}", f"data.validation_file={val_file}",
-        f"output_dir={folder / 'run'}", "lora.modules_to_save=[]", "training.lr=3e-3", "training.max_steps=20",
-        "training.checkpoint_every=0", "eval.every=0", "eval.generate_samples=0", "training.display=none",
-        "quantization.load_in_4bit=true",
-    ])
-    run_training(recipe)
-    merge_adapter(folder / "run", folder / "merged", dtype="float32")
-    export_onnx(folder / "merged", folder / "stories-onnx", precision="fp32", target="cpu", check=False, show=False)
-    return folder / "stories-onnx"
+    return tuned_stories(tmp_path_factory) / "stories-onnx"
 
 
 @pytest.fixture(scope="module")
