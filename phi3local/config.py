@@ -234,6 +234,9 @@ class AzureConfig:
     price_table: str | None = None
     # VM size of the `azure train` cluster, for its cost estimate only (the cluster itself decides).
     train_instance_type: str = "Standard_NC24ads_A100_v4"
+    # Collect requests and answers (redacted) through Azure ML's data collector: the deployment's data_collector
+    # and score.py's PHI3LOCAL_COLLECT (collections model_inputs, model_outputs).
+    collect_requests: bool = False
     # Hosted fine-tuning price per 1,000 trained tokens (x epochs); 0: the price table's, else not priced.
     finetune_usd_per_1k_tokens: float = num(0.0, ge=0)
 

@@ -246,7 +246,8 @@ def derive_serving(azure: Any, measurements: Measurements, target: str) -> Servi
     liveness = Probe(max(live_delay, SERVICE_PROBE_DELAY_S), PROBE_PERIOD_S, PROBE_TIMEOUT_S, threshold)
     readiness = Probe(max(ready_delay, SERVICE_PROBE_DELAY_S), PROBE_PERIOD_S, PROBE_TIMEOUT_S, threshold)
     workers = azure.max_concurrent_requests_per_instance
-    settings = ServeSettings(max_tokens_cap=azure.max_tokens, model_name=azure.model_name)
+    settings = ServeSettings(max_tokens_cap=azure.max_tokens, model_name=azure.model_name,
+                             collect=getattr(azure, "collect_requests", False))
     # Only these variables, never this machine's environment. Not serve.server.server_environment: it adds
     # gunicorn flags by probing the gunicorn installed *here*, which need not be the deployment's.
     env = {**settings.to_env(), "GUNICORN_CMD_ARGS": f"--threads {THREADS_PER_WORKER}", ENV_WORKER_COUNT: str(workers)}
@@ -536,6 +537,7 @@ def write_spec(onnx_dir: str | Path, out_dir: str | Path, azure: Any, measuremen
         "liveness_probe": plan.liveness.to_yaml(),
         "readiness_probe": plan.readiness.to_yaml(),
         "environment_variables": plan.environment_variables,
+        **({"data_collector": data_collector()} if getattr(azure, "collect_requests", False) else {}),
     }, "request_timeout_ms, probes and WORKER_COUNT are derived in spec.json (plan, measurements)")
 
     spec = Spec(out_dir, onnx_dir, {k: out_dir / v for k, v in FILES.items()}, code_dir, scoring_script,
@@ -544,6 +546,11 @@ def write_spec(onnx_dir: str | Path, out_dir: str | Path, azure: Any, measuremen
     spec.entities = load_spec(out_dir)
     (out_dir / MARKER).write_text(json.dumps(spec.summary(), indent=2) + "\n", encoding="utf-8")
     return spec
+
+
+def data_collector() -> dict[str, Any]:
+    """The deployment's data_collector: score.py's collections (phi3local.serve.monitoring), redacted there."""
+    return {"collections": {name: {"enabled": "True"} for name in ("model_inputs", "model_outputs")}}
 
 
 def _relpath(path: Path, start: Path) -> str:

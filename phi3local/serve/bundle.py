@@ -29,6 +29,7 @@ CODE_FILES = (
     "phi3local/serve/stops.py",
     "phi3local/serve/engine.py",
     "phi3local/serve/service.py",
+    "phi3local/serve/monitoring.py",
     SCORING_SCRIPT,
 )
 ENVIRONMENTS = {"cpu": "environment-cpu.yml", "cuda": "environment-cuda.yml"}

@@ -8,7 +8,8 @@ Generation` (engine.py's OnnxEngine; the benchmark's PyTorch engine) serves the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -71,30 +72,55 @@ class ChatService:
             finish_reason=answer.finish_reason, prompt_tokens=prompt.tokens,
             completion_tokens=generation.completion_tokens)
 
-    def stream(self, request: protocol.ChatRequest) -> Iterator[str]:
+    def stream(self, request: protocol.ChatRequest, on_done: Callable[[StreamOutcome], None] | None = None
+               ) -> Iterator[str]:
         """Server-sent events for a streamed request. The prompt is checked now, so a request the model
-        cannot take fails with its 4xx before any event is sent."""
+        cannot take fails with its 4xx before any event is sent. on_done gets the outcome when the stream ends
+        (finished, failed, or the client gone)."""
         prompt, generation = self._start(request)
-        return self._events(request, prompt, _Answer(generation, request.stop))
+        return self._events(request, prompt, _Answer(generation, request.stop), on_done)
 
-    def _events(self, request: protocol.ChatRequest, prompt: Prompt, answer: _Answer) -> Iterator[str]:
+    def _events(self, request: protocol.ChatRequest, prompt: Prompt, answer: _Answer,
+                on_done: Callable[[StreamOutcome], None] | None = None) -> Iterator[str]:
         ids = {"completion_id": protocol.new_completion_id(), "created": protocol.now(), "model": self.model_name}
+        outcome = StreamOutcome(prompt_tokens=prompt.tokens)
         try:
             yield protocol.sse_event(protocol.chunk_body(**ids, delta={"role": "assistant", "content": ""}))
             for text in answer:
+                outcome.pieces.append(text)
                 yield protocol.sse_event(protocol.chunk_body(**ids, delta={"content": text}))
             yield protocol.sse_event(protocol.chunk_body(**ids, delta={}, finish_reason=answer.finish_reason))
             if request.include_usage:
                 yield protocol.sse_event(protocol.chunk_body(
                     **ids, delta=None, usage_=protocol.usage(prompt.tokens, answer.generation.completion_tokens)))
             yield protocol.SSE_DONE
+            outcome.finish_reason = answer.finish_reason
         except Exception:
             # The 200 and its headers are sent already: say it in the stream, and keep the worker serving.
             logger.exception("generation failed in a streamed response")
+            outcome.error = "server_error"
             yield protocol.sse_event(protocol.error_body("generation failed; see the server log", code="server_error",
                                                          error_type="server_error"))
         finally:
             answer.close()  # the client may have gone: free the generator now
+            outcome.completion_tokens = answer.generation.completion_tokens
+            if on_done is not None:
+                on_done(outcome)
+
+
+@dataclass
+class StreamOutcome:
+    """What a streamed answer turned out to be, for monitoring: its text, tokens, and how it ended."""
+
+    prompt_tokens: int
+    pieces: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # None: it did not finish (failed, or the client went away)
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 class _Answer:

@@ -339,3 +339,15 @@ def test_finetune_dry_run_prints_the_hosted_estimate_next_to_the_local_run(tmp_p
     assert "hosted: 20,000 tokens x 3 epoch(s) x $0.005/1k = $0.30" in out
     assert "counted by the local prepare" in out
     assert "local: 8,000 trained tokens in 0.2500 device-hours on cuda: $0.9000" in out
+
+
+def test_collect_requests_enables_the_data_collector_and_score_pys_collection(tmp_path):
+    onnx = make_export(tmp_path / "onnx", "cuda")
+    off = write_spec(onnx, tmp_path / "off", azure_cfg(), measured())
+    assert off.entities["deployment"].data_collector is None
+    assert "PHI3LOCAL_COLLECT" not in off.entities["deployment"].environment_variables
+    spec = write_spec(onnx, tmp_path / "on", azure_cfg("azure.collect_requests=true"), measured())
+    d = spec.entities["deployment"]  # loaded back through the SDK's load_online_deployment
+    assert sorted(d.data_collector.collections) == ["model_inputs", "model_outputs"]
+    assert all(str(c.enabled).lower() == "true" for c in d.data_collector.collections.values())
+    assert d.environment_variables["PHI3LOCAL_COLLECT"] == "true"
