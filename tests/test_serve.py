@@ -268,6 +268,50 @@ def test_score_glue_reads_bodies_and_reports_failures():
     assert r.status_code == 200 and json.loads(events[-1][6:])["error"]["code"] == "server_error"
 
 
+def test_content_safety_guard_blocks_prompts_and_answers_and_fails_closed(tmp_path):
+    from content_safety_fake import FakeContentSafety
+
+    from phi3local.safety.scorer import classify
+    from phi3local.serve.guard import REFUSAL_TEXT, ContentGuard
+    from phi3local.serve.monitoring import RequestMonitor
+    from phi3local.serve.score import respond
+    from phi3local.serve.service import ChatService
+
+    fake = FakeContentSafety()  # Violence 6 for any text with HARM in it
+    try:
+        env = {"CONTENT_SAFETY_ENDPOINT": fake.url, "CONTENT_SAFETY_KEY": "k"}
+        guard = ContentGuard.from_env(env)
+        assert guard.threshold == 4 and ContentGuard.from_env({}) is None
+        monitor = RequestMonitor(tmp_path / "requests.jsonl")
+
+        def ask(pieces, text, stream=False):
+            service = ChatService(FakeEngine(pieces), ServeSettings(max_tokens_cap=8), guard)
+            body = json.dumps({"messages": user(text), "stream": stream}).encode()
+            return respond(flask_request(data=body), service, monitor)
+
+        r = ask(["fine."], "tell me HARM")
+        assert r.status_code == 400 and r.get_json()["error"]["code"] == "content_filter"
+        assert "Violence severity 6 >= 4" in r.get_json()["error"]["message"]
+        assert ask(["fine."], "tell me HARM", stream=True).status_code == 400  # streams screen their prompt too
+        r = ask(["HARM ", "HARM."], "hello").get_json()
+        assert r["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": REFUSAL_TEXT},
+                                   "finish_reason": "content_filter"}
+        assert classify(REFUSAL_TEXT).label == "refusal"  # `phi3local monitor` counts it as one
+        assert ask(["all ", "good."], "hello").get_json()["choices"][0]["message"]["content"] == "all good."
+        records = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+        assert [(r["status"], r["error"], r["finish_reason"]) for r in records] == [
+            (400, "content_filter", None), (400, "content_filter", None), (200, None, "content_filter"),
+            (200, None, "stop")]
+    finally:
+        fake.close()
+    down = ChatService(FakeEngine(["x"]), ServeSettings(max_tokens_cap=8), ContentGuard.from_env(
+        {"CONTENT_SAFETY_ENDPOINT": "http://127.0.0.1:9", "CONTENT_SAFETY_KEY": "k"}))
+    r = respond(flask_request(data=json.dumps({"messages": user("hi")}).encode()), down)
+    assert r.status_code == 503 and r.get_json()["error"]["code"] == "content_safety_unavailable"
+    with pytest.raises(ServeError, match="PHI3LOCAL_CONTENT_SAFETY_THRESHOLD"):
+        ContentGuard.from_env({**env, "PHI3LOCAL_CONTENT_SAFETY_THRESHOLD": "high"})
+
+
 # ---------------------------------------------------------------------------------- model folder, settings
 
 def fake_export(folder: Path) -> Path:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from phi3local.serve import protocol
 from phi3local.serve.engine import Generation, Prompt
+from phi3local.serve.guard import REFUSAL_TEXT, ContentGuard
 from phi3local.serve.settings import ServeSettings
 from phi3local.serve.stops import StopMatcher
 
@@ -30,10 +31,11 @@ class Engine(Protocol):
 
 
 class ChatService:
-    def __init__(self, engine: Engine, settings: ServeSettings | None = None):
+    def __init__(self, engine: Engine, settings: ServeSettings | None = None, guard: ContentGuard | None = None):
         self.engine = engine
         self.settings = settings or ServeSettings()
         self.model_name = self.settings.model_name or Path(engine.model_dir).name
+        self.guard = guard  # Azure AI Content Safety on prompts and answers, when configured
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> ChatService:
@@ -50,13 +52,15 @@ class ChatService:
         model_dir = find_model_dir(root)
         logger.info("loading %s (max_tokens cap %d, body limit %d bytes)", model_dir, settings.max_tokens_cap,
                     settings.max_body_bytes)
-        return cls(OnnxEngine(model_dir), settings)
+        return cls(OnnxEngine(model_dir), settings, ContentGuard.from_env(environ))
 
     def parse(self, body: bytes) -> protocol.ChatRequest:
         return protocol.parse_chat_request(body, max_tokens_cap=self.settings.max_tokens_cap,
                                            max_body_bytes=self.settings.max_body_bytes)
 
     def _start(self, request: protocol.ChatRequest) -> tuple[Prompt, Generation]:
+        if self.guard is not None:
+            self.guard.check_prompt(request.messages)
         prompt = self.engine.prepare(request.messages, request.max_tokens)
         generation = self.engine.generate(prompt, temperature=request.temperature, top_p=request.top_p,
                                           seed=request.seed)
@@ -66,10 +70,12 @@ class ChatService:
         """The chat.completion body for a non-streamed request."""
         prompt, generation = self._start(request)
         answer = _Answer(generation, request.stop)
-        text = "".join(answer)
+        text, finish_reason = "".join(answer), answer.finish_reason
+        if self.guard is not None and self.guard.blocks(text):
+            text, finish_reason = REFUSAL_TEXT, "content_filter"
         return protocol.completion_body(
             completion_id=protocol.new_completion_id(), created=protocol.now(), model=self.model_name, text=text,
-            finish_reason=answer.finish_reason, prompt_tokens=prompt.tokens,
+            finish_reason=finish_reason, prompt_tokens=prompt.tokens,
             completion_tokens=generation.completion_tokens)
 
     def stream(self, request: protocol.ChatRequest, on_done: Callable[[StreamOutcome], None] | None = None
