@@ -137,7 +137,7 @@ def cmd_serve(args) -> int:
     # Does not return: this process becomes the inference server.
     serve(Path(args.model), host=args.host, port=args.port, workers=args.workers, threads=args.threads,
           max_tokens_cap=args.max_tokens, max_body_bytes=args.max_body_bytes, health_port=args.health_port,
-          model_name=args.model_name)
+          model_name=args.model_name, monitor_log=args.monitor_log)
     return 0
 
 
@@ -234,12 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--health-port", type=positive_int, help="also answer GET / on this port (same workers)")
     p.add_argument("--model-name", help="`model` field of responses (default: the folder's name)")
+    p.add_argument("--monitor-log", help="append one redacted record per request (JSONL; see `phi3local monitor`)")
     p.set_defaults(func=cmd_serve)
 
     from phi3local.azure import commands as azure_commands
 
     azure_commands.register(sub)
-    __import__("phi3local.train.plan_command", fromlist=["register"]).register(sub)
+    from phi3local.train import plan_command
+
+    plan_command.register(sub)
+    from phi3local.safety import commands as safety_commands
+
+    safety_commands.register(sub)
+    from phi3local import monitor_report
+
+    monitor_report.register(sub)
 
     p = sub.add_parser("doctor", help="what this machine has, what each stage will choose, how to fix gaps")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")

@@ -111,6 +111,8 @@ class DataConfig:
     packing: bool | Literal["auto"] = "auto"
     # Where `prepare` writes its output; defaults to <output_dir>/prepared.
     prepared_dir: str | None = None
+    # Name (file:line) the rows whose assistant turn complies with a harmful request (phi3local.safety rules).
+    safety_screen: bool = False
 
 
 @dataclass
@@ -179,6 +181,8 @@ class TrainingConfig:
     trackers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     # Peak FLOP/s of the device for MFU; 0 means measure it.
     peak_flops: float = num(0.0, ge=0)
+    # Price of one device-hour (a GPU, or this machine on CPU) for the run summary's cost; 0: not priced.
+    usd_per_device_hour: float = num(0.0, ge=0)
     display: Literal["auto", "rich", "plain", "none"] = "auto"
     # Under torchrun/accelerate/Azure ML: how long a rank waits in a collective (for rank 0's data preparation, a
     # hung peer) before the job fails; a rank that dies is noticed at once.
@@ -241,6 +245,28 @@ class AzureConfig:
     train_image: str = "mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04"
     # Experiment the train and finetune jobs are filed under.
     experiment_name: str = "phi3local"
+    # Your price table (JSON, as phi3local/assets/prices.json) whose entries replace the shipped placeholders.
+    price_table: str | None = None
+    # VM size of the `azure train` cluster, for its cost estimate only (the cluster itself decides).
+    train_instance_type: str = "Standard_NC24ads_A100_v4"
+    # Collect requests and answers (redacted) through Azure ML's data collector: the deployment's data_collector
+    # and score.py's PHI3LOCAL_COLLECT (collections model_inputs, model_outputs).
+    collect_requests: bool = False
+    # Hosted fine-tuning price per 1,000 trained tokens (x epochs); 0: the price table's, else not priced.
+    finetune_usd_per_1k_tokens: float = num(0.0, ge=0)
+
+
+@dataclass
+class SafetyConfig:
+    # `azure push` refuses a model whose refusal rate on harmful prompts is more than this below its base's
+    # (0.05: 5 percentage points), unless --allow-safety-regression is given.
+    max_refusal_drop: float = num(0.05, ge=0, le=1)
+    # A safety.json older than this is not used by the deploy gate.
+    max_report_age_hours: float = num(168.0, gt=0)
+    # New tokens per answer of `phi3local safety` (a refusal shows in the first sentence).
+    max_new_tokens: int = num(48, ge=1)
+    # Azure AI Content Safety severity (0, 2, 4, 6) from which text counts as harmful (and score.py blocks it).
+    content_safety_threshold: int = num(4, ge=0, le=7)
 
 
 @dataclass
@@ -257,6 +283,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     azure: AzureConfig = field(default_factory=AzureConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     # Where the recipe came from (not a recipe key): used to resolve relative data paths and in errors.
     source: str = field(default="<defaults>", metadata={"internal": True})
 

@@ -23,7 +23,7 @@ from phi3local.errors import Phi3LocalError
 
 MARKER = ".phi3local.json"
 LOCK = ".lock"
-STAGES = ("train", "merge", "export", "prepare")
+STAGES = ("train", "merge", "export", "prepare", "safety")
 # Outputs written before the marker existed, recognised by a file only that stage writes.
 LEGACY_SIGNS = {
     "train": lambda d: (d / "recipe.yaml").is_file() and "\n# versions: {\"phi3local\"" in _head(d / "recipe.yaml"),

@@ -30,7 +30,8 @@ import psutil
 import pytest
 import requests
 import yaml
-from stories_task import make_rows, write_task
+from stories_models import tuned_stories
+from stories_task import make_rows
 
 from phi3local.errors import Phi3LocalError
 from phi3local.serve import bundle, protocol
@@ -267,6 +268,50 @@ def test_score_glue_reads_bodies_and_reports_failures():
     assert r.status_code == 200 and json.loads(events[-1][6:])["error"]["code"] == "server_error"
 
 
+def test_content_safety_guard_blocks_prompts_and_answers_and_fails_closed(tmp_path):
+    from content_safety_fake import FakeContentSafety
+
+    from phi3local.safety.scorer import classify
+    from phi3local.serve.guard import REFUSAL_TEXT, ContentGuard
+    from phi3local.serve.monitoring import RequestMonitor
+    from phi3local.serve.score import respond
+    from phi3local.serve.service import ChatService
+
+    fake = FakeContentSafety()  # Violence 6 for any text with HARM in it
+    try:
+        env = {"CONTENT_SAFETY_ENDPOINT": fake.url, "CONTENT_SAFETY_KEY": "k"}
+        guard = ContentGuard.from_env(env)
+        assert guard.threshold == 4 and ContentGuard.from_env({}) is None
+        monitor = RequestMonitor(tmp_path / "requests.jsonl")
+
+        def ask(pieces, text, stream=False):
+            service = ChatService(FakeEngine(pieces), ServeSettings(max_tokens_cap=8), guard)
+            body = json.dumps({"messages": user(text), "stream": stream}).encode()
+            return respond(flask_request(data=body), service, monitor)
+
+        r = ask(["fine."], "tell me HARM")
+        assert r.status_code == 400 and r.get_json()["error"]["code"] == "content_filter"
+        assert "Violence severity 6 >= 4" in r.get_json()["error"]["message"]
+        assert ask(["fine."], "tell me HARM", stream=True).status_code == 400  # streams screen their prompt too
+        r = ask(["HARM ", "HARM."], "hello").get_json()
+        assert r["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": REFUSAL_TEXT},
+                                   "finish_reason": "content_filter"}
+        assert classify(REFUSAL_TEXT).label == "refusal"  # `phi3local monitor` counts it as one
+        assert ask(["all ", "good."], "hello").get_json()["choices"][0]["message"]["content"] == "all good."
+        records = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+        assert [(r["status"], r["error"], r["finish_reason"]) for r in records] == [
+            (400, "content_filter", None), (400, "content_filter", None), (200, None, "content_filter"),
+            (200, None, "stop")]
+    finally:
+        fake.close()
+    down = ChatService(FakeEngine(["x"]), ServeSettings(max_tokens_cap=8), ContentGuard.from_env(
+        {"CONTENT_SAFETY_ENDPOINT": "http://127.0.0.1:9", "CONTENT_SAFETY_KEY": "k"}))
+    r = respond(flask_request(data=json.dumps({"messages": user("hi")}).encode()), down)
+    assert r.status_code == 503 and r.get_json()["error"]["code"] == "content_safety_unavailable"
+    with pytest.raises(ServeError, match="PHI3LOCAL_CONTENT_SAFETY_THRESHOLD"):
+        ContentGuard.from_env({**env, "PHI3LOCAL_CONTENT_SAFETY_THRESHOLD": "high"})
+
+
 # ---------------------------------------------------------------------------------- model folder, settings
 
 def fake_export(folder: Path) -> Path:
@@ -341,6 +386,7 @@ def test_environment_files_pin_what_was_tested():
         pins = dict(line.split("==") for line in pip if "==" in line)
         assert pins[runtime] == version("onnxruntime-genai")
         assert pins["azureml-inference-server-http"] == version("azureml-inference-server-http")
+        assert pins["azureml-ai-monitoring"] == version("azureml-ai-monitoring")
         assert {"numpy", "jinja2"} <= {re.split(r"[<>=]", line)[0] for line in pip}
     with pytest.raises(ServeError):
         bundle.environment_file("tpu")
@@ -351,23 +397,7 @@ def test_environment_files_pin_what_was_tested():
 @pytest.fixture(scope="module")
 def stories_onnx(tmp_path_factory, shared_data):
     """stories260K, QLoRA-tuned briefly on the stories task (20 steps: 57 of 60 held-out answers exact), fp32."""
-    from phi3local.config import load_recipe
-    from phi3local.export.merge import merge_adapter
-    from phi3local.export.onnx import export_onnx
-    from phi3local.train.recipe import run_training
-
-    folder = tmp_path_factory.mktemp("serve-stories")
-    train_file, val_file = write_task(folder, n_val=8)
-    recipe = load_recipe(REPO / "recipes" / "tiny-cpu.yaml", [
-        "model.name_or_path=stories260k", f"data.train_file={train_file}", f"data.validation_file={val_file}",
-        f"output_dir={folder / 'run'}", "lora.modules_to_save=[]", "training.lr=3e-3", "training.max_steps=20",
-        "training.checkpoint_every=0", "eval.every=0", "eval.generate_samples=0", "training.display=none",
-        "quantization.load_in_4bit=true",
-    ])
-    run_training(recipe)
-    merge_adapter(folder / "run", folder / "merged", dtype="float32")
-    export_onnx(folder / "merged", folder / "stories-onnx", precision="fp32", target="cpu", check=False, show=False)
-    return folder / "stories-onnx"
+    return tuned_stories(tmp_path_factory) / "stories-onnx"
 
 
 @pytest.fixture(scope="module")
@@ -439,8 +469,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(managed_layout, tmp_path_factory):
-    srv = Server(managed_layout, tmp_path_factory.mktemp("logs") / "stories.log", "--max-tokens", str(CAP),
-                 "--max-body-bytes", str(BODY_LIMIT), "--threads", "4")
+    logs = tmp_path_factory.mktemp("logs")
+    srv = Server(managed_layout, logs / "stories.log", "--max-tokens", str(CAP), "--max-body-bytes", str(BODY_LIMIT),
+                 "--threads", "4", "--monitor-log", str(logs / "requests.jsonl"))
+    srv.monitor_log = logs / "requests.jsonl"
     yield srv
     srv.stop()
 
@@ -488,11 +520,25 @@ def test_chat_answers_in_the_tuned_format(server):
     assert exact >= 3, exact
 
 
+def monitor_records(server, prefix: str, count: int, timeout_s: float = 10.0) -> dict[str, dict]:
+    """The monitoring records whose correlation id starts with prefix, once there are `count` of them (a
+    streamed answer's record is written when the server's generator ends, just after the client's [DONE])."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = [json.loads(line) for line in server.monitor_log.read_text().splitlines()]
+        found = {r["correlation_id"]: r for r in records if r["correlation_id"].startswith(prefix)}
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
 def test_stream_deltas_equal_the_answer(server):
-    for extra in ({}, {"stop": ". What"}, {"stop": ["n.", "zzz"]}):
+    texts = {}
+    for i, extra in enumerate(({}, {"stop": ". What"}, {"stop": ["n.", "zzz"]})):
         body = {"messages": user(STORIES[0]), "max_tokens": 24, "temperature": 0, **extra}
         whole = server.chat(body).json()
-        r = server.chat({**body, "stream": True, "stream_options": {"include_usage": True}}, stream=True)
+        r = server.chat({**body, "stream": True, "stream_options": {"include_usage": True}}, stream=True,
+                        headers={"x-request-id": f"stream-{i}"})
         assert r.status_code == 200
         events = sse_events(r)
         assert events[-1] == "[DONE]"
@@ -505,6 +551,12 @@ def test_stream_deltas_equal_the_answer(server):
         assert usage["choices"] == [] and usage["usage"] == whole["usage"]
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in content)
         assert len(content) > 2 and text == whole["choices"][0]["message"]["content"], extra
+        texts[f"stream-{i}"] = (text, whole["usage"], final["choices"][0]["finish_reason"])
+    records = monitor_records(server, "stream-", 3)
+    assert {k: (r["answer"], {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+                              "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}, r["finish_reason"])
+            for k, r in records.items()} == texts
+    assert all(r["stream"] and r["status"] == 200 for r in records.values())
 
 
 def test_stop_sequences_and_length(server):
@@ -549,6 +601,7 @@ HTTP_REFUSALS = [  # (name, how to send, status, param, code)
 def test_bad_requests_get_4xx_naming_the_field_and_workers_survive(server):
     workers_before = sorted(p.pid for p in server.workers())
     for name, how, status, param, code in HTTP_REFUSALS:
+        how = {**how, "headers": {**how.get("headers", {}), "x-request-id": f"bad-{name}"}}
         r = requests.post(server.url + "/score", timeout=30, **how)
         assert r.status_code == status, (name, r.status_code, r.text)
         error = r.json()["error"]
@@ -558,30 +611,44 @@ def test_bad_requests_get_4xx_naming_the_field_and_workers_survive(server):
             assert param in error["message"], (name, error["message"])
     r = requests.get(server.url + "/score", timeout=10)
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    # Each refusal left its record: the status and the error code, as the client saw them.
+    records = monitor_records(server, "bad-", len(HTTP_REFUSALS))
+    assert {k: (r["status"], r["error"]) for k, r in records.items()} == {
+        f"bad-{name}": (status, code) for name, _, status, _, code in HTTP_REFUSALS}
     # Nothing crashed or hung: the same workers answer the next request.
     assert sorted(p.pid for p in server.workers()) == workers_before
     assert server.chat({"messages": user(STORIES[1]), "max_tokens": 24}).status_code == 200
 
 
+PLANTED_EMAIL = "ben.smith@example.com"
+PLANTED_KEY = "sk-proj-AbCdEf0123456789AbCdEf0123456789"
+
+
 def test_concurrent_load_is_independent_and_error_free(server):
     prompts = [r["messages"][0]["content"] for r in make_rows(25, seed=5)]
+    # Personal data the monitoring log must never hold: an email and an API key in two of the prompts.
+    prompts[0] += f" Write to {PLANTED_EMAIL}."
+    prompts[1] += f" My key is {PLANTED_KEY}."
     # Each prompt's answer alone first; under load every answer must be the same (no shared state).
     expected = {p: server.chat({"messages": user(p), "max_tokens": 24}).json()["choices"][0]["message"]["content"]
                 for p in prompts}
     jobs = [prompts[i % len(prompts)] for i in range(200)]
     local = threading.local()
 
-    def one(prompt):
+    def one(job):
+        number, prompt = job
         local.session = getattr(local, "session", None) or requests.Session()  # keep-alive per client
         t0 = time.perf_counter()
-        r = server.chat({"messages": user(prompt), "max_tokens": 24}, session=local.session)
+        r = server.chat({"messages": user(prompt), "max_tokens": 24}, session=local.session,
+                        headers={"x-request-id": f"load-{number}"})
         latency = time.perf_counter() - t0
-        ok = r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected[prompt]
+        ok = (r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected[prompt]
+              and r.headers["x-request-id"] == f"load-{number}")
         return ok, latency, r.status_code
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(one, jobs))
+        results = list(pool.map(one, enumerate(jobs)))
     wall = time.perf_counter() - t0
     failures = [(status, p) for (ok, _, status), p in zip(results, jobs) if not ok]
     latencies = sorted(lat for _, lat, _ in results)
@@ -591,6 +658,32 @@ def test_concurrent_load_is_independent_and_error_free(server):
           f"p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
     assert not failures, failures[:5]
     assert p50 <= p95 < 10.0, (p50, p95)
+
+    # The monitoring log: one record per request, each with its latency and tokens, personal data redacted.
+    text = server.monitor_log.read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    load = {r["correlation_id"]: r for r in records if r["correlation_id"].startswith("load-")}
+    assert sorted(load) == sorted(f"load-{i}" for i in range(200))
+    assert sum(r["correlation_id"].startswith("load-") for r in records) == 200  # no request twice
+    for i, prompt in enumerate(jobs):
+        r = load[f"load-{i}"]
+        assert r["status"] == 200 and r["latency_ms"] > 0 and r["prompt_tokens"] > 0 and r["completion_tokens"] >= 1
+        assert r["answer"] == expected[prompt] and r["error"] is None
+    assert PLANTED_EMAIL not in text and PLANTED_KEY not in text
+    assert load["load-0"]["messages"][0]["content"].endswith("Write to [EMAIL].")
+    assert load["load-1"]["messages"][0]["content"].endswith("My key is [KEY].")
+
+
+def test_monitor_reads_the_servers_log(server, capsys):
+    from phi3local.cli import main
+
+    records = [json.loads(line) for line in server.monitor_log.read_text().splitlines()]
+    assert main(["monitor", str(server.monitor_log), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["overall"]
+    assert summary["requests"] == len(records) >= 200 + len(HTTP_REFUSALS)
+    assert summary["errors_4xx"] == sum(400 <= r["status"] < 500 for r in records) >= len(HTTP_REFUSALS)
+    assert summary["errors_5xx"] == 0 and summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
+    assert summary["completion_tokens_mean"] >= 1
 
 
 def test_listens_on_loopback_only(server, slow_server):

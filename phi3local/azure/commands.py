@@ -82,7 +82,8 @@ def cmd_push(args) -> int:
     measurements = _measurements(args)
     ref = _dry_run_workspace(args, recipe) if args.dry_run else _workspace(args, recipe)
     push(args.onnx_dir, out, recipe.azure, measurements, ws=ref, client_factory=None if args.dry_run else
-         _client_factory(ref), dry_run=args.dry_run, say=_say(console), console=console)
+         _client_factory(ref), dry_run=args.dry_run, say=_say(console), console=console, safety=recipe.safety,
+         safety_report=args.safety_report, allow_safety_regression=args.allow_safety_regression)
     return 0
 
 
@@ -123,6 +124,7 @@ def cmd_invoke(args) -> int:
 
 def cmd_train(args) -> int:
     from phi3local.azure.jobs import submit_train
+    from phi3local.cost import azure_train_estimate
 
     recipe = _recipe(args)
     console = _console()
@@ -130,12 +132,19 @@ def cmd_train(args) -> int:
     submit_train(recipe, compute=args.compute, instance_count=args.instance_count, gpus_per_node=args.gpus_per_node,
                  client_factory=None if args.dry_run else _client_factory(ref), dry_run=args.dry_run,
                  say=_say(console), console=console)
+    _say_estimate(_say(console), "cost", azure_train_estimate(recipe, args.instance_count).lines)
     return 0
+
+
+def _say_estimate(say, label: str, lines: list[str]) -> None:
+    for i, line in enumerate(lines):
+        say(f"{label if i == 0 else '':<12} {line}")
 
 
 def cmd_finetune(args) -> int:
     from phi3local.azure.jobs import submit_finetune
     from phi3local.azure.workspace import registry_client
+    from phi3local.cost import finetune_comparison
 
     recipe = _recipe(args)
     console = _console()
@@ -145,6 +154,7 @@ def cmd_finetune(args) -> int:
                     client_factory=None if args.dry_run else _client_factory(ref),
                     registry_factory=None if args.dry_run else (lambda: registry_client("azureml")),
                     dry_run=args.dry_run, say=_say(console), console=console)
+    _say_estimate(_say(console), "cost", finetune_comparison(recipe, Path(args.data)))
     return 0
 
 
@@ -201,6 +211,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("onnx_dir", help="folder `phi3local export` wrote")
     p.add_argument("--out", help="folder for the spec (default: ONNX_DIR.azure beside the export)")
     p.add_argument("--dry-run", action="store_true", help="write the spec and print the plan; send nothing to Azure")
+    p.add_argument("--safety-report", help="safety.json of `phi3local safety` (default: ONNX_DIR.safety/safety.json)")
+    p.add_argument("--allow-safety-regression", action="store_true",
+                   help="deploy although the safety gate refuses (recorded in the deployment's tags)")
     _recipe_flags(p)
     _measure_flags(p)
     _workspace_flags(p)

@@ -1,6 +1,8 @@
 """`phi3local azure push`: the spec, the upload, then model, environment, endpoint, deployment and traffic.
 
     1. write the spec folder (spec.write_spec: YAML checked by the SDK's loaders, code folder checked);
+       the safety gate (phi3local.safety.gate) reads MODEL_DIR.safety/safety.json for these files and
+       refuses a refusal-rate drop over safety.max_refusal_drop unless overridden (both go into the tags);
     2. --dry-run stops here: it prints the plan and sends nothing (no client is even made);
     3. upload the ONNX folder and the code folder to the workspace's blob datastore ourselves
        (blob_upload: resumable, MD5-checked; the SDK's own uploader cannot be redirected or resumed);
@@ -27,6 +29,7 @@ from phi3local.azure.workspace import (
     blob_target,
     upload_to_datastore,
 )
+from phi3local.safety.gate import OVERRIDE_FLAG, GateDecision, SafetyGateError, check_gate
 
 PREFIX = "phi3local"
 
@@ -39,6 +42,7 @@ class PushResult:
     scoring_uri: str | None = None
     model_id: str | None = None
     uploads: dict[str, Any] = field(default_factory=dict)  # "model"/"code" -> blob_upload report
+    safety: GateDecision | None = None
 
 
 def model_prefix(spec: Spec) -> str:
@@ -67,18 +71,27 @@ def plan_steps(spec: Spec, ws: WorkspaceRef | None, datastore: str) -> list[str]
 def push(onnx_dir: str | Path, spec_dir: str | Path, azure: Any, measurements: Measurements, *,
          ws: WorkspaceRef | None = None, client_factory: Callable[[], Any] | None = None, dry_run: bool = False,
          say: Callable[[str], None] = print, console: Any = None, blob_account_url: str | None = None,
-         upload_fn: Any = None, container_factory: Any = None) -> PushResult:
+         upload_fn: Any = None, container_factory: Any = None, safety: Any = None,
+         safety_report: str | Path | None = None, allow_safety_regression: bool = False) -> PushResult:
     """Deploy the export in onnx_dir to a managed online endpoint (see the module docstring).
 
     client_factory: makes the MLClient (workspace.connect); only called when not dry_run.
+    safety: the recipe's safety section (max_refusal_drop, max_report_age_hours); safety_report: a
+    safety.json other than MODEL_DIR.safety/safety.json; allow_safety_regression: deploy past the gate.
     blob_account_url, upload_fn, container_factory: an emulator's URL and blob_upload replacements (tests).
     """
     spec = write_spec(onnx_dir, spec_dir, azure, measurements)
     result = PushResult(spec, dry_run)
     for line in plan_lines(spec):
         say(line)
+    result.safety = gate = _safety_gate(spec, safety, safety_report, allow_safety_regression)
+    say(f"safety       {gate.status}{f' (overridden by {OVERRIDE_FLAG})' if gate.overridden else ''}: {gate.message}")
+    if not gate.allowed and not dry_run:
+        raise SafetyGateError(f"not deployed: {gate.message}")
     result.steps = plan_steps(spec, ws, azure.datastore)
     if dry_run:
+        if not gate.allowed:
+            say("dry run: the safety gate would refuse this deployment")
         say(f"dry run: spec written to {spec.out_dir}; nothing was sent. It would:")
         for line in result.steps:
             say(f"  {line}")
@@ -114,6 +127,7 @@ def push(onnx_dir: str | Path, spec_dir: str | Path, azure: Any, measurements: M
     deployment.model = registered.id
     deployment.environment = env.id
     deployment.code_configuration.code = target.blob_url(c_prefix)
+    deployment.tags = {**(deployment.tags or {}), **gate.tags()}  # the gate's decision, an override included
     logs = (f"read the container log: az ml online-deployment get-logs --endpoint-name {spec.endpoint_name} "
             f"--name {spec.deployment_name}")
     with azure_call(f"create or update deployment {spec.deployment_name} on endpoint {spec.endpoint_name}", logs):
@@ -129,6 +143,14 @@ def push(onnx_dir: str | Path, spec_dir: str | Path, azure: Any, measurements: M
     say(f"scoring URI: {result.scoring_uri}")
     say(f"try it: phi3local azure invoke --endpoint {spec.endpoint_name}")
     return result
+
+
+def _safety_gate(spec: Spec, safety: Any, report: str | Path | None, override: bool) -> GateDecision:
+    if safety is None:
+        from phi3local.config import SafetyConfig
+
+        safety = SafetyConfig()
+    return check_gate(spec.onnx_dir, safety.max_refusal_drop, safety.max_report_age_hours, report, override)
 
 
 def _ensure_endpoint(ml: Any, wanted: Any, say: Callable[[str], None]) -> Any:

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from phi3local.cost import instance_estimate, load_price_table
 from phi3local.errors import Phi3LocalError
 
 SCHEMA_URL = "https://azuremlschemas.azureedge.net/latest/{}.schema.json"
@@ -245,7 +246,8 @@ def derive_serving(azure: Any, measurements: Measurements, target: str) -> Servi
     liveness = Probe(max(live_delay, SERVICE_PROBE_DELAY_S), PROBE_PERIOD_S, PROBE_TIMEOUT_S, threshold)
     readiness = Probe(max(ready_delay, SERVICE_PROBE_DELAY_S), PROBE_PERIOD_S, PROBE_TIMEOUT_S, threshold)
     workers = azure.max_concurrent_requests_per_instance
-    settings = ServeSettings(max_tokens_cap=azure.max_tokens, model_name=azure.model_name)
+    settings = ServeSettings(max_tokens_cap=azure.max_tokens, model_name=azure.model_name,
+                             collect=getattr(azure, "collect_requests", False))
     # Only these variables, never this machine's environment. Not serve.server.server_environment: it adds
     # gunicorn flags by probing the gunicorn installed *here*, which need not be the deployment's.
     env = {**settings.to_env(), "GUNICORN_CMD_ARGS": f"--threads {THREADS_PER_WORKER}", ENV_WORKER_COUNT: str(workers)}
@@ -376,6 +378,7 @@ class Spec:
     plan: ServingPlan
     measurements: Measurements
     entities: dict[str, Any] = field(default_factory=dict)  # kind -> the SDK entity its loader returned
+    price_table: str | None = None  # the user's price table (azure.price_table), for the plan's cost lines
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -534,14 +537,20 @@ def write_spec(onnx_dir: str | Path, out_dir: str | Path, azure: Any, measuremen
         "liveness_probe": plan.liveness.to_yaml(),
         "readiness_probe": plan.readiness.to_yaml(),
         "environment_variables": plan.environment_variables,
+        **({"data_collector": data_collector()} if getattr(azure, "collect_requests", False) else {}),
     }, "request_timeout_ms, probes and WORKER_COUNT are derived in spec.json (plan, measurements)")
 
     spec = Spec(out_dir, onnx_dir, {k: out_dir / v for k, v in FILES.items()}, code_dir, scoring_script,
                 azure.model_name, model_version, env_name, env_version, endpoint, azure.deployment_name, plan,
-                measurements)
+                measurements, price_table=getattr(azure, "price_table", None))
     spec.entities = load_spec(out_dir)
     (out_dir / MARKER).write_text(json.dumps(spec.summary(), indent=2) + "\n", encoding="utf-8")
     return spec
+
+
+def data_collector() -> dict[str, Any]:
+    """The deployment's data_collector: score.py's collections (phi3local.serve.monitoring), redacted there."""
+    return {"collections": {name: {"enabled": "True"} for name in ("model_inputs", "model_outputs")}}
 
 
 def _relpath(path: Path, start: Path) -> str:
@@ -570,4 +579,6 @@ def plan_lines(spec: Spec) -> list[str]:
         f"every {p.liveness.period} s, {p.liveness.failure_threshold} failures allowed",
     ]
     lines += [f"note         {n}" for n in p.notes]
+    estimate = instance_estimate(p.instance_type, p.instance_count, load_price_table(spec.price_table))
+    lines += [f"{'instance' if i == 0 else '':<12} {line}" for i, line in enumerate(estimate.lines)]
     return lines

@@ -408,7 +408,7 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
             old = json.loads(stats_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: prepared again
             old = {}
-        if old.get("cache_key") == key:
+        if old.get("cache_key") == key and (not cfg.safety_screen or "safety_screen" in old):
             try:
                 train, validation = load_prepared(out_dir)
             except Exception as e:  # noqa: BLE001 - a damaged folder is simply prepared again
@@ -464,6 +464,12 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
             "list": [{"split": name, **t} for name, r in results.items() for t in r.truncated],
         },
     }
+    if cfg.safety_screen:  # opt-in; the rules and the report live in phi3local.safety.screen
+        from phi3local.safety.screen import screen_examples, screen_lines
+
+        stats["safety_screen"] = screen_examples(ex for r in results.values() for ex, _ in r.rows)
+        for line in screen_lines(stats["safety_screen"], cfg.max_errors_shown):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     if recipe.task == "classification":
         names = list(recipe.model.labels)
 

@@ -29,6 +29,10 @@ CODE_FILES = (
     "phi3local/serve/stops.py",
     "phi3local/serve/engine.py",
     "phi3local/serve/service.py",
+    "phi3local/serve/monitoring.py",
+    "phi3local/serve/guard.py",
+    "phi3local/safety/__init__.py",
+    "phi3local/safety/content_safety.py",
     SCORING_SCRIPT,
 )
 ENVIRONMENTS = {"cpu": "environment-cpu.yml", "cuda": "environment-cuda.yml"}

@@ -6,7 +6,9 @@ nothing on this path imports torch or transformers: a deployment's code folder h
 `phi3local.serve.bundle.CODE_FILES` lists.
 
 Environment: AZUREML_MODEL_DIR (the export folder, or a managed endpoint's model root holding it),
-PHI3LOCAL_MAX_TOKENS, PHI3LOCAL_MAX_BODY_BYTES, PHI3LOCAL_MODEL_NAME (phi3local.serve.settings).
+PHI3LOCAL_MAX_TOKENS, PHI3LOCAL_MAX_BODY_BYTES, PHI3LOCAL_MODEL_NAME, and the opt-in monitoring
+PHI3LOCAL_MONITOR_LOG / PHI3LOCAL_COLLECT (phi3local.serve.settings, phi3local.serve.monitoring): one
+redacted record per POST, under the caller's x-request-id (echoed in the response) or a new one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 # A deployment's code folder is <code>/phi3local/serve/score.py: make <code> importable whatever
@@ -26,50 +29,75 @@ from azureml_inference_server_http.api.aml_request import rawhttp  # noqa: E402
 from azureml_inference_server_http.api.aml_response import AMLResponse  # noqa: E402
 
 from phi3local.serve import protocol  # noqa: E402
-from phi3local.serve.service import ChatService  # noqa: E402
+from phi3local.serve.monitoring import RequestMonitor, correlation_id  # noqa: E402
+from phi3local.serve.service import ChatService, StreamOutcome  # noqa: E402
 
 logger = logging.getLogger("phi3local.serve")
 READ_CHUNK = 64 * 1024
 
 service: ChatService | None = None
+monitor: RequestMonitor | None = None
 
 
 def init() -> None:
-    global service
+    global service, monitor
     service = ChatService.from_environment(os.environ)
+    monitor = RequestMonitor.from_settings(service.settings)
 
 
 @rawhttp
 def run(request):
-    return respond(request, service)
+    return respond(request, service, monitor)
 
 
-def respond(request, chat_service: ChatService) -> AMLResponse:
-    """Answer one flask request; every refusal is a 4xx with an OpenAI-style error body."""
+def respond(request, chat_service: ChatService, monitor: RequestMonitor | None = None) -> AMLResponse:
+    """Answer one flask request; every refusal is a 4xx with an OpenAI-style error body. With a monitor,
+    every POST (answered, refused or failed) leaves one record."""
     if request.method == "OPTIONS":  # a CORS preflight: the server's flask-cors (AML_CORS_ORIGINS) adds the headers
         return AMLResponse("", 200)
-    if request.method != "POST":
-        return _error(protocol.RequestError(405, f"{request.method} /score is not supported: POST a chat request",
-                                            code="method_not_allowed"))
+    started = time.perf_counter()
+    correlation = correlation_id(request.headers)
+    headers = {"x-request-id": correlation}
+    chat = None
+
+    def record(**fields) -> None:
+        if monitor is not None:
+            monitor.record(correlation=correlation, started=started, messages=chat.messages if chat else (), **fields)
+
     try:
+        if request.method != "POST":
+            raise protocol.RequestError(405, f"{request.method} /score is not supported: POST a chat request",
+                                        code="method_not_allowed")
         body = _read_body(request, chat_service.settings.max_body_bytes)
         chat = chat_service.parse(body)
         if chat.stream:
+            def streamed(outcome: StreamOutcome) -> None:
+                record(status=200, stream=True, answer=outcome.text, prompt_tokens=outcome.prompt_tokens,
+                       completion_tokens=outcome.completion_tokens, finish_reason=outcome.finish_reason,
+                       error=outcome.error)
+
             # Local azmlinfsrv sends this generator chunked as it yields; READ: managed endpoints
             # are reported to buffer or break streams (azureml-inference-server#53).
-            return AMLResponse(chat_service.stream(chat), 200,
-                               {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
-        return AMLResponse(chat_service.complete(chat), 200, json_str=True)
+            return AMLResponse(chat_service.stream(chat, on_done=streamed), 200,
+                               {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                                **headers})
+        answer = chat_service.complete(chat)
+        choice, usage = answer["choices"][0], answer["usage"]
+        record(status=200, answer=choice["message"]["content"], prompt_tokens=usage["prompt_tokens"],
+               completion_tokens=usage["completion_tokens"], finish_reason=choice["finish_reason"])
+        return AMLResponse(answer, 200, headers, json_str=True)
     except protocol.RequestError as e:
-        return _error(e)
+        record(status=e.status, error=e.code)
+        return _error(e, headers)
     except Exception:
         logger.exception("scoring failed")
+        record(status=500, error="server_error")
         return AMLResponse(protocol.error_body("the server failed on this request; see its log", code="server_error",
-                                               error_type="server_error"), 500, json_str=True)
+                                               error_type="server_error"), 500, headers, json_str=True)
 
 
-def _error(error: protocol.RequestError) -> AMLResponse:
-    return AMLResponse(error.body(), error.status, json_str=True)
+def _error(error: protocol.RequestError, headers: dict[str, str] | None = None) -> AMLResponse:
+    return AMLResponse(error.body(), error.status, headers or {}, json_str=True)
 
 
 def _read_body(request, limit: int) -> bytes:

@@ -2,6 +2,7 @@
 
     python -m phi3local.serve.server ONNX_DIR [--host 127.0.0.1] [--port 5001] [--workers 1] [--threads 4]
                                      [--max-tokens 512] [--max-body-bytes 1048576] [--health-port P]
+                                     [--monitor-log FILE]
 
 The same server, scoring script and routes as an Azure deployment (GET / liveness, POST /score), with
 two local differences: it binds 127.0.0.1 unless told otherwise (azmlinfsrv itself always binds
@@ -76,7 +77,7 @@ def check_port_free(host: str, port: int) -> None:
 def serve(onnx_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, workers: int = 1,
           threads: int = DEFAULT_THREADS, max_tokens_cap: int = DEFAULT_MAX_TOKENS,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, health_port: int | None = None,
-          model_name: str | None = None) -> NoReturn:
+          model_name: str | None = None, monitor_log: str | Path | None = None) -> NoReturn:
     """Serve the exported model in onnx_dir until the process is stopped (this process becomes the server).
 
     onnx_dir: the folder `phi3local export` wrote, or a folder holding exactly one such folder (a
@@ -90,7 +91,8 @@ def serve(onnx_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
             raise ServeError(f"{name} must be a port number in 1..65535, got {value!r}")
     if health_port == port:
         raise ServeError(f"health_port must differ from port ({port})")
-    settings = ServeSettings(max_tokens_cap=max_tokens_cap, max_body_bytes=max_body_bytes, model_name=model_name)
+    settings = ServeSettings(max_tokens_cap=max_tokens_cap, max_body_bytes=max_body_bytes, model_name=model_name,
+                             monitor_log=str(Path(monitor_log).resolve()) if monitor_log else None)
     model_dir = find_model_dir(onnx_dir)  # fail here, with the reason, not in every worker's init()
     for p in (port, health_port):
         if p is not None:
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"largest request body accepted (default {DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--health-port", type=int, default=None, help="also answer liveness (GET /) on this port")
     p.add_argument("--model-name", default=None, help="the `model` field of responses (default: the folder's name)")
+    p.add_argument("--monitor-log", default=None, help="append one redacted record per request to this JSONL file")
     return p
 
 
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve(args.onnx_dir, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
               max_tokens_cap=args.max_tokens, max_body_bytes=args.max_body_bytes, health_port=args.health_port,
-              model_name=args.model_name)
+              model_name=args.model_name, monitor_log=args.monitor_log)
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -8,12 +8,14 @@ Generation` (engine.py's OnnxEngine; the benchmark's PyTorch engine) serves the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from phi3local.serve import protocol
 from phi3local.serve.engine import Generation, Prompt
+from phi3local.serve.guard import REFUSAL_TEXT, ContentGuard
 from phi3local.serve.settings import ServeSettings
 from phi3local.serve.stops import StopMatcher
 
@@ -29,10 +31,11 @@ class Engine(Protocol):
 
 
 class ChatService:
-    def __init__(self, engine: Engine, settings: ServeSettings | None = None):
+    def __init__(self, engine: Engine, settings: ServeSettings | None = None, guard: ContentGuard | None = None):
         self.engine = engine
         self.settings = settings or ServeSettings()
         self.model_name = self.settings.model_name or Path(engine.model_dir).name
+        self.guard = guard  # Azure AI Content Safety on prompts and answers, when configured
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> ChatService:
@@ -49,13 +52,15 @@ class ChatService:
         model_dir = find_model_dir(root)
         logger.info("loading %s (max_tokens cap %d, body limit %d bytes)", model_dir, settings.max_tokens_cap,
                     settings.max_body_bytes)
-        return cls(OnnxEngine(model_dir), settings)
+        return cls(OnnxEngine(model_dir), settings, ContentGuard.from_env(environ))
 
     def parse(self, body: bytes) -> protocol.ChatRequest:
         return protocol.parse_chat_request(body, max_tokens_cap=self.settings.max_tokens_cap,
                                            max_body_bytes=self.settings.max_body_bytes)
 
     def _start(self, request: protocol.ChatRequest) -> tuple[Prompt, Generation]:
+        if self.guard is not None:
+            self.guard.check_prompt(request.messages)
         prompt = self.engine.prepare(request.messages, request.max_tokens)
         generation = self.engine.generate(prompt, temperature=request.temperature, top_p=request.top_p,
                                           seed=request.seed)
@@ -65,36 +70,63 @@ class ChatService:
         """The chat.completion body for a non-streamed request."""
         prompt, generation = self._start(request)
         answer = _Answer(generation, request.stop)
-        text = "".join(answer)
+        text, finish_reason = "".join(answer), answer.finish_reason
+        if self.guard is not None and self.guard.blocks(text):
+            text, finish_reason = REFUSAL_TEXT, "content_filter"
         return protocol.completion_body(
             completion_id=protocol.new_completion_id(), created=protocol.now(), model=self.model_name, text=text,
-            finish_reason=answer.finish_reason, prompt_tokens=prompt.tokens,
+            finish_reason=finish_reason, prompt_tokens=prompt.tokens,
             completion_tokens=generation.completion_tokens)
 
-    def stream(self, request: protocol.ChatRequest) -> Iterator[str]:
+    def stream(self, request: protocol.ChatRequest, on_done: Callable[[StreamOutcome], None] | None = None
+               ) -> Iterator[str]:
         """Server-sent events for a streamed request. The prompt is checked now, so a request the model
-        cannot take fails with its 4xx before any event is sent."""
+        cannot take fails with its 4xx before any event is sent. on_done gets the outcome when the stream ends
+        (finished, failed, or the client gone)."""
         prompt, generation = self._start(request)
-        return self._events(request, prompt, _Answer(generation, request.stop))
+        return self._events(request, prompt, _Answer(generation, request.stop), on_done)
 
-    def _events(self, request: protocol.ChatRequest, prompt: Prompt, answer: _Answer) -> Iterator[str]:
+    def _events(self, request: protocol.ChatRequest, prompt: Prompt, answer: _Answer,
+                on_done: Callable[[StreamOutcome], None] | None = None) -> Iterator[str]:
         ids = {"completion_id": protocol.new_completion_id(), "created": protocol.now(), "model": self.model_name}
+        outcome = StreamOutcome(prompt_tokens=prompt.tokens)
         try:
             yield protocol.sse_event(protocol.chunk_body(**ids, delta={"role": "assistant", "content": ""}))
             for text in answer:
+                outcome.pieces.append(text)
                 yield protocol.sse_event(protocol.chunk_body(**ids, delta={"content": text}))
             yield protocol.sse_event(protocol.chunk_body(**ids, delta={}, finish_reason=answer.finish_reason))
             if request.include_usage:
                 yield protocol.sse_event(protocol.chunk_body(
                     **ids, delta=None, usage_=protocol.usage(prompt.tokens, answer.generation.completion_tokens)))
             yield protocol.SSE_DONE
+            outcome.finish_reason = answer.finish_reason
         except Exception:
             # The 200 and its headers are sent already: say it in the stream, and keep the worker serving.
             logger.exception("generation failed in a streamed response")
+            outcome.error = "server_error"
             yield protocol.sse_event(protocol.error_body("generation failed; see the server log", code="server_error",
                                                          error_type="server_error"))
         finally:
             answer.close()  # the client may have gone: free the generator now
+            outcome.completion_tokens = answer.generation.completion_tokens
+            if on_done is not None:
+                on_done(outcome)
+
+
+@dataclass
+class StreamOutcome:
+    """What a streamed answer turned out to be, for monitoring: its text, tokens, and how it ended."""
+
+    prompt_tokens: int
+    pieces: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # None: it did not finish (failed, or the client went away)
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 class _Answer:

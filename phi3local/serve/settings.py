@@ -15,6 +15,8 @@ from phi3local.serve.errors import ServeError
 ENV_MAX_TOKENS = "PHI3LOCAL_MAX_TOKENS"
 ENV_MAX_BODY_BYTES = "PHI3LOCAL_MAX_BODY_BYTES"
 ENV_MODEL_NAME = "PHI3LOCAL_MODEL_NAME"
+ENV_MONITOR_LOG = "PHI3LOCAL_MONITOR_LOG"  # phi3local.serve.monitoring: the local JSONL of request records
+ENV_COLLECT = "PHI3LOCAL_COLLECT"  # "true": Azure ML's data collector (model_inputs, model_outputs)
 
 # Bounds how long one request holds a worker thread (the server's scoring timeout does not apply to
 # threaded workers or to streamed answers).
@@ -28,6 +30,8 @@ class ServeSettings:
     max_tokens_cap: int = DEFAULT_MAX_TOKENS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     model_name: str | None = None  # the `model` field of responses; default: the model folder's name
+    monitor_log: str | None = None  # append one redacted record per request to this JSONL file
+    collect: bool = False  # send the redacted records to Azure ML's data collector
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeSettings:
@@ -36,12 +40,18 @@ class ServeSettings:
             max_tokens_cap=_positive_int(environ, ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS),
             max_body_bytes=_positive_int(environ, ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES),
             model_name=environ.get(ENV_MODEL_NAME) or None,
+            monitor_log=environ.get(ENV_MONITOR_LOG) or None,
+            collect=_flag(environ, ENV_COLLECT),
         )
 
     def to_env(self) -> dict[str, str]:
         env = {ENV_MAX_TOKENS: str(self.max_tokens_cap), ENV_MAX_BODY_BYTES: str(self.max_body_bytes)}
         if self.model_name:
             env[ENV_MODEL_NAME] = self.model_name
+        if self.monitor_log:
+            env[ENV_MONITOR_LOG] = self.monitor_log
+        if self.collect:
+            env[ENV_COLLECT] = "true"
         return env
 
     def __post_init__(self):
@@ -62,3 +72,12 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
     if value < 1:
         raise ServeError(f"environment variable {name}={raw!r} must be a whole number >= 1")
     return value
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ServeError(f"environment variable {name}={raw!r} must be true or false")

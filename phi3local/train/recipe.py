@@ -26,6 +26,7 @@ from rich.table import Table
 
 from phi3local import folders
 from phi3local.config import Recipe, flatten_keys
+from phi3local.cost import EnergyMeter, run_summary_fields, summary_rows
 from phi3local.errors import Phi3LocalError
 from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
 from phi3local.model.load import (LoadedModel, activation_offload, base_causal_lm, load_model, pick_device,
@@ -586,6 +587,7 @@ def train(run: Run) -> dict:
     window_start = time.perf_counter()
     run_start = time.perf_counter() - s.elapsed_seconds
     total_real = total_padded = 0
+    energy = EnergyMeter(run.device.type, run.device.index)  # this session's energy (a resumed run's earlier part is not in it)
     with display:
         while s.step < run.total_steps:
             batches = next_micro_batches(run, plans)
@@ -656,6 +658,8 @@ def train(run: Run) -> dict:
         "peak_memory_bytes": peak_memory_bytes(run.device), "first_val_loss": None,
         "best_val_loss": s.best_val_loss, "best_step": s.best_step, "final": final, "samples": samples,
         "attn_implementation": run.loaded.attn_implementation,
+        "cost": run_summary_fields(s.elapsed_seconds, s.trained_tokens, r.training.usd_per_device_hour,
+                                   run.device.type, run.peak_flops, energy),
     }
     vals = [h["val_loss"] for h in s.history if "val_loss" in h]
     summary["first_val_loss"] = vals[0] if vals else None
@@ -710,6 +714,7 @@ def print_summary(run: Run, summary: dict) -> None:
     ]
     if "val_macro_f1" in final:
         rows.append(("val accuracy / macro-F1", f"{final['val_accuracy']:.3f} / {final['val_macro_f1']:.3f}"))
+    rows += summary_rows(summary["cost"])
     for k, v in rows:
         table.add_row(k, v)
     run.console.print(table)

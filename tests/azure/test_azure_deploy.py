@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from phi3local.azure.workspace import (
 )
 from phi3local.config import load_recipe
 from phi3local.errors import Phi3LocalError
+from phi3local.safety.gate import SafetyGateError, default_report_dir, model_checksum
 
 pytestmark = pytest.mark.filterwarnings("ignore::marshmallow.warnings.Marshmallow4Warning")
 REF = WorkspaceRef(SUB, RG, WS, "test")
@@ -64,8 +66,22 @@ class FakeUpload:
         return Report()
 
 
-def run_push(tmp_path, arm, *, dry_run=False, upload="fake", **kw):
+def plant_safety_report(onnx: Path, tuned_rate: float, base_rate: float | None, *, age_hours: float = 0.0,
+                        checksum: str | None = None) -> Path:
+    """A safety.json as `phi3local safety` writes it, for these files (or `checksum`), `age_hours` old."""
+    report = {"written_by": "phi3local safety", "created_unix": time.time() - 3600 * age_hours,
+              "model_sha256": checksum or model_checksum(onnx), "summary": {"overall": {"refusal_rate": tuned_rate}},
+              "baseline": None if base_rate is None else {"summary": {"overall": {"refusal_rate": base_rate}}}}
+    out = default_report_dir(onnx)
+    out.mkdir(exist_ok=True)
+    (out / "safety.json").write_text(json.dumps(report))
+    return out / "safety.json"
+
+
+def run_push(tmp_path, arm, *, dry_run=False, upload="fake", safety_rates=(0.9, 0.9), **kw):
     onnx = tmp_path / "onnx" if (tmp_path / "onnx").is_dir() else make_export(tmp_path / "onnx", "cuda")
+    if safety_rates is not None:  # a passing safety report unless the test plants its own
+        plant_safety_report(onnx, *safety_rates)
     upload = FakeUpload() if upload == "fake" else upload  # None: the real blob_upload
     lines = []
     made = []
@@ -176,6 +192,7 @@ def test_dry_run_from_the_command_line_makes_no_client(tmp_path, monkeypatch, ca
     monkeypatch.setattr(workspace_mod, "default_credential", refuse)
     monkeypatch.chdir(tmp_path)
     onnx = make_export(tmp_path / "onnx")
+    plant_safety_report(onnx, 0.9, 0.9)
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["azure", "push", str(onnx), "azure.endpoint_name=phi3-chat", "--dry-run",
@@ -376,3 +393,61 @@ def test_invoke_command_prints_the_error_in_plain_words(scoring, monkeypatch, ca
         args.func(args)
     out = capsys.readouterr().out
     assert "status 424 (container: 500)" in out and "not to stream" in out
+
+
+# ------------------------------------------------------------------------------------------ the safety gate
+
+def test_the_gate_blocks_a_planted_regression_before_anything_is_sent(tmp_path):
+    arm = FakeArm()
+    upload = FakeUpload()
+    onnx = make_export(tmp_path / "onnx", "cuda")
+    plant_safety_report(onnx, tuned_rate=0.60, base_rate=0.90)  # 30 points fewer refusals; allowed: 5
+    with pytest.raises(SafetyGateError) as e:
+        run_push(tmp_path, arm, upload=upload, safety_rates=None)
+    text = str(e.value)
+    assert "refusal rate on harmful prompts 60.0% vs the baseline's 90.0% (-30.0 points; allowed drop 5.0" in text
+    assert "--allow-safety-regression" in text and "\n" not in text
+    assert arm.requests == [] and upload.calls == []  # nothing uploaded, registered or deployed
+    # The recipe's threshold decides: 35 points allowed passes the same report.
+    result, _, _ = run_push(tmp_path, arm, upload=upload, safety_rates=None, safety=recipe(
+        "safety.max_refusal_drop=0.35").safety)
+    assert result.safety.status == "passed"
+
+
+def test_the_override_deploys_and_is_recorded_in_the_deployments_tags(tmp_path):
+    arm = FakeArm()
+    onnx = make_export(tmp_path / "onnx", "cuda")
+    report = plant_safety_report(onnx, tuned_rate=0.60, base_rate=0.90)
+    result, lines, _ = run_push(tmp_path, arm, safety_rates=None, allow_safety_regression=True)
+    assert result.scoring_uri and result.safety.overridden
+    assert any(line.startswith("safety       regression (overridden by --allow-safety-regression)") for line in lines)
+    tags = arm.put_body("/onlineEndpoints/phi3-chat/deployments/blue")["tags"]
+    assert tags == {"phi3local.safety": "regression", "phi3local.safety.override": "true",
+                    "phi3local.safety.refusal_drop": "0.3000", "phi3local.safety.report": str(report)}
+
+
+def test_a_passing_gate_is_recorded_too(tmp_path):
+    arm = FakeArm()
+    run_push(tmp_path, arm, safety_rates=(0.88, 0.90))  # 2 points: within the 5 allowed
+    tags = arm.put_body("/onlineEndpoints/phi3-chat/deployments/blue")["tags"]
+    assert tags["phi3local.safety"] == "passed" and tags["phi3local.safety.override"] == "false"
+    assert tags["phi3local.safety.refusal_drop"] == "0.0200"
+
+
+@pytest.mark.parametrize("plant, status, said", [
+    (None, "no-report", "no safety report at"),
+    (dict(tuned_rate=0.9, base_rate=0.9, checksum="0" * 64), "other-model", "was written for other model files"),
+    (dict(tuned_rate=0.9, base_rate=0.9, age_hours=200), "stale", "is 200 h old (safety.max_report_age_hours=168)"),
+    (dict(tuned_rate=0.9, base_rate=None), "no-baseline", "has no baseline"),
+])
+def test_the_gate_refuses_what_it_cannot_check_and_says_which_command_to_run(tmp_path, plant, status, said):
+    arm = FakeArm()
+    onnx = make_export(tmp_path / "onnx", "cuda")
+    if plant is not None:
+        plant_safety_report(onnx, **plant)
+    with pytest.raises(SafetyGateError) as e:
+        run_push(tmp_path, arm, safety_rates=None)
+    assert said in str(e.value) and f"phi3local safety {onnx} --baseline BASE_MODEL_DIR" in str(e.value)
+    assert "the Azure environment cannot" in str(e.value) and arm.requests == []
+    result, lines, _ = run_push(tmp_path, arm, dry_run=True, safety_rates=None)  # a dry run says so, sends nothing
+    assert result.safety.status == status and "dry run: the safety gate would refuse this deployment" in lines

@@ -294,3 +294,60 @@ def test_the_azure_modules_import_nothing_heavy():
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_plan_shows_the_instances_hardware_and_price_per_hour_and_month(tmp_path):
+    onnx = make_export(tmp_path / "onnx", "cuda")
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"instances": {"Standard_NC24ads_A100_v4": {
+        "gpu": "A100", "gpus": 1, "gpu_memory_gib": 80, "vcpus": 24, "memory_gib": 220, "usd_per_hour": 3.5}}}))
+    spec = write_spec(onnx, tmp_path / "spec", azure_cfg("azure.instance_count=2", f"azure.price_table={prices}"),
+                      measured())
+    lines = spec_mod.plan_lines(spec)
+    assert "instance     Standard_NC24ads_A100_v4: 1 x A100 (80 GiB each), 24 vCPU, 220 GiB RAM" in lines
+    assert "             $7.00/hour, $5,110/month (2 x $3.5/h, 730 h)" in lines  # 7 x 730 = 5110
+    shipped = spec_mod.plan_lines(write_spec(onnx, tmp_path / "spec2", azure_cfg(), measured()))
+    assert any("placeholder price" in line for line in shipped)
+
+
+def test_finetune_dry_run_prints_the_hosted_estimate_next_to_the_local_run(tmp_path, capsys):
+    import argparse
+
+    from phi3local.azure import commands
+
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"A {i}."}]}
+            for i in range(12)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    (run / "prepared").mkdir(parents=True)
+    import hashlib
+
+    (run / "prepared" / "stats.json").write_text(json.dumps({
+        "inputs": {"train": {"sha256": hashlib.sha256(data.read_bytes()).hexdigest()}},
+        "tokens": {"all": {"tokens": 20_000}}}))
+    (run / "summary.json").write_text(json.dumps({"tokens_per_second": 500.0, "cost": {
+        "trained_tokens": 8_000, "device_hours": 0.25, "device": "cuda", "usd": 0.9, "peak_flops": 1e14}}))
+    parser = argparse.ArgumentParser(prog="phi3local")
+    commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["azure", "finetune", str(data), f"output_dir={run}", "training.epochs=3",
+                              "azure.finetune_usd_per_1k_tokens=0.005", "--model", "Phi-4-mini-instruct",
+                              "--model-version", "1", "--dry-run"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    # 20,000 tokens x 3 epochs / 1000 x $0.005 = $0.30
+    assert "hosted: 20,000 tokens x 3 epoch(s) x $0.005/1k = $0.30" in out
+    assert "counted by the local prepare" in out
+    assert "local: 8,000 trained tokens in 0.2500 device-hours on cuda: $0.9000" in out
+
+
+def test_collect_requests_enables_the_data_collector_and_score_pys_collection(tmp_path):
+    onnx = make_export(tmp_path / "onnx", "cuda")
+    off = write_spec(onnx, tmp_path / "off", azure_cfg(), measured())
+    assert off.entities["deployment"].data_collector is None
+    assert "PHI3LOCAL_COLLECT" not in off.entities["deployment"].environment_variables
+    spec = write_spec(onnx, tmp_path / "on", azure_cfg("azure.collect_requests=true"), measured())
+    d = spec.entities["deployment"]  # loaded back through the SDK's load_online_deployment
+    assert sorted(d.data_collector.collections) == ["model_inputs", "model_outputs"]
+    assert all(str(c.enabled).lower() == "true" for c in d.data_collector.collections.values())
+    assert d.environment_variables["PHI3LOCAL_COLLECT"] == "true"
