@@ -16,6 +16,7 @@ from phi3local.model.tokenizer import load_tokenizer
 from phi3local.train import auto_settings
 from phi3local.train import recipe as loop
 from phi3local.train.batching import collate
+from phi3local.train.distributed import World
 from phi3local.train.memory_plan import GIB, MemoryPlanError, card_bytes, make_plan, plan_step, recipe_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def measured_step_peak(model_path: str, micro_batch: int, seq_len: int, checkpoi
     optimizer = loop.make_optimizer(loaded.model, recipe, loaded.device)
     run = SimpleNamespace(model=loaded.model, recipe=recipe, device=loaded.device, optimizer=optimizer,
                           scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                          state=SimpleNamespace(step=0), train_docs=None)
+                          state=SimpleNamespace(step=0), train_docs=None, world=World())
     vocab = base_causal_lm(loaded.model).config.vocab_size
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(3, vocab, (seq_len,), generator=g).tolist() for _ in range(micro_batch)]

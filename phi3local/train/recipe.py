@@ -29,12 +29,18 @@ from phi3local.config import Recipe, flatten_keys
 from phi3local.cost import EnergyMeter, run_summary_fields, summary_rows
 from phi3local.errors import Phi3LocalError
 from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
-from phi3local.model.load import (LoadedModel, activation_offload, base_causal_lm, load_model, pick_device,
-                                  resolve_model_path, revision_kwargs)
+from phi3local.model.load import (
+    LoadedModel,
+    activation_offload,
+    base_causal_lm,
+    load_model,
+    pick_device,
+    resolve_model_path,
+    revision_kwargs,
+)
 from phi3local.model.shapes import longrope_switch
-from phi3local.train import auto_settings
+from phi3local.train import auto_settings, distributed
 from phi3local.train import checkpoint as ckpt
-from phi3local.train import distributed
 from phi3local.train.batching import MicroBatch, collate, plan_epoch
 from phi3local.train.display import TrainDisplay, peak_memory_bytes
 from phi3local.train.loss import chunked_cross_entropy
