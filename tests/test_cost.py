@@ -7,6 +7,7 @@ import json
 import pytest
 
 from phi3local import cost
+from phi3local.units import format_seconds
 
 
 def test_run_cost_arithmetic():
@@ -73,7 +74,7 @@ def test_training_job_estimate_scales_local_speed_by_peak():
     # 1,000 tokens/s on a 31.2 TFLOP/s device -> 10,000 tokens/s on an A100 (312): 36M tokens take 1 h = $3.60.
     est = cost.training_job_estimate(36_000_000, 1000.0, 31.2e12, "Standard_NC24ads_A100_v4", 1, table)
     assert est.usd == pytest.approx(3.6)
-    assert "~10,000 tokens/s" in est.lines[0] and "~60.0 min" in est.lines[1]
+    assert "~10,000 tokens/s" in est.lines[0] and f"~{format_seconds(3600)} of 1 x" in est.lines[1]
     assert cost.training_job_estimate(1, 1.0, 1.0, "Standard_DS3_v2", 1, table).usd is None  # no GPU
 
 
@@ -118,3 +119,4 @@ def test_a_training_runs_summary_states_its_cost(tmp_path):
     # `azure train`'s estimate starts from this run: its tokens/s scaled from 1 TFLOP/s to the A100's 312.
     est = cost.azure_train_estimate(recipe)
     assert est.usd is not None and f"{summary['tokens_per_second'] * 312:,.0f} tokens/s" in est.lines[1]
+    assert "measured on CPU" in est.lines[-1]
