@@ -120,3 +120,33 @@ def test_a_training_runs_summary_states_its_cost(tmp_path):
     est = cost.azure_train_estimate(recipe)
     assert est.usd is not None and f"{summary['tokens_per_second'] * 312:,.0f} tokens/s" in est.lines[1]
     assert "measured on CPU" in est.lines[-1]
+
+
+def test_energy_meter_reads_nvmls_counter_of_the_visible_device(monkeypatch):
+    import sys
+    import types
+
+    counters = {3: [1_000_000, 1_250_500]}  # mJ since the driver loaded, read at start and at the end
+    fake = types.ModuleType("pynvml")
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetHandleByIndex = lambda index: index
+    fake.nvmlDeviceGetTotalEnergyConsumption = lambda handle: counters[handle].pop(0)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    meter = cost.EnergyMeter("cuda", 1)  # torch's cuda:1 is NVML's device 3 here
+    assert meter.unavailable is None and meter.joules() == pytest.approx(250.5)
+    fields = cost.run_summary_fields(3600.0, 1_000_000, 2.0, "cuda", 1e14, meter_with(fake, 3_600_000))
+    assert fields["energy_joules"] == pytest.approx(3600.0) and fields["energy_kwh"] == pytest.approx(0.001)
+    assert dict(cost.summary_rows(fields))["energy"] == "0.0010 kWh"
+
+    def unsupported(handle):
+        raise RuntimeError("Not Supported")
+
+    fake.nvmlDeviceGetTotalEnergyConsumption = unsupported
+    assert "not measured: NVML: Not Supported" in cost.EnergyMeter("cuda", 0).unavailable
+
+
+def meter_with(fake, used_mj: int):
+    start = [0, used_mj]
+    fake.nvmlDeviceGetTotalEnergyConsumption = lambda handle: start.pop(0)
+    return cost.EnergyMeter("cuda", 0)
