@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3local.errors import Phi3LocalError
+from phi3local.units import format_seconds
 
 PRICES_FILE = Path(__file__).resolve().parent / "assets" / "prices.json"
 ENV_PRICES = "PHI3LOCAL_PRICES"
@@ -249,7 +250,7 @@ def training_job_estimate(trained_tokens: int, local_tokens_per_second: float, l
     hours = trained_tokens / target_tps / 3600.0
     lines = [f"local {local_tokens_per_second:,.0f} tokens/s at {local_peak_flops / 1e12:.2f} TFLOP/s peak -> "
              f"{inst.gpu} {peak / 1e12:.0f} TFLOP/s: ~{target_tps:,.0f} tokens/s (same MFU assumed)",
-             f"{trained_tokens:,} trained tokens: ~{hours * 60:.1f} min of {instance_count} x {instance_type}"]
+             f"{trained_tokens:,} trained tokens: ~{format_seconds(hours * 3600)} of {instance_count} x {instance_type}"]
     if inst.usd_per_hour is None:
         return Estimate("train job", None, lines + ["no price set for the instance"])
     usd = hours * inst.usd_per_hour * instance_count
@@ -301,6 +302,9 @@ def azure_train_estimate(recipe: Any, instance_count: int = 1) -> Estimate:
     est = training_job_estimate(int(local["trained_tokens"]), float(local["tokens_per_second"]),
                                 float(local["peak_flops"]), recipe.azure.train_instance_type, instance_count, table)
     est.lines.insert(0, local_line(local, recipe.output_dir))
+    if local.get("device") != "cuda":
+        # A CPU run is bound by other things than a GPU's peak: the scaled speed is only an upper bound.
+        est.lines.append("measured on CPU: a GPU's MFU differs; train on a GPU locally for a usable estimate")
     return est
 
 

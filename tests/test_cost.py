@@ -7,6 +7,7 @@ import json
 import pytest
 
 from phi3local import cost
+from phi3local.units import format_seconds
 
 
 def test_run_cost_arithmetic():
@@ -73,7 +74,7 @@ def test_training_job_estimate_scales_local_speed_by_peak():
     # 1,000 tokens/s on a 31.2 TFLOP/s device -> 10,000 tokens/s on an A100 (312): 36M tokens take 1 h = $3.60.
     est = cost.training_job_estimate(36_000_000, 1000.0, 31.2e12, "Standard_NC24ads_A100_v4", 1, table)
     assert est.usd == pytest.approx(3.6)
-    assert "~10,000 tokens/s" in est.lines[0] and "~60.0 min" in est.lines[1]
+    assert "~10,000 tokens/s" in est.lines[0] and f"~{format_seconds(3600)} of 1 x" in est.lines[1]
     assert cost.training_job_estimate(1, 1.0, 1.0, "Standard_DS3_v2", 1, table).usd is None  # no GPU
 
 
@@ -118,3 +119,34 @@ def test_a_training_runs_summary_states_its_cost(tmp_path):
     # `azure train`'s estimate starts from this run: its tokens/s scaled from 1 TFLOP/s to the A100's 312.
     est = cost.azure_train_estimate(recipe)
     assert est.usd is not None and f"{summary['tokens_per_second'] * 312:,.0f} tokens/s" in est.lines[1]
+    assert "measured on CPU" in est.lines[-1]
+
+
+def test_energy_meter_reads_nvmls_counter_of_the_visible_device(monkeypatch):
+    import sys
+    import types
+
+    counters = {3: [1_000_000, 1_250_500]}  # mJ since the driver loaded, read at start and at the end
+    fake = types.ModuleType("pynvml")
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetHandleByIndex = lambda index: index
+    fake.nvmlDeviceGetTotalEnergyConsumption = lambda handle: counters[handle].pop(0)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    meter = cost.EnergyMeter("cuda", 1)  # torch's cuda:1 is NVML's device 3 here
+    assert meter.unavailable is None and meter.joules() == pytest.approx(250.5)
+    fields = cost.run_summary_fields(3600.0, 1_000_000, 2.0, "cuda", 1e14, meter_with(fake, 3_600_000))
+    assert fields["energy_joules"] == pytest.approx(3600.0) and fields["energy_kwh"] == pytest.approx(0.001)
+    assert dict(cost.summary_rows(fields))["energy"] == "0.0010 kWh"
+
+    def unsupported(handle):
+        raise RuntimeError("Not Supported")
+
+    fake.nvmlDeviceGetTotalEnergyConsumption = unsupported
+    assert "not measured: NVML: Not Supported" in cost.EnergyMeter("cuda", 0).unavailable
+
+
+def meter_with(fake, used_mj: int):
+    start = [0, used_mj]
+    fake.nvmlDeviceGetTotalEnergyConsumption = lambda handle: start.pop(0)
+    return cost.EnergyMeter("cuda", 0)

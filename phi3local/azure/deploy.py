@@ -85,9 +85,9 @@ def push(onnx_dir: str | Path, spec_dir: str | Path, azure: Any, measurements: M
     for line in plan_lines(spec):
         say(line)
     result.safety = gate = _safety_gate(spec, safety, safety_report, allow_safety_regression)
-    say(f"safety       {gate.status}{f' (overridden by {OVERRIDE_FLAG})' if gate.overridden else ''}: {gate.message}")
     if not gate.allowed and not dry_run:
         raise SafetyGateError(f"not deployed: {gate.message}")
+    say(f"safety       {gate.status}{f' (overridden by {OVERRIDE_FLAG})' if gate.overridden else ''}: {gate.message}")
     result.steps = plan_steps(spec, ws, azure.datastore)
     if dry_run:
         if not gate.allowed:
