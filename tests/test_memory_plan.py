@@ -89,13 +89,29 @@ def measured_step_peak(model_path: str, micro_batch: int, seq_len: int, checkpoi
     return peak, plan
 
 
-@pytest.mark.parametrize("model", ["tiny", "phi3_shaped"])
-def test_plan_is_within_15_percent_of_a_measured_step(model, request):
-    path = resolve_model_path("tiny") if model == "tiny" else request.getfixturevalue("phi3_shaped")
+def measured_and_planned(model_path: str) -> dict:
+    """Measured peak and plan for micro-batch 1 and 2, with and without checkpointing (run in a fresh process)."""
+    out = {}
     for micro_batch in (1, 2):
         for checkpointing in (False, True):
-            peak, plan = measured_step_peak(path, micro_batch, 128, checkpointing)
-            assert abs(plan.total - peak) <= 0.15 * peak, (model, micro_batch, checkpointing, plan.total, peak)
+            peak, plan = measured_step_peak(model_path, micro_batch, 128, checkpointing)
+            out[f"micro_batch={micro_batch} checkpointing={checkpointing}"] = {"measured": peak, "planned": plan.total}
+    return out
+
+
+@pytest.mark.parametrize("model", ["tiny", "phi3_shaped"])
+def test_plan_is_within_15_percent_of_a_measured_step(model, request):
+    """Measured in a fresh process (phi3local.bench.isolate): an earlier profiler session or test in this
+    process was seen to drop allocation events from the profiler's accounting."""
+    from phi3local.bench.isolate import run_isolated
+
+    path = resolve_model_path("tiny") if model == "tiny" else request.getfixturevalue("phi3_shaped")
+    result = run_isolated("tests.test_memory_plan:measured_and_planned", {"model_path": path}, timeout=600)
+    cases = {k: v for k, v in result.items() if k.startswith("micro_batch=")}
+    assert len(cases) == 4
+    for case, figures in cases.items():
+        peak, planned = figures["measured"], figures["planned"]
+        assert abs(planned - peak) <= 0.15 * peak, (model, case, planned, peak)
 
 
 def plan_json(capsys, *args) -> list[dict]:

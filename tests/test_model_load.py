@@ -75,3 +75,19 @@ def test_trained_modules_to_save_are_fp32_and_fed_in_their_dtype():
     input_ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(6))
     losses = two_step_losses(loaded.model, input_ids)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_activation_offload_moves_saved_tensors_only_for_a_cuda_device():
+    import contextlib
+
+    from phi3local.model.load import activation_offload
+
+    assert isinstance(activation_offload(True, torch.device("cuda")), torch.autograd.graph.save_on_cpu)
+    for enabled, device in ((False, "cuda"), (True, "cpu")):
+        assert isinstance(activation_offload(enabled, torch.device(device)), contextlib.nullcontext)
+    # save_on_cpu itself keeps the gradient exact (here on CPU, where pinning is skipped).
+    x = torch.randn(5, 3, requires_grad=True)
+    with torch.autograd.graph.save_on_cpu(pin_memory=False):
+        y = (x.sin() * x).sum()
+    y.backward()
+    assert torch.allclose(x.grad, x.detach().cos() * x.detach() + x.detach().sin())
