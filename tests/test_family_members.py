@@ -85,3 +85,20 @@ def test_export_reads_the_hub_rope_form(tmp_path, tmp_path_factory):
     (folder / "config.json").write_text(json.dumps(rewritten, indent=2))
     report = export_onnx(folder, tmp_path / "onnx", precision="fp32", new_tokens=8, show=False)
     assert report["parity"]["passed"] and report["parity"]["greedy_all_agree"]
+
+
+def test_training_a_copy_of_tied_embeddings_is_refused(tmp_path, tmp_path_factory):
+    from pathlib import Path
+
+    from phi3local.config import load_recipe
+    from phi3local.model.load import ModelSetupError, load_model
+
+    folder = H.family_member(tmp_path_factory, "phi4mini")
+    recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+    recipe = load_recipe(recipe_path, [f"model.name_or_path={folder}", f"output_dir={tmp_path}"])
+    assert recipe.lora.modules_to_save == ["embed_tokens", "lm_head"]  # the tiny default's setting
+    with pytest.raises(ModelSetupError, match=r"lora.modules_to_save .* ties its input and output embeddings"):
+        load_model(recipe, load_tokenizer(folder))
+    untied = H.family_member(tmp_path_factory, "medium")  # the same setting on an untied model is fine
+    recipe = load_recipe(recipe_path, [f"model.name_or_path={untied}", f"output_dir={tmp_path}"])
+    assert load_model(recipe, load_tokenizer(untied)).model is not None

@@ -3,7 +3,9 @@
 The prompt is rendered with the model's own chat template (tokenizer_config.json `chat_template`, or
 chat_template.jinja) with jinja2 the way transformers renders it (sandboxed, trim_blocks, lstrip_blocks),
 then tokenized by onnxruntime-genai's tokenizer. Generation stops at any of genai_config.json's
-eos_token_id (the export writes every stop id there) or after max_new_tokens.
+eos_token_id (the export writes every stop id there) or after max_new_tokens. A LongRoPE model's
+decode that grows past the switch point is re-prefilled once (`reprefill_at_switch`), so its tokens equal
+those of fresh forwards.
 
 `OnnxChatModel` loads a model once and serves many requests (for a server); `generate_onnx` is the
 one-call form; `chat` is the command-line front end.

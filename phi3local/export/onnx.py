@@ -17,6 +17,10 @@ Known builder defects handled here:
     chat_template.jinja and rewrites tokenizer.json. We copy the model folder's own files back
     (onnxruntime-genai needs tokenizer.json and tokenizer_config.json).
   * Stop ids: genai_config.json gets every stop id (`<|end|>`, `<|endoftext|>`, eos of the configs).
+  * Rope config: the builder reads `rope_parameters["type"]`, which a config saved by transformers 5 lacks
+    (it fails with "'type'"); the builder then reads a staging copy in the Hub's `rope_scaling` form.
+  * LongRoPE: the switch point goes to longrope.json (genai_config.json refuses unknown keys), for `chat`,
+    `serve` and parity, which re-prefill a decode that crosses it (onnxruntime-genai does so only at 4097).
 """
 
 from __future__ import annotations
