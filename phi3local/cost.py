@@ -179,9 +179,10 @@ def _nvml_index(torch_index: int) -> int:
 
 
 def run_summary_fields(seconds: float, trained_tokens: int, usd_per_device_hour: float, device_type: str,
-                       peak_flops: float, energy: EnergyMeter | None = None) -> dict[str, Any]:
-    """The "cost" block of a training run's summary.json."""
-    fields = run_cost(seconds, trained_tokens, usd_per_device_hour)
+                       peak_flops: float, energy: EnergyMeter | None = None, devices: int = 1) -> dict[str, Any]:
+    """The "cost" block of a training run's summary.json (`devices`: the ranks of a distributed run, each
+    holding one device for the whole wall time; `energy`: rank 0's device only)."""
+    fields = run_cost(seconds, trained_tokens, usd_per_device_hour, devices)
     joules = energy.joules() if energy is not None else None
     fields.update({"device": device_type, "peak_flops": peak_flops, "trained_tokens": trained_tokens,
                    "energy_joules": joules, "energy_kwh": joules / 3.6e6 if joules is not None else None,
@@ -235,8 +236,12 @@ def instance_estimate(instance_type: str, count: int, table: PriceTable) -> Esti
 
 
 def training_job_estimate(trained_tokens: int, local_tokens_per_second: float, local_peak_flops: float,
-                          instance_type: str, instance_count: int, table: PriceTable) -> Estimate:
-    """A training job on Azure, from this machine's measured speed scaled by the target GPUs' peak."""
+                          instance_type: str, instance_count: int, table: PriceTable, processes: int = 1) -> Estimate:
+    """A training job on Azure, from this machine's measured speed scaled by the target GPUs' peak.
+
+    `processes`: the job's DDP ranks (one GPU each); the speed is assumed to scale linearly with them, an
+    upper bound (the gradient all-reduce costs more between nodes than inside one).
+    """
     inst = table.instance(instance_type)
     if inst is None or not inst.gpus:
         return Estimate("train job", None, [f"{instance_type}: not a GPU instance in the price table; no estimate"])
@@ -245,11 +250,12 @@ def training_job_estimate(trained_tokens: int, local_tokens_per_second: float, l
         return Estimate("train job", None, [f"no peak_flops for GPU {inst.gpu} in the price table; no estimate"])
     if local_tokens_per_second <= 0 or local_peak_flops <= 0:
         return Estimate("train job", None, ["the local run has no measured tokens/s or peak: no estimate"])
-    # One process per instance trains today (commands.py: distributed training is not implemented), so one GPU.
-    target_tps = local_tokens_per_second * peak / local_peak_flops
+    # local_peak_flops is the local run's total over its ranks, as its tokens/s: their ratio is per unit of peak.
+    target_tps = local_tokens_per_second * peak / local_peak_flops * processes
     hours = trained_tokens / target_tps / 3600.0
     lines = [f"local {local_tokens_per_second:,.0f} tokens/s at {local_peak_flops / 1e12:.2f} TFLOP/s peak -> "
-             f"{inst.gpu} {peak / 1e12:.0f} TFLOP/s: ~{target_tps:,.0f} tokens/s (same MFU assumed)",
+             f"{inst.gpu} {peak / 1e12:.0f} TFLOP/s: ~{target_tps:,.0f} tokens/s (same MFU assumed)"
+             + (f" x {processes} ranks" if processes > 1 else ""),
              f"{trained_tokens:,} trained tokens: ~{format_seconds(hours * 3600)} of {instance_count} x {instance_type}"]
     if inst.usd_per_hour is None:
         return Estimate("train job", None, lines + ["no price set for the instance"])
@@ -293,14 +299,15 @@ def local_line(local: dict[str, Any] | None, run_dir: str) -> str:
 
 # ------------------------------------------------------------------------------------------ the CLI's estimates
 
-def azure_train_estimate(recipe: Any, instance_count: int = 1) -> Estimate:
+def azure_train_estimate(recipe: Any, instance_count: int = 1, gpus_per_node: int = 1) -> Estimate:
     """`azure train`: the recipe's finished local run (output_dir/summary.json) scaled to the cluster's GPU."""
     local = local_run_cost(Path(recipe.output_dir))
     if local is None or not local.get("tokens_per_second"):
         return Estimate("train job", None, [local_line(None, recipe.output_dir)])
     table = load_price_table(recipe.azure.price_table)
     est = training_job_estimate(int(local["trained_tokens"]), float(local["tokens_per_second"]),
-                                float(local["peak_flops"]), recipe.azure.train_instance_type, instance_count, table)
+                                float(local["peak_flops"]), recipe.azure.train_instance_type, instance_count, table,
+                                processes=instance_count * gpus_per_node)
     est.lines.insert(0, local_line(local, recipe.output_dir))
     if local.get("device") != "cuda":
         # A CPU run is bound by other things than a GPU's peak: the scaled speed is only an upper bound.

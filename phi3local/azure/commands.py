@@ -132,7 +132,7 @@ def cmd_train(args) -> int:
     submit_train(recipe, compute=args.compute, instance_count=args.instance_count, gpus_per_node=args.gpus_per_node,
                  client_factory=None if args.dry_run else _client_factory(ref), dry_run=args.dry_run,
                  say=_say(console), console=console)
-    _say_estimate(_say(console), "cost", azure_train_estimate(recipe, args.instance_count).lines)
+    _say_estimate(_say(console), "cost", azure_train_estimate(recipe, args.instance_count, args.gpus_per_node).lines)
     return 0
 
 

@@ -257,9 +257,13 @@ def count_total_steps(recipe: Recipe, docs: Documents, world_size: int = 1) -> t
     return total, steps_per_epoch
 
 
-def decide_auto_settings(recipe: Recipe, docs: Documents, console: Console) -> Recipe:
+def decide_auto_settings(recipe: Recipe, docs: Documents, console: Console, world: distributed.World) -> Recipe:
     """The recipe with its `auto` settings decided; prints the memory plan and why each auto chose what it did."""
     resolved, report, reasons = auto_settings.resolve(recipe, docs.lengths, device=pick_device().type)
+    if world.distributed:  # every rank must plan the same batches: what fits on all of them
+        choices = world.gather_lists([(resolved.training.micro_batch_size, resolved.training.gradient_checkpointing)])
+        resolved.training.micro_batch_size = min(size for size, _ in choices)
+        resolved.training.gradient_checkpointing = any(checkpointing for _, checkpointing in choices)
     if report is not None:
         console.print(plan_table(report))
     for key, why in reasons.items():
@@ -319,7 +323,7 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     check_label_mask(train_docs, tokenizer, recipe.task)
     if checkpoint is not None:
         recipe = auto_settings.adopt_saved_choices(recipe, checkpoint.recipe)
-    recipe = decide_auto_settings(recipe, train_docs, console)  # before loading: refuses a plan that won't fit
+    recipe = decide_auto_settings(recipe, train_docs, console, world)  # before loading: refuses a plan that won't fit
     if not val_docs.input_ids:
         console.print(f"[yellow]warning:[/] no validation rows ({len(train_docs.input_ids)} training rows, "
                       f"data.val_fraction={recipe.data.val_fraction}): the validation loss is not measured", soft_wrap=True)
@@ -330,6 +334,7 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     loaded = load_model(recipe, tokenizer, world.device)
     if recipe.data.packing == "auto":  # timed on the loaded model: one micro-batch each way
         recipe, why = auto_settings.measure_packing(recipe, train_docs, loaded, tokenizer.pad_token_id, forward_loss)
+        recipe.data.packing = world.gather_lists([recipe.data.packing])[0]  # rank 0's timing decides for all
         console.print(f"[dim]auto packing: {why}[/]", soft_wrap=True, highlight=False)
         total_steps, _ = count_total_steps(recipe, train_docs, world.size)
     if recipe.training.compile:
@@ -665,7 +670,7 @@ def train(run: Run) -> dict:
         "best_val_loss": s.best_val_loss, "best_step": s.best_step, "final": final, "samples": samples,
         "attn_implementation": run.loaded.attn_implementation,
         "cost": run_summary_fields(s.elapsed_seconds, s.trained_tokens, r.training.usd_per_device_hour,
-                                   run.device.type, run.peak_flops, energy),
+                                   run.device.type, run.peak_flops, energy, devices=run.world.size),
     }
     vals = [h["val_loss"] for h in s.history if "val_loss" in h]
     summary["first_val_loss"] = vals[0] if vals else None
