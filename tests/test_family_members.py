@@ -102,3 +102,16 @@ def test_training_a_copy_of_tied_embeddings_is_refused(tmp_path, tmp_path_factor
     untied = H.family_member(tmp_path_factory, "medium")  # the same setting on an untied model is fine
     recipe = load_recipe(recipe_path, [f"model.name_or_path={untied}", f"output_dir={tmp_path}"])
     assert load_model(recipe, load_tokenizer(untied)).model is not None
+
+
+def test_a_partial_rotary_the_cpu_kernel_cannot_run_is_refused_before_the_builder(tmp_path, tmp_path_factory):
+    from phi3local.export.onnx import ExportError
+
+    folder = tmp_path / "head32"
+    shutil.copytree(H.family_member(tmp_path_factory, "phi4mini"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=96, head_dim=32)  # 0.75 x 32 = 24 rotary dims: 12 is not a multiple of 8
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"rotary_dims / 2 \(12\) <= head_dim / 2 and a multiple of 8"):
+        export_onnx(folder, tmp_path / "onnx", precision="fp32", show=False)
+    assert not (tmp_path / "onnx").exists()

@@ -221,6 +221,22 @@ def builder_input(model_dir: Path, config: dict, staging: Path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def check_cpu_partial_rotary(config: dict, model_dir: Path) -> None:
+    """onnxruntime's CPU GroupQueryAttention rotates a partial-rotary head only when rotary_dims / 2 is at most
+    head_size / 2 and a multiple of 8; otherwise the export builds and then fails at its first run. Phi-4-mini
+    (96 of 128 dims) passes; a head of 32 with factor 0.75 (24 dims) does not."""
+    from phi3local.model.shapes import shape_from_config
+
+    shape = shape_from_config(config)
+    half = shape.rotary_dims // 2
+    if shape.partial_rotary_factor < 1.0 and (half > shape.dims_per_head // 2 or half % 8):
+        raise ExportError(
+            f"{model_dir}/config.json: partial_rotary_factor {shape.partial_rotary_factor:g} of head_dim "
+            f"{shape.dims_per_head} rotates {shape.rotary_dims} dims; onnxruntime's CPU attention needs "
+            f"rotary_dims / 2 ({half}) <= head_dim / 2 and a multiple of 8 (the export would fail at its first run). "
+            "Use a head_dim and factor that meet it (Phi-4-mini: 96 of 128)")
+
+
 def longrope_switch_of(config: dict) -> int | None:
     """original_max_position_embeddings of a LongRoPE config (either form), else None."""
     from phi3local.model.shapes import shape_from_config
@@ -313,6 +329,8 @@ def export_onnx(
     if not (model_dir / "tokenizer.json").is_file() or not (model_dir / "tokenizer_config.json").is_file():
         raise ExportError(f"{model_dir} needs tokenizer.json and tokenizer_config.json (onnxruntime-genai reads both)")
 
+    if target == "cpu":
+        check_cpu_partial_rotary(config, model_dir)
     collisions = vocab_collisions(config)
     if collisions and vocab_collision == "refuse":
         raise VocabCollisionError(
