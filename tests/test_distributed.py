@@ -153,6 +153,17 @@ def test_killed_rank_ends_the_job_naming_it_within_the_bound(tmp_path):
     assert "rank      : 1 (local_rank: 1)" in out and "SIGKILL" in out  # torchrun's report of the failed child
 
 
+def test_a_setup_error_on_rank_0_stops_every_rank_at_once(two_rank_run):
+    run_dir, _ = two_rank_run
+    started = time.monotonic()
+    refused = run_two_ranks(run_dir, timeout=120)  # a finished run, neither --resume nor --overwrite
+    assert refused.returncode != 0
+    out = refused.stdout + refused.stderr
+    assert "holds a finished run" in out
+    assert "rank 1: rank 0 failed during setup" in out  # not left waiting for the collective timeout
+    assert time.monotonic() - started < 60
+
+
 # ------------------------------------------------------------------------------------------ data sharding
 
 def fake_run(world: distributed.World, lengths: list[int], packing: bool, grad_accum: int):
