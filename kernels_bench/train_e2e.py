@@ -8,14 +8,18 @@ schedule (cosine to 10%, no warm-up), optimizer (AdamW), gradient clipping and g
 
 Contenders, each in its own process (so peak RSS is its own), in alternating order over the rounds
 (A B C D, then D C B A) so that drift of the machine hits all of them alike:
-- `phi3local`: the product loop, packing on (its default): `setup()` -> `run_eval()` -> `train()` ->
-  `cleanup()`, i.e. `phi3local.train.recipe.run_training` step by step, keeping the Run so the final
-  model can be evaluated by the common yardstick below.
-- `phi3local_unpacked`: the same with `data.packing=false` (length-grouped padding).
+- `phi3local`: the product loop with its defaults (`data.packing: auto`, `training.gradient_checkpointing:
+  auto`): `setup()` -> `run_eval()` -> `train()` -> `cleanup()`, i.e. `phi3local.train.recipe.run_training`
+  step by step, keeping the Run so the final model can be evaluated by the common yardstick below.
+- `phi3local_other`: the same with the packing mode auto did *not* choose (`phi3local_packed` or
+  `phi3local_unpacked`), so the run shows whether auto chose the faster one.
+- `phi3local_packed` / `phi3local_unpacked`: `data.packing=true` / `false` (length-grouped padding).
 - `trl`: SFTTrainer defaults for a pre-tokenised dataset (no packing: padded batches).
 - `trl_packed`: SFTTrainer with `packing=True` (its default `bfd` strategy, padding-free).
-- `trl_packed_fp32_lora` (`--extended`): as `trl_packed`, LoRA weights cast back to fp32 after SFTTrainer
-  casts them to bf16, to separate TRL's bf16 adapters on CPU from the rest.
+- `trl_packed_fp32_lora`: "tuned TRL", as `trl_packed` with the LoRA weights cast back to fp32 after
+  SFTTrainer casts them to bf16 (the fastest TRL an expert would run on a CPU without bf16 units).
+TRL keeps gradient checkpointing on (its SFTConfig setting here); phi3local's auto turns it off when its
+memory plan fits without it, and that choice is part of what is measured.
 
 Trained tokens/s = tokens with a label (answers) per second over the timed steps (all but the first
 `skip` steps, which warm up allocators and kernels); seconds/step = median over timed steps; peak memory
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -68,13 +73,13 @@ def settings(size: str) -> dict:
         return {**common, "hidden": 64, "layers": 2, "heads": 4, "intermediate": 192, "max_seq_len": 1024,
                 "steps": 3, "skip": 1, "rounds": 1,
                 "contenders": ["phi3local", "trl_packed"]}
-    if size == "small":
-        return {**common, "hidden": 256, "layers": 4, "heads": 4, "intermediate": 1024, "max_seq_len": 1024,
-                "steps": 6, "skip": 2, "rounds": 2,
-                "contenders": ["phi3local", "phi3local_unpacked", "trl", "trl_packed"]}
+    if size == "small":  # Phi-3-shaped (heads of 64, Phi-3's vocabulary), the issue's CPU comparison size
+        return {**common, "hidden": 768, "layers": 4, "heads": 12, "intermediate": 2048, "max_seq_len": 1024,
+                "steps": 5, "skip": 1, "rounds": 1,
+                "contenders": ["phi3local", "phi3local_other", "trl", "trl_packed", "trl_packed_fp32_lora"]}
     return {**common, "hidden": 3072, "layers": 4, "heads": 32, "intermediate": 8192, "max_seq_len": 2048,
             "steps": 20, "skip": 5, "rounds": 2, "lr": 2e-4,
-            "contenders": ["phi3local", "phi3local_unpacked", "trl", "trl_packed"]}
+            "contenders": ["phi3local", "phi3local_other", "trl", "trl_packed", "trl_packed_fp32_lora"]}
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -117,7 +122,8 @@ def prepared_dir(size: str) -> Path:
     return WORK_DIR / "e2e" / f"prepared-{size}"
 
 
-def make_recipe(size: str, packing: bool, run_dir: Path, device: torch.device, gradient_checkpointing: bool = True):
+def make_recipe(size: str, packing: bool | str, run_dir: Path, device: torch.device,
+                gradient_checkpointing: bool | str = "auto"):
     from phi3local.config import recipe_from_dict
 
     s = settings(size)
@@ -186,7 +192,8 @@ def _peak_memory(device: torch.device) -> int:
 
 # --------------------------------------------------------------------------------------------- children
 
-def child_phi3local(size: str, packing: bool, run_dir: str, variant: str | None = None) -> dict:
+def child_phi3local(size: str, packing: bool | str, run_dir: str, variant: str | None = None,
+                    name: str = "phi3local") -> dict:
     """The product loop on the bench model: setup -> run_eval -> train -> cleanup (= run_training).
 
     variant (experiments behind recommended changes, `--extended`): `no_gc` = recipe
@@ -198,9 +205,11 @@ def child_phi3local(size: str, packing: bool, run_dir: str, variant: str | None 
     from phi3local.data.prepare import load_prepared
     from phi3local.model.load import pick_device
     from phi3local.train import recipe as loop
+    from phi3local.train.memory_plan import make_plan
 
     device = pick_device()
-    recipe = make_recipe(size, packing, Path(run_dir), device, gradient_checkpointing=variant != "no_gc")
+    recipe = make_recipe(size, packing, Path(run_dir), device, gradient_checkpointing=False if variant == "no_gc"
+                         else "auto")
     steps: list[list[tuple[int, int, int]]] = []
     original = loop.next_micro_batches
 
@@ -226,7 +235,8 @@ def child_phi3local(size: str, packing: bool, run_dir: str, variant: str | None 
     records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     step_records = [r for r in records if "loss" in r and "step_seconds" in r]
     return {
-        "contender": ("phi3local" if packing else "phi3local_unpacked") + (f"_{variant}" if variant else ""),
+        "contender": name + (f"_{variant}" if variant else ""),
+        "packing": run.recipe.data.packing, "gradient_checkpointing": run.recipe.training.gradient_checkpointing,
         "step_seconds": [r["step_seconds"] for r in step_records],
         "train_loss": [r["loss"] for r in step_records],
         "step_tokens": [[sum(b[i] for b in s) for i in range(3)] for s in steps],  # trained, real, padded
@@ -235,6 +245,7 @@ def child_phi3local(size: str, packing: bool, run_dir: str, variant: str | None 
         "own_first_val_loss": own_first,
         "own_mfu": [r.get("mfu") for r in step_records], "own_peak_flops": run.peak_flops,
         "peak_memory_bytes": _peak_memory(run.device), "train_rss_peak_bytes": rss.peak,
+        "planned_peak_bytes": make_plan(run.recipe, device=run.device.type, available=None).plan.total,
         "rss_before_train_bytes": rss.baseline, "attn_implementation": run.loaded.attn_implementation,
         "device": str(run.device), "train_docs": len(run.train_docs.input_ids),
     }
@@ -347,8 +358,9 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False) -
 
 
 CHILDREN = {
-    "phi3local": ("kernels_bench.train_e2e:child_phi3local", {"packing": True}),
-    "phi3local_unpacked": ("kernels_bench.train_e2e:child_phi3local", {"packing": False}),
+    "phi3local": ("kernels_bench.train_e2e:child_phi3local", {"packing": "auto"}),
+    "phi3local_packed": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "name": "phi3local_packed"}),
+    "phi3local_unpacked": ("kernels_bench.train_e2e:child_phi3local", {"packing": False, "name": "phi3local_unpacked"}),
     "trl": ("kernels_bench.train_e2e:child_trl", {"packing": False}),
     "trl_packed": ("kernels_bench.train_e2e:child_trl", {"packing": True}),
     "trl_packed_fp32_lora": ("kernels_bench.train_e2e:child_trl", {"packing": True, "fp32_lora": True}),
@@ -394,6 +406,7 @@ def run(ctx: Ctx) -> dict:
     from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
 
     began = time.perf_counter()
+    load_at_start = list(os.getloadavg())  # the machine may be shared: the figures are only as quiet as it was
     s = settings(ctx.size)
     if ctx.size == "full":
         ctx.require_cuda_for_full()
@@ -403,8 +416,8 @@ def run(ctx: Ctx) -> dict:
     config = AutoConfig.from_pretrained(model_dir)
     flops_per_token = training_flops_per_token(config, int(data["mean_length"]))
     peak_flops = measured_matmul_peak(ctx.device, ctx.dtype)
-    contenders = [c for c in (ctx.contenders or s["contenders"]) if c in CHILDREN]
-    unknown = sorted(set(ctx.contenders or []) - set(CHILDREN))
+    contenders = [c for c in (ctx.contenders or s["contenders"]) if c in CHILDREN or c == "phi3local_other"]
+    unknown = sorted(set(ctx.contenders or []) - set(CHILDREN) - {"phi3local_other"})
     if unknown:
         raise ValueError(f"unknown contenders {unknown}; known: {sorted(CHILDREN)}")
     if ctx.extended:
@@ -412,10 +425,17 @@ def run(ctx: Ctx) -> dict:
     rounds = ctx.repeats or s["rounds"]
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "TOKENIZERS_PARALLELISM": "false", "KINETO_LOG_LEVEL": "99"}
-    raw_runs: dict[str, list[dict]] = {c: [] for c in contenders}
+    raw_runs: dict[str, list[dict]] = {}
+
+    def other_mode() -> str:
+        """The packing mode phi3local's auto did not choose (it decides in setup(), by measured cost)."""
+        chosen = raw_runs["phi3local"][0]["packing"] if raw_runs.get("phi3local") else True
+        return "phi3local_unpacked" if chosen else "phi3local_packed"
+
     for r in range(rounds):
         order = contenders if r % 2 == 0 else contenders[::-1]
         for name in order:
+            name = other_mode() if name == "phi3local_other" else name
             target, kwargs = CHILDREN[name]
             run_dir = WORK_DIR / "e2e" / f"{ctx.size}-{name}-r{r}"
             ctx.console.print(f"[dim]train_e2e round {r + 1}/{rounds}: {name} ...[/]", highlight=False)
@@ -423,13 +443,16 @@ def run(ctx: Ctx) -> dict:
                                   env=env)
             result["round"] = r
             result["summary"] = summarise_run(result, s["skip"], flops_per_token, peak_flops)
-            raw_runs[name].append(result)
+            raw_runs.setdefault(name, []).append(result)
             sm = result["summary"]
             ctx.console.print(f"[dim]  {sm['trained_tokens_per_s']:.1f} trained tok/s, "
                               f"{sm['seconds_per_step']:.2f} s/step, peak {fmt_bytes(result['peak_memory_bytes'])}, "
                               f"val {result['first_val_loss']:.4f} -> {result['final_val_loss']:.4f} "
                               f"({result['process_wall_s']:.0f} s)[/]", highlight=False)
 
+    auto_packed = other_mode() == "phi3local_unpacked"
+    other = other_mode()
+    contenders = [other if c == "phi3local_other" else c for c in contenders]
     rows = []
     for name in contenders:
         runs = raw_runs[name]
@@ -459,7 +482,7 @@ def run(ctx: Ctx) -> dict:
     by = {r["contender"]: r for r in rows}
     ratios, checks = {}, {}
     ours = by.get("phi3local")
-    for peer in ("trl", "trl_packed", "trl_packed_fp32_lora"):
+    for peer in ("trl", "trl_packed", "trl_packed_fp32_lora", "phi3local_packed", "phi3local_unpacked"):
         if ours and peer in by:
             p = by[peer]
             ratios[f"phi3local / {peer}"] = {
@@ -482,7 +505,9 @@ def run(ctx: Ctx) -> dict:
     exact = 1e-3 if ctx.dtype == torch.float32 else 2e-2
     firsts = [r["first_val_loss"] for r in rows]
     checks["same_start"] = {"first_val_losses": firsts, "ok": max(firsts) - min(firsts) < exact}
-    pairs = [("phi3local", "trl_packed", "packed"), ("phi3local_unpacked", "trl", "unpacked")]
+    # Val losses compare between contenders that see the same documents per step (both packed or both not).
+    packed_ours, unpacked_ours = ("phi3local", other) if auto_packed else (other, "phi3local")
+    pairs = [(packed_ours, "trl_packed", "packed"), (unpacked_ours, "trl", "unpacked")]
     for a, b, kind in pairs:
         if a in by and b in by:
             diff = by[a]["final_val_loss"] - by[b]["final_val_loss"]
@@ -497,6 +522,20 @@ def run(ctx: Ctx) -> dict:
                 checks[f"phi3local final val loss <= {peer} + tol"] = {
                     "ok": ours["final_val_loss"] <= by[peer]["final_val_loss"] + VAL_LOSS_TOLERANCE["packed"]}
     targets = {}
+    if ours and ctx.device.type == "cuda":  # on CPU peak memory is RSS, which the plan does not model
+        planned = ours["runs"][0]["planned_peak_bytes"]
+        checks["memory plan vs CUDA max allocated"] = {
+            "planned": planned, "measured": ours["peak_memory_bytes"],
+            "ok": abs(planned - ours["peak_memory_bytes"]) <= 0.15 * ours["peak_memory_bytes"]}
+    if ours and other in by:
+        faster = ours["trained_tokens_per_s"] >= by[other]["trained_tokens_per_s"]
+        checks["auto packing chose the faster mode"] = {
+            "chosen": "packed" if auto_packed else "unpacked", "ok": faster,
+            "tokens_per_s_chosen": ours["trained_tokens_per_s"], "tokens_per_s_other": by[other]["trained_tokens_per_s"]}
+    if "phi3local / trl_packed_fp32_lora" in ratios:
+        tuned = ratios["phi3local / trl_packed_fp32_lora"]
+        targets["tokens/s >= 3x tuned TRL (trl_packed_fp32_lora)"] = tuned["trained_tokens_per_s"] >= 3.0
+        targets["peak memory < tuned TRL"] = tuned["peak_memory"] < 1
     if "phi3local / trl" in ratios:
         targets["tokens/s >= 1.5x trl (unpacked)"] = ratios["phi3local / trl"]["trained_tokens_per_s"] >= 1.5
         targets["peak memory < trl"] = ratios["phi3local / trl"]["peak_memory"] < 1
@@ -504,7 +543,9 @@ def run(ctx: Ctx) -> dict:
         targets["tokens/s >= 1.1x trl_packed"] = ratios["phi3local / trl_packed"]["trained_tokens_per_s"] >= 1.1
         targets["peak memory < trl_packed"] = ratios["phi3local / trl_packed"]["peak_memory"] < 1
 
-    cfg = {**s, "contenders": contenders, "rounds": rounds, "model_dir": repo_relative(model_dir), "data": data,
+    cfg = {**s, "contenders": contenders, "auto_packing": "packed" if auto_packed else "unpacked",
+           "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg()),
+           "rounds": rounds, "model_dir": repo_relative(model_dir), "data": data,
            "flops_per_token": flops_per_token, "matmul_peak_flops": peak_flops, "dtype": str(ctx.dtype),
            "target_modules": TARGET_MODULES, "val_loss_tolerance": VAL_LOSS_TOLERANCE,
            "trl_settings": "SFTConfig(packing=..., bf16=cuda only, optim adamw_torch, cosine_with_min_lr 0.1, "

@@ -36,7 +36,7 @@ LONGEST_SEARCHED = 262144  # the longest sequence the plan searches for (memory-
 # CUDA: the context, cuBLAS workspace and allocator fragmentation that tensor accounting does not see.
 CUDA_RESERVE_BYTES = int(0.75 * GIB)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Linear layer names of a Phi-3 decoder layer: (input features, output features) as functions of the shape.
+# The linear layers of a Phi-3 decoder layer (LoRA targets the plan counts; see layer_linears for their sizes).
 LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
@@ -216,14 +216,16 @@ def device_kind(device: str | None = None) -> str:
 
 
 def resolved_dtype(recipe: Recipe, device: str) -> str:
+    """model.compute_dtype as load.pick_compute_dtype decides it (a card planned from here: bf16)."""
     if recipe.model.compute_dtype != "auto":
         return recipe.model.compute_dtype
-    if device == "cuda":
-        import torch
+    if device != "cuda":
+        return "float32"
+    import torch
 
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16" \
-            if torch.cuda.is_available() else "bfloat16"
-    return "float32"
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "float16"
+    return "bfloat16"
 
 
 def resolved_optimizer(recipe: Recipe, device: str) -> str:
