@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     from phi3local.azure import commands as azure_commands
 
     azure_commands.register(sub)
-    __import__("phi3local.train.plan_command", fromlist=["register"]).register(sub)
+    from phi3local.train import plan_command
+
+    plan_command.register(sub)
 
     p = sub.add_parser("doctor", help="what this machine has, what each stage will choose, how to fix gaps")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
