@@ -164,6 +164,17 @@ def test_a_setup_error_on_rank_0_stops_every_rank_at_once(two_rank_run):
     assert time.monotonic() - started < 60
 
 
+def test_a_two_rank_checkpoint_does_not_resume_on_one_process(two_rank_run, tmp_path):
+    import shutil
+
+    run_dir, _ = two_rank_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    recipe = load_recipe(TINY, [f"output_dir={copy}", *COMMON, "training.display=none"])
+    with pytest.raises(loop.TrainingError, match=r"trained by 2 process\(es\), this run has 1: the global batch"):
+        loop.setup(recipe, resume=True)
+
+
 # ------------------------------------------------------------------------------------------ data sharding
 
 def fake_run(world: distributed.World, lengths: list[int], packing: bool, grad_accum: int):
