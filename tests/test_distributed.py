@@ -8,6 +8,7 @@ the sum of two ranks' gradients is the same float addition as accumulating two m
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -228,3 +229,51 @@ def test_one_process_without_a_launcher_and_bad_launcher_variables():
     with pytest.raises(distributed.DistributedError, match="RANK=2 must be below WORLD_SIZE=2"):
         distributed.from_environment({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x",
                                       "MASTER_PORT": "1"})
+
+
+class OtherRankSays:
+    """A rank 0 of 2 whose gather returns its own value first, then the other rank's (given) value."""
+
+    distributed, is_main, size = True, True, 2
+
+    def __init__(self, other):
+        self.other = other
+
+    def gather_lists(self, items: list) -> list:
+        return [*items, self.other]
+
+
+def test_ranks_agree_on_auto_settings_that_timing_or_free_memory_could_split():
+    from rich.console import Console
+
+    quiet = Console(quiet=True)
+    recipe = load_recipe(TINY, ["training.micro_batch_size=auto", "training.gradient_checkpointing=auto"])
+    docs = SimpleNamespace(lengths=[100, 200, 300])
+    alone = loop.decide_auto_settings(recipe, docs, quiet, distributed.World())
+    assert alone.training.micro_batch_size > 1 and alone.training.gradient_checkpointing is False
+    # The other rank has less free memory: both take its smaller micro-batch and its checkpointing.
+    agreed = loop.decide_auto_settings(recipe, docs, quiet, OtherRankSays((1, True)))
+    assert (agreed.training.micro_batch_size, agreed.training.gradient_checkpointing) == (1, True)
+
+
+def test_rank_0s_packing_timing_decides_for_every_rank(monkeypatch):
+    from rich.console import Console
+
+    recipe = load_recipe(TINY, ["data.packing=auto"])
+
+    def timed(recipe, docs, loaded, pad_id, forward_loss, choice):
+        recipe = copy.deepcopy(recipe)
+        recipe.data.packing = choice
+        return recipe, {"chosen": choice}
+
+    for mine, theirs in ((True, False), (False, True)):
+        monkeypatch.setattr(loop.auto_settings, "measure_packing", lambda *a, mine=mine: timed(*a, mine))
+        rank0 = loop.decide_packing(recipe, None, None, 0, Console(quiet=True), OtherRankSays(theirs))
+        assert rank0.data.packing is mine  # rank 0 (first in the gather) keeps its own timing's choice
+
+        class Rank1(OtherRankSays):
+            def gather_lists(self, items):
+                return [self.other, *items]  # rank 0's value comes first
+
+        rank1 = loop.decide_packing(recipe, None, None, 0, Console(quiet=True), Rank1(theirs))
+        assert rank1.data.packing is theirs  # rank 1 adopts rank 0's choice, not its own timing's

@@ -271,6 +271,16 @@ def decide_auto_settings(recipe: Recipe, docs: Documents, console: Console, worl
     return resolved
 
 
+def decide_packing(recipe: Recipe, docs: Documents, loaded: LoadedModel, pad_id: int, console: Console,
+                   world: distributed.World) -> Recipe:
+    """data.packing=auto decided by timing one packed and one padded micro-batch on the loaded model."""
+    recipe, why = auto_settings.measure_packing(recipe, docs, loaded, pad_id, forward_loss)
+    # Timings differ between ranks; every rank must plan the same batches, so rank 0's choice holds for all.
+    recipe.data.packing = world.gather_lists([recipe.data.packing])[0]
+    console.print(f"[dim]auto packing: {why}[/]", soft_wrap=True, highlight=False)
+    return recipe
+
+
 def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False,
           console: Console | None = None) -> Run:
     """Claim and lock the run folder, then prepare the data, load the model and (on resume) the checkpoint.
@@ -333,9 +343,7 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
 
     loaded = load_model(recipe, tokenizer, world.device)
     if recipe.data.packing == "auto":  # timed on the loaded model: one micro-batch each way
-        recipe, why = auto_settings.measure_packing(recipe, train_docs, loaded, tokenizer.pad_token_id, forward_loss)
-        recipe.data.packing = world.gather_lists([recipe.data.packing])[0]  # rank 0's timing decides for all
-        console.print(f"[dim]auto packing: {why}[/]", soft_wrap=True, highlight=False)
+        recipe = decide_packing(recipe, train_docs, loaded, tokenizer.pad_token_id, console, world)
         total_steps, _ = count_total_steps(recipe, train_docs, world.size)
     if recipe.training.compile:
         # Compiles the decoder stack in place; the chunked loss and lm_head stay eager.
