@@ -8,6 +8,7 @@ the metrics sinks from `phi3local.train.metrics`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -33,6 +34,7 @@ from phi3local.model.load import (
     LoadedModel,
     activation_offload,
     base_causal_lm,
+    cache_dir,
     load_model,
     pick_device,
     resolve_model_path,
@@ -246,7 +248,13 @@ def lr_lambda(recipe: Recipe, total_steps: int):
 
 def long_from(recipe: Recipe) -> int | None:
     """The model's LongRoPE switch: batching keeps longer documents apart from shorter ones (see batching.py)."""
-    return longrope_switch(resolve_model_path(recipe.model.name_or_path))
+    return _longrope_switch(recipe.model.name_or_path, str(cache_dir()))
+
+
+@functools.lru_cache(maxsize=16)
+def _longrope_switch(name_or_path: str, model_cache: str) -> int | None:
+    # Once per model, not per step: resolving the path and reading config.json are file reads.
+    return longrope_switch(resolve_model_path(name_or_path))
 
 
 def count_total_steps(recipe: Recipe, docs: Documents, world_size: int = 1) -> tuple[int, int]:
