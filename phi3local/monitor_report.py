@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from phi3local.argtypes import positive_int
+from phi3local.data.report import percentile as nearest_rank
 from phi3local.errors import Phi3LocalError
 from phi3local.safety.scorer import classify
 
@@ -53,11 +53,8 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of values; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
+    """Nearest-rank percentile (q in 0..100) of values, as prepare reports lengths; None when there are none."""
+    return nearest_rank(sorted(values), q) if values else None
 
 
 def _mean(values: Sequence[float]) -> float | None:
