@@ -277,6 +277,7 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False) -
     from trl import SFTConfig, SFTTrainer
 
     from phi3local.data.prepare import load_prepared
+    from phi3local.model.load import keep_cpu_4bit_layout
     from phi3local.model.tokenizer import load_tokenizer
 
     s = settings(size)
@@ -291,6 +292,8 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False) -
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
         device_map={"": 0 if device.type == "cuda" else "cpu"})
+    if device.type == "cpu":  # the same NF4 layout and kernels as phi3local (see keep_cpu_4bit_layout)
+        keep_cpu_4bit_layout(model)
     val_ids, val_labels = list(val_ds["input_ids"]), list(val_ds["labels"])
 
     class Clock(TrainerCallback):

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import bitsandbytes as bnb
+import pytest
 import torch
 
 from phi3local.config import load_recipe
@@ -91,3 +92,46 @@ def test_activation_offload_moves_saved_tensors_only_for_a_cuda_device():
         y = (x.sin() * x).sum()
     y.backward()
     assert torch.allclose(x.grad, x.detach().cos() * x.detach() + x.detach().sin())
+
+
+@pytest.mark.filterwarnings("ignore:bitsandbytes::gemv_4bit:UserWarning")  # the control's lost gradient
+def test_an_evaluation_pass_leaves_gradients_through_the_4bit_weights_intact():
+    """bitsandbytes 0.50 repacks NF4 weights on AVX512-BF16 CPUs on a no-grad pass; its kernel then drops the
+    input gradient of every 4-bit layer. After our loader, evaluating first changes no gradient at all."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    loaded = load_tiny("model.compute_dtype=float32")
+    model = loaded.model
+    layer = base_causal_lm(model).model.layers[0].mlp.down_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    x = torch.randn(2, 8, layer.in_features, generator=torch.Generator().manual_seed(1))
+    weights = torch.linspace(-1, 1, layer.out_features)
+
+    def input_grad():
+        xx = x.clone().requires_grad_(True)
+        layer.train()
+        (layer(xx) * weights).sum().backward()
+        return xx.grad
+
+    before = input_grad()
+    assert before is not None and float(before.abs().sum()) > 0
+    model.eval()
+    with torch.no_grad():
+        base_causal_lm(model)(input_ids=torch.tensor([[1, 5, 9, 13]]), use_cache=False)
+    model.train()
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    after = input_grad()
+    assert after is not None and torch.equal(after, before)
+
+    if has_avx512bf16():  # the control: an unprotected layer on this CPU loses its input gradient
+        bare = bnb.nn.Linear4bit(64, 96, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        bare.weight = bnb.nn.Params4bit(torch.randn(96, 64) * 0.05, requires_grad=False, quant_type="nf4")
+        bare = bare.to("cpu")  # quantizes
+        bare.eval()
+        with torch.no_grad():
+            bare(torch.randn(1, 64))
+        xx = torch.randn(3, 64, requires_grad=True)
+        bare.train()
+        out = bare(xx).sum()
+        lost = not out.requires_grad or torch.autograd.grad(out, xx, allow_unused=True)[0] is None
+        assert getattr(bare.weight.quant_state, "packing_format_for_cpu", False) and lost

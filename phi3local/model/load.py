@@ -248,9 +248,12 @@ def activation_offload(enabled: bool, device: torch.device):
 def keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
     """Keep bitsandbytes' trainable NF4 layout on CPUs with AVX512-BF16.
 
-    On such CPUs bitsandbytes repacks a Linear4bit's weight in place for a faster kernel the first time it
-    runs without gradients (our evaluation), and that packing asserts out_features % 32 == 0 (stories260K's
-    gate_up_proj has 344). The training loop alternates evaluation and training, so one layout is kept.
+    On such CPUs bitsandbytes (0.50) repacks a Linear4bit's weight in place for a faster bf16 kernel the
+    first time it runs without gradients (our evaluation). Two things then go wrong: the packing asserts
+    out_features % 32 == 0 (stories260K's gate_up_proj has 344), and every later forward, training ones
+    included, runs that kernel, which has no autograd formula: no gradient flows back through the frozen
+    4-bit weights, silently (only the LoRA branch carries one), so earlier layers learn from a wrong
+    gradient. The training loop alternates evaluation and training, so the trainable layout is kept.
     """
     import bitsandbytes as bnb
 
