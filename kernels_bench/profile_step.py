@@ -106,8 +106,7 @@ def child_profile(size: str, run_dir: str, packing: bool = True, variant: str | 
     s = settings(size)
     kernels.sort(key=lambda x: -x["self_s"])
     # FLOPs the profiler counts (matmuls, convolutions) in the profiled step: what the hardware executed,
-    # unlike the conventional 6N "model FLOPs" (which count lm_head on every token and weight gradients of
-    # frozen layers, and leave out recomputation).
+    # recomputation included, against the model FLOPs a LoRA step needs (phi3local.model.flops.lora_step_flops).
     executed = float(sum(e.flops for e in counted.key_averages() if getattr(e, "flops", 0)))
     return {
         "variant": variant, "top_kernels": kernels[:TOP], "cuda_peak_bytes": peak_mem,
@@ -115,8 +114,8 @@ def child_profile(size: str, run_dir: str, packing: bool = True, variant: str | 
                                                        for k, v in by_cat.items()), key=lambda x: -x["self_s"]),
         "total_self_s": total_self, "profiled_step_s": profiled_s, "step_s": step_s, "step_samples_s":
         [t for t, _ in timed], "real_tokens": real, "trained_tokens": trained,
-        "padded_tokens": batch.padded_tokens, "flops_per_token": run.flops_per_token,
-        "peak_flops": run.peak_flops, "mfu": real * run.flops_per_token / step_s / run.peak_flops,
+        "padded_tokens": batch.padded_tokens, "model_flops": run.step_flops.total(real, trained),
+        "peak_flops": run.peak_flops, "mfu": run.step_flops.total(real, trained) / step_s / run.peak_flops,
         "executed_matmul_flops": executed, "hfu": executed / step_s / run.peak_flops,
         "timing_basis": "CUDA kernel self time" if use_cuda else "CPU self time", "device": str(device),
         "settings": {k: s[k] for k in ("hidden", "layers", "heads", "intermediate", "vocab", "max_seq_len",
@@ -138,7 +137,7 @@ def run(ctx: Ctx) -> dict:
     rows = result["top_ops"]
     summary = {k: result[k] for k in ("step_s", "profiled_step_s", "mfu", "hfu", "executed_matmul_flops",
                                       "real_tokens", "trained_tokens",
-                                      "padded_tokens", "flops_per_token", "peak_flops", "total_self_s",
+                                      "padded_tokens", "model_flops", "peak_flops", "total_self_s",
                                       "timing_basis")}
     summary["categories"] = result["categories"]
     path = save_result(ctx.out_dir, ctx.result_name(NAME), ctx.size, ctx.device, {**result["settings"], "top": TOP}, rows,

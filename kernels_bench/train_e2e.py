@@ -23,10 +23,12 @@ memory plan fits without it, and that choice is part of what is measured.
 
 Trained tokens/s = tokens with a label (answers) per second over the timed steps (all but the first
 `skip` steps, which warm up allocators and kernels); seconds/step = median over timed steps; peak memory
-= the child's peak RSS (CPU) or torch.cuda.max_memory_allocated (CUDA); MFU = non-padding tokens/s x
-`training_flops_per_token` / `measured_matmul_peak`, both from `phi3local.model.flops`, for every
-contender alike. Validation loss = mean cross-entropy over the trained tokens of the validation split,
-computed by one plain forward per document for every contender (`plain_val_loss`), before and after.
+= the child's peak RSS (CPU) or torch.cuda.max_memory_allocated (CUDA); MFU = the matmul FLOPs the LoRA
+step needs (`lora_step_flops`: non-padding and trained tokens) per second / `measured_matmul_peak`, both
+from `phi3local.model.flops`, for every contender alike (work a contender wastes, such as logits for
+untrained positions, padding or recomputation, is not counted). Validation loss = mean cross-entropy over
+the trained tokens of the validation split, computed by one plain forward per document for every
+contender (`plain_val_loss`), before and after.
 """
 
 from __future__ import annotations
@@ -382,7 +384,7 @@ def extended_contenders(device: torch.device) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- parent
 
-def summarise_run(raw: dict, skip: int, flops_per_token: float, peak_flops: float) -> dict:
+def summarise_run(raw: dict, skip: int, step_flops, peak_flops: float) -> dict:
     """Figures of one child run over its timed steps (all but the first `skip`)."""
     secs = raw["step_seconds"]
     toks = raw["step_tokens"]
@@ -398,7 +400,7 @@ def summarise_run(raw: dict, skip: int, flops_per_token: float, peak_flops: floa
         "trained_tokens_per_s": trained / t, "real_tokens_per_s": real / t, "seconds_per_step": med,
         "step_spread": (max(step_times) - min(step_times)) / med if med else None,
         "padding_share": 1 - sum(x[1] for x in toks) / max(sum(x[2] for x in toks), 1),
-        "trained_tokens_per_step": sum(x[0] for x in toks) / n, "mfu": real / t * flops_per_token / peak_flops,
+        "trained_tokens_per_step": sum(x[0] for x in toks) / n, "mfu": step_flops.total(real, trained) / t / peak_flops,
         "timed_steps": len(step_times), "total_trained_tokens": sum(x[0] for x in toks),
     }
 
@@ -406,7 +408,7 @@ def summarise_run(raw: dict, skip: int, flops_per_token: float, peak_flops: floa
 def run(ctx: Ctx) -> dict:
     from transformers import AutoConfig
 
-    from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
+    from phi3local.model.flops import lora_step_flops, measured_matmul_peak
 
     began = time.perf_counter()
     load_at_start = list(os.getloadavg())  # the machine may be shared: the figures are only as quiet as it was
@@ -417,7 +419,7 @@ def run(ctx: Ctx) -> dict:
     model_dir = ensure_bench_model(ctx.size)
     data = prepare_data(ctx.size, ctx.device)
     config = AutoConfig.from_pretrained(model_dir)
-    flops_per_token = training_flops_per_token(config, int(data["mean_length"]))
+    step_flops = lora_step_flops(config, data["mean_length"], TARGET_MODULES, s["lora_r"])
     peak_flops = measured_matmul_peak(ctx.device, ctx.dtype)
     contenders = [c for c in (ctx.contenders or s["contenders"]) if c in CHILDREN or c == "phi3local_other"]
     unknown = sorted(set(ctx.contenders or []) - set(CHILDREN) - {"phi3local_other"})
@@ -445,7 +447,7 @@ def run(ctx: Ctx) -> dict:
             result = run_isolated(target, {"size": ctx.size, "run_dir": str(run_dir), **kwargs}, timeout=3600,
                                   env=env)
             result["round"] = r
-            result["summary"] = summarise_run(result, s["skip"], flops_per_token, peak_flops)
+            result["summary"] = summarise_run(result, s["skip"], step_flops, peak_flops)
             raw_runs.setdefault(name, []).append(result)
             sm = result["summary"]
             ctx.console.print(f"[dim]  {sm['trained_tokens_per_s']:.1f} trained tok/s, "
@@ -549,7 +551,8 @@ def run(ctx: Ctx) -> dict:
     cfg = {**s, "contenders": contenders, "auto_packing": "packed" if auto_packed else "unpacked",
            "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg()),
            "rounds": rounds, "model_dir": repo_relative(model_dir), "data": data,
-           "flops_per_token": flops_per_token, "matmul_peak_flops": peak_flops, "dtype": str(ctx.dtype),
+           "flops_per_token": step_flops.per_token, "flops_per_trained_token": step_flops.per_trained_token,
+           "matmul_peak_flops": peak_flops, "dtype": str(ctx.dtype),
            "target_modules": TARGET_MODULES, "val_loss_tolerance": VAL_LOSS_TOLERANCE,
            "trl_settings": "SFTConfig(packing=..., bf16=cuda only, optim adamw_torch, cosine_with_min_lr 0.1, "
                            "gradient_checkpointing non-reentrant, max_length=max_seq_len, logging_steps=1)"}
@@ -558,12 +561,18 @@ def run(ctx: Ctx) -> dict:
         f"{s['skip']} steps of each run are warm-up and not timed",
         "peak mem: the contender process's peak RSS (CPU; includes imports and evaluation) or CUDA max "
         "allocated during training; train RSS: peak RSS sampled during training only",
-        "MFU: non-padding tokens/s x 6N+attention FLOPs per token (phi3local.model.flops) / measured matmul "
-        "peak, identical accounting for all contenders (recomputation by checkpointing not counted)",
+        "MFU: the matmul FLOPs a LoRA step needs (phi3local.model.flops.lora_step_flops: frozen weights forward "
+        "+ input gradient, LoRA forward + both gradients, causal attention, the output projection on trained "
+        "tokens) per second / measured matmul peak, identical accounting for all contenders (padding, logits "
+        "of untrained positions and recomputation are not counted)",
         "val loss: the same plain forward over the validation answers for all; packed contenders see more "
         "documents per step than unpacked ones, so val losses compare within {phi3local, trl_packed} and "
         "{phi3local_unpacked, trl}",
         "TRL casts LoRA weights to bf16 for 4-bit models (also on CPU); trl_packed_fp32_lora casts them back",
+        "on CPU every contender keeps bitsandbytes' trainable NF4 layout (phi3local.model.load."
+        "keep_cpu_4bit_layout): on AVX512-BF16 CPUs bitsandbytes 0.50 repacks 4-bit weights on the first no-grad "
+        "pass (here the validation loss taken before training) for a bf16 kernel that passes no gradient "
+        "through the frozen weights; a TRL run with no evaluation before training never repacks",
         "SFTConfig's default bf16=True is turned off on CPU (this CPU has no bf16 units: see nf4_linear)",
     ]
     summary = {"ratios": ratios, "checks": checks, "targets": targets}

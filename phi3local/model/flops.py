@@ -1,26 +1,81 @@
-"""Model FLOPs per token (for MFU) and a measured matmul peak of the device (its denominator)."""
+"""Model FLOPs of a training step (for MFU) and a measured matmul peak of the device (its denominator)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
+
+
+def _linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer of one Phi-3 decoder layer, by its module name."""
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    return {"qkv_proj": (d, head_dim * (heads + 2 * kv_heads)), "o_proj": (heads * head_dim, d),
+            "gate_up_proj": (d, 2 * config.intermediate_size), "down_proj": (config.intermediate_size, d)}
 
 
 def training_flops_per_token(config, seq_len: int) -> float:
     """FLOPs of one forward+backward per token, PaLM-style: 6*N (dense matmuls) + 12*L*d*s (attention).
 
     N counts the transformer's matmul weights (not embeddings, but the output projection). This is the
-    conventional "model FLOPs" even for LoRA, where frozen weights skip their weight-gradient matmul,
-    so MFU is comparable to other tools' figures; recomputation by checkpointing is not counted.
+    full-fine-tuning convention; a LoRA step needs far less (`lora_step_flops`), so an MFU on this count
+    can pass 100% for LoRA. Kept for comparison with other tools' full-fine-tuning figures.
     """
     d, layers = config.hidden_size, config.num_hidden_layers
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
-    attn_params = d * head_dim * (heads + 2 * kv_heads) + heads * head_dim * d
-    mlp_params = 3 * d * config.intermediate_size
-    n = layers * (attn_params + mlp_params) + d * config.vocab_size
+    n = layers * sum(i * o for i, o in _linear_shapes(config).values()) + d * config.vocab_size
     return 6.0 * n + 12.0 * layers * heads * head_dim * seq_len
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """Matmul FLOPs a LoRA training step needs: per non-padding token, plus per trained (loss) token."""
+
+    per_token: float
+    per_trained_token: float
+
+    def total(self, real_tokens: float, trained_tokens: float) -> float:
+        return real_tokens * self.per_token + trained_tokens * self.per_trained_token
+
+
+def lora_step_flops(config, seq_len: float, lora_targets: list[str], lora_r: int,
+                    trained_modules: list[str] = (), task: str = "causal_lm") -> StepFlops:
+    """The matmul FLOPs one token of a (Q)LoRA step needs, whatever tool runs it (the MFU numerator).
+
+    Frozen linear weights: forward (2 x in x out) and the input gradient (2 x in x out), no weight gradient.
+    LoRA on a targeted linear: A (in -> r) and B (r -> out), forward plus both gradients, 6 x r x (in + out).
+    A fully trained linear (lora.modules_to_save) adds its weight gradient. Causal attention over a document
+    of seq_len tokens: QK^T and PV over seq_len / 2 keys on average, backward twice the forward. The output
+    projection runs only for tokens that carry a loss (forward + input gradient), so a tool that computes
+    logits for every position does work this count leaves out. Recomputation by checkpointing is not
+    counted (the MFU convention); nor the first layer's input gradient while the embeddings are frozen.
+    Embedding lookups, norms and softmax are not matmuls and are left out.
+    """
+    shapes = _linear_shapes(config)
+    targets, trained = set(lora_targets), {m.rsplit(".", 1)[-1] for m in trained_modules}
+    per_layer = 0.0
+    for name, (fan_in, fan_out) in shapes.items():
+        per_layer += 4.0 * fan_in * fan_out
+        if name in targets:
+            per_layer += 6.0 * lora_r * (fan_in + fan_out)
+        if name in trained:
+            per_layer += 2.0 * fan_in * fan_out
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_layer += 6.0 * heads * head_dim * seq_len
+    total = config.num_hidden_layers * per_layer
+    if "embed_tokens" not in trained:  # nothing before the first qkv_proj learns: its input gradient is unneeded
+        fan_in, fan_out = shapes["qkv_proj"]
+        total -= 2.0 * fan_in * fan_out + (2.0 * lora_r * fan_in if "qkv_proj" in targets else 0.0)
+    head = 0.0
+    if task == "causal_lm":
+        head = (6.0 if "lm_head" in trained else 4.0) * config.hidden_size * config.vocab_size
+    return StepFlops(per_token=total, per_trained_token=head)
 
 
 _PEAK_CACHE: dict[tuple[str, torch.dtype], float] = {}

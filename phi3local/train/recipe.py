@@ -29,7 +29,7 @@ from phi3local import folders
 from phi3local.config import Recipe, flatten_keys
 from phi3local.cost import EnergyMeter, run_summary_fields, summary_rows
 from phi3local.errors import Phi3LocalError
-from phi3local.model.flops import measured_matmul_peak, training_flops_per_token
+from phi3local.model.flops import StepFlops, lora_step_flops, measured_matmul_peak
 from phi3local.model.load import (
     LoadedModel,
     activation_offload,
@@ -111,7 +111,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: ckpt.TrainerState
     total_steps: int
-    flops_per_token: float
+    step_flops: StepFlops
     peak_flops: float
     metrics: MetricsLog
     world: distributed.World = field(default_factory=distributed.World)  # this process among the ranks
@@ -377,12 +377,14 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
 
     config = base_causal_lm(loaded.model).config
     mean_len = float(np.mean(train_docs.lengths))
-    flops_per_token = training_flops_per_token(config, int(mean_len))
+    lora = recipe.lora
+    step_flops = lora_step_flops(config, mean_len, lora.target_modules if lora.enabled else [], lora.r,
+                                 lora.modules_to_save, recipe.task)
     # MFU over the whole job: every rank's tokens against every rank's device.
     peak = (recipe.training.peak_flops or measured_matmul_peak(loaded.device, loaded.compute_dtype)) * world.size
     metrics = open_metrics(recipe, run_dir) if world.is_main else NullMetricsLog()
     run = Run(recipe, run_dir, console, tokenizer, loaded, train_docs, val_docs, optimizer, scheduler, state,
-              total_steps, flops_per_token, peak, metrics, world=world, held=held)
+              total_steps, step_flops, peak, metrics, world=world, held=held)
     install_signal_handlers(run)
     return run
 
@@ -650,7 +652,7 @@ def train(run: Run) -> dict:
                     "step": s.step, "epoch": s.epoch, "loss": float(loss), "lr": run.scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm), "tokens_per_second": window_tokens / seconds,
                     "step_seconds": seconds / steps_in_window,
-                    "mfu": window_real * run.flops_per_token / seconds / run.peak_flops,
+                    "mfu": run.step_flops.total(window_real, window_tokens) / seconds / run.peak_flops,
                     "padding_share": 1.0 - total_real / max(total_padded, 1),
                     "peak_memory_bytes": peak_memory_bytes(run.device), "trained_tokens": s.trained_tokens,
                     "eta_seconds": (now - run_start) / s.step * (run.total_steps - s.step),
