@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Phi3Config, Phi3ForCausalLM
 
 from phi3local.config import Recipe
-from phi3local.train.batching import collate, pack_rows, plan_epoch
+from phi3local.train.batching import MicroBatch, collate, pack_rows, plan_epoch
 from phi3local.train.distributed import World
 from phi3local.train.loss import chunked_cross_entropy
 from phi3local.train.recipe import forward_loss, train_step
@@ -266,3 +266,41 @@ def test_longrope_long_document_trains_on_the_long_factors():
     doc_losses(model, [[long_doc]], ids, labels, position_limit=SWITCH)
     assert not torch.equal(rotary.inv_freq, rotary.original_inv_freq)
     assert torch.equal(rotary.inv_freq, rotary.long_inv_freq)
+
+
+def test_flash_attention_gets_packed_documents_as_one_row_with_every_boundary():
+    """transformers finds packed documents for flash-attn's varlen kernel only in a single row (its
+    `_is_packed_sequence`), so a [B, L] packed batch is flattened; the flat row keeps every loss."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+    from phi3local.train.recipe import rows_for_attention
+
+    model = tiny_model()
+    ids, labels = documents(n=9)
+    rows = pack_rows([len(x) for x in ids], list(range(len(ids))), 64)
+    packed = collate(rows, ids, labels, pad_id=0)
+    assert packed.input_ids.shape[0] > 1 and any(len(r) > 1 for r in rows)
+    assert not _is_packed_sequence(packed.position_ids, packed.input_ids.shape[0])  # what went wrong before
+    assert rows_for_attention(packed, "sdpa") == (packed.input_ids, packed.position_ids, packed.targets)
+
+    flat_ids, flat_pos, flat_targets = rows_for_attention(packed, "flash_attention_2")
+    assert flat_ids.shape == (1, packed.padded_tokens) and _is_packed_sequence(flat_pos, 1)
+    # The varlen kernel's segments: one per document; a row's pads ride with its last document.
+    (cu_seqlens, _), _ = prepare_fa_kwargs_from_position_ids(flat_pos)
+    width, starts = packed.input_ids.shape[1], []
+    for b, row in enumerate(rows):
+        at = b * width
+        for d in row:
+            starts.append(at)
+            at += len(ids[d])
+    assert cu_seqlens.tolist() == starts + [packed.padded_tokens]
+
+    # The same loss from the flat row (SDPA finds the same boundaries from the same position_ids).
+    flat = MicroBatch(flat_ids, flat_pos, flat_targets, None, packed.doc_ids, packed.trained_tokens,
+                      packed.real_tokens, packed.padded_tokens)
+    with torch.no_grad():
+        loss_rows = float(forward_loss(run_for(model), packed)[0])
+        loss_flat = float(forward_loss(run_for(model), flat)[0])
+        loss_alone = sum(float(forward_loss(run_for(model), collate([[d]], ids, labels, pad_id=0))[0])
+                         for d in range(len(ids)))
+    assert abs(loss_flat - loss_alone) < 1e-4 * loss_alone and abs(loss_rows - loss_alone) < 1e-4 * loss_alone

@@ -1,9 +1,10 @@
 """Turn prepared documents into micro-batches: packing without cross-document attention, or padding.
 
 Packed rows hold several documents back to back; `position_ids` restart at 0 for each document,
-from which transformers builds a block-diagonal causal mask for SDPA/eager and flash-attn uses
-variable-length kernels, so attention never crosses documents. Targets are shifted inside each
-document, so no document is trained to predict the next one's first token.
+from which transformers builds a block-diagonal causal mask for SDPA/eager, and flash-attn uses its
+variable-length kernel on the micro-batch flattened into one row (`recipe.rows_for_attention`: transformers
+detects packed documents for flash-attn only in a single row), so attention never crosses documents.
+Targets are shifted inside each document, so no document is trained to predict the next one's first token.
 Right padding needs no attention mask: with a causal mask, real tokens never see the pads after them.
 
 LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini): transformers picks the rotary factor set per forward call from

@@ -426,10 +426,25 @@ def forward_loss(run: Run, batch: MicroBatch, count_correct: bool = False):
         loss_sum = F.cross_entropy(logits, batch.class_labels, reduction="sum")
         return loss_sum, (logits.argmax(-1) == batch.class_labels).sum(), logits
     base = base_causal_lm(run.model)
-    hidden = base.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
-    loss_sum, correct = chunked_cross_entropy(hidden, batch.targets, base.get_output_embeddings(),
+    ids, positions, targets = rows_for_attention(batch, base.config._attn_implementation)
+    hidden = base.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    loss_sum, correct = chunked_cross_entropy(hidden, targets, base.get_output_embeddings(),
                                               run.recipe.training.loss_chunk_size, count_correct)
     return loss_sum, correct, None
+
+
+def rows_for_attention(batch: MicroBatch, attn_implementation: str):
+    """input_ids, position_ids and targets as the attention kernel needs them to keep documents apart.
+
+    transformers runs flash-attention's variable-length kernel (documents found from position_ids) only for
+    a single row: in a [B, L] batch, packed documents would attend to each other. Rows start at position 0
+    and pads continue a document's positions, so the batch flattened into one row keeps every boundary.
+    SDPA and eager build their block-diagonal mask per row and take the batch as it is.
+    """
+    tensors = batch.input_ids, batch.position_ids, batch.targets
+    if attn_implementation == "flash_attention_2" and batch.input_ids.shape[0] > 1:
+        return tuple(t.reshape(1, -1) for t in tensors)
+    return tensors
 
 
 def batch_units(run: Run, batch: MicroBatch) -> int:
