@@ -18,6 +18,8 @@ Contenders, each in its own process (so peak RSS is its own), in alternating ord
 - `trl_packed`: SFTTrainer with `packing=True` (its default `bfd` strategy, padding-free).
 - `trl_packed_fp32_lora`: "tuned TRL", as `trl_packed` with the LoRA weights cast back to fp32 after
   SFTTrainer casts them to bf16 (the fastest TRL an expert would run on a CPU without bf16 units).
+- `unsloth` (size `full`, CUDA, when `unsloth` is installed): Unsloth's FastLanguageModel in 4 bits with its
+  gradient checkpointing, trained by the same SFTTrainer settings, packed; elsewhere "not measured".
 TRL keeps gradient checkpointing on (its SFTConfig setting here); phi3local's auto turns it off when its
 memory plan fits without it, and that choice is part of what is measured.
 
@@ -78,10 +80,10 @@ def settings(size: str) -> dict:
     if size == "small":  # Phi-3-shaped (heads of 64, Phi-3's vocabulary), the issue's CPU comparison size
         return {**common, "hidden": 768, "layers": 4, "heads": 12, "intermediate": 2048, "max_seq_len": 1024,
                 "steps": 5, "skip": 1, "rounds": 1,
-                "contenders": ["phi3local", "phi3local_other", "trl", "trl_packed", "trl_packed_fp32_lora"]}
+                "contenders": ["phi3local", "phi3local_other", "trl", "trl_packed", "trl_packed_fp32_lora", "unsloth"]}
     return {**common, "hidden": 3072, "layers": 4, "heads": 32, "intermediate": 8192, "max_seq_len": 2048,
             "steps": 20, "skip": 5, "rounds": 2, "lr": 2e-4,
-            "contenders": ["phi3local", "phi3local_other", "trl", "trl_packed", "trl_packed_fp32_lora"]}
+            "contenders": ["phi3local", "phi3local_other", "trl", "trl_packed", "trl_packed_fp32_lora", "unsloth"]}
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -275,20 +277,14 @@ def apply_variant(loop, run, variant: str | None) -> None:
 def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False) -> dict:
     """TRL SFTTrainer + peft on the same 4-bit model and the same prepared tokens."""
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from phi3local.data.prepare import load_prepared
     from phi3local.model.load import keep_cpu_4bit_layout
-    from phi3local.model.tokenizer import load_tokenizer
 
     s = settings(size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     torch.manual_seed(s["seed"])
-    tokenizer = load_tokenizer(PHI3_TOKENIZER)
-    train_ds, val_ds = load_prepared(prepared_dir(size))
-    train_ds = train_ds.select_columns(["input_ids", "labels"])
     model = AutoModelForCausalLM.from_pretrained(
         str(ensure_bench_model(size)), dtype=dtype, attn_implementation="sdpa",
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -296,6 +292,56 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False) -
         device_map={"": 0 if device.type == "cuda" else "cpu"})
     if device.type == "cpu":  # the same NF4 layout and kernels as phi3local (see keep_cpu_4bit_layout)
         keep_cpu_4bit_layout(model)
+    peft_config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0,
+                             target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+    name = "trl_packed_fp32_lora" if fp32_lora else ("trl_packed" if packing else "trl")
+    return run_sft(model, size, run_dir, device, packing, name, peft_config=peft_config, fp32_lora=fp32_lora)
+
+
+def child_unsloth(size: str, run_dir: str) -> dict:
+    """Unsloth, the GPU peer users pick for QLoRA, on the same model, data, LoRA and steps, packed: its
+    documented path, FastLanguageModel.from_pretrained(load_in_4bit=True) + FastLanguageModel.get_peft_model
+    + TRL's SFTTrainer. CUDA only (Unsloth imports only beside an NVIDIA GPU); `unsloth_status` decides
+    whether it runs, and the result says "not measured" otherwise.
+    """
+    import unsloth  # noqa: F401  (first: it patches transformers, peft and trl as it imports)
+    from unsloth import FastLanguageModel
+
+    s = settings(size)
+    torch.manual_seed(s["seed"])
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(ensure_bench_model(size)),
+                                                 max_seq_length=s["max_seq_len"], dtype=torch.bfloat16,
+                                                 load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0,
+                                             target_modules=TARGET_MODULES, bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=s["seed"])
+    return run_sft(model, size, run_dir, torch.device("cuda"), True, "unsloth")
+
+
+def unsloth_status(device: torch.device) -> str | None:
+    """None when the Unsloth contender can run here, else why it is not measured."""
+    import importlib.util
+
+    if device.type != "cuda":
+        return "not measured: Unsloth needs an NVIDIA GPU"
+    if importlib.util.find_spec("unsloth") is None:
+        return "not measured: unsloth is not installed (pip install unsloth; carry its wheels to a machine offline)"
+    return None
+
+
+def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool, name: str, peft_config=None,
+            fp32_lora: bool = False) -> dict:
+    """TRL's SFTTrainer over the prepared tokens with the settings every TRL-based contender shares."""
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from phi3local.data.prepare import load_prepared
+    from phi3local.model.tokenizer import load_tokenizer
+
+    s = settings(size)
+    tokenizer = load_tokenizer(PHI3_TOKENIZER)
+    train_ds, val_ds = load_prepared(prepared_dir(size))
+    train_ds = train_ds.select_columns(["input_ids", "labels"])
     val_ids, val_labels = list(val_ds["input_ids"]), list(val_ds["labels"])
 
     class Clock(TrainerCallback):
@@ -336,8 +382,6 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False) -
         bf16=device.type == "cuda", fp16=False,
     )
     clock = Clock()
-    peft_config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0,
-                             target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
     trainer = CountingSFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                  peft_config=peft_config, callbacks=[clock])
     lora_dtype = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))
@@ -351,7 +395,6 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False) -
     with RssSampler() as rss:
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    name = "trl_packed_fp32_lora" if fp32_lora else ("trl_packed" if packing else "trl")
     return {
         "contender": name, "step_seconds": clock.step_seconds, "train_loss": losses, "step_tokens": step_tokens,
         "first_val_loss": first_val, "final_val_loss": plain_val_loss(trainer.model, val_ids, val_labels, device),
@@ -369,6 +412,7 @@ CHILDREN = {
     "trl": ("kernels_bench.train_e2e:child_trl", {"packing": False}),
     "trl_packed": ("kernels_bench.train_e2e:child_trl", {"packing": True}),
     "trl_packed_fp32_lora": ("kernels_bench.train_e2e:child_trl", {"packing": True, "fp32_lora": True}),
+    "unsloth": ("kernels_bench.train_e2e:child_unsloth", {}),
     "phi3local_no_gc": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "variant": "no_gc"}),
     "phi3local_bf16_params": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "variant": "bf16_params"}),
     "phi3local_autocast": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "variant": "autocast"}),
@@ -425,6 +469,10 @@ def run(ctx: Ctx) -> dict:
     unknown = sorted(set(ctx.contenders or []) - set(CHILDREN) - {"phi3local_other"})
     if unknown:
         raise ValueError(f"unknown contenders {unknown}; known: {sorted(CHILDREN)}")
+    unsloth = unsloth_status(ctx.device) if "unsloth" in contenders else None
+    if unsloth:  # recorded as not measured, not silently left out
+        contenders.remove("unsloth")
+        ctx.console.print(f"[yellow]train_e2e: unsloth {unsloth}[/]", highlight=False)
     if ctx.extended:
         contenders += [c for c in extended_contenders(ctx.device) if c not in contenders]
     rounds = ctx.repeats or s["rounds"]
@@ -487,7 +535,7 @@ def run(ctx: Ctx) -> dict:
     by = {r["contender"]: r for r in rows}
     ratios, checks = {}, {}
     ours = by.get("phi3local")
-    for peer in ("trl", "trl_packed", "trl_packed_fp32_lora", "phi3local_packed", "phi3local_unpacked"):
+    for peer in ("trl", "trl_packed", "trl_packed_fp32_lora", "unsloth", "phi3local_packed", "phi3local_unpacked"):
         if ours and peer in by:
             p = by[peer]
             ratios[f"phi3local / {peer}"] = {
@@ -549,6 +597,7 @@ def run(ctx: Ctx) -> dict:
         targets["peak memory < trl_packed"] = ratios["phi3local / trl_packed"]["peak_memory"] < 1
 
     cfg = {**s, "contenders": contenders, "auto_packing": "packed" if auto_packed else "unpacked",
+           "unsloth": (unsloth or "measured") if "unsloth" in (ctx.contenders or s["contenders"]) else "not selected",
            "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg()),
            "rounds": rounds, "model_dir": repo_relative(model_dir), "data": data,
            "flops_per_token": step_flops.per_token, "flops_per_trained_token": step_flops.per_trained_token,
@@ -575,7 +624,7 @@ def run(ctx: Ctx) -> dict:
         "through the frozen weights; a TRL run with no evaluation before training never repacks",
         "SFTConfig's default bf16=True is turned off on CPU (this CPU has no bf16 units: see nf4_linear)",
     ]
-    summary = {"ratios": ratios, "checks": checks, "targets": targets}
+    summary = {"ratios": ratios, "checks": checks, "targets": targets, "unsloth": cfg["unsloth"]}
     for_json = [{k: v for k, v in r.items()} for r in rows]
     path = save_result(ctx.out_dir, ctx.result_name(NAME), ctx.size, ctx.device, cfg, for_json, summary=summary, notes=notes,
                        wall_s=time.perf_counter() - began)
