@@ -46,7 +46,7 @@ class TorchEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from phi3local.export._util import as_id_list
+        from phi3local.export.json_files import as_id_list
         from phi3local.model.tokenizer import load_tokenizer
 
         self.model_dir = Path(model_dir)
