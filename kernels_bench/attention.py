@@ -17,9 +17,9 @@ import time
 import torch
 
 from kernels_bench.common import Ctx, packed_position_ids, packed_rows
-from phi3local.bench.memory import cuda_peak_bytes, torch_allocated_peak_bytes
-from phi3local.bench.report import Column, bar_chart, fmt_bytes, fmt_flops, fmt_seconds, print_table, save_result
-from phi3local.bench.timing import time_fn
+from kernels_bench.memory import cuda_peak_bytes, torch_allocated_peak_bytes
+from kernels_bench.report import Column, bar_chart, fmt_bytes, fmt_flops, fmt_seconds, print_table, save_result
+from kernels_bench.timing import time_fn
 
 NAME = "attention"
 

@@ -1,4 +1,4 @@
-"""What every benchmark shares: sizes, device and dtype, the shared data folder, results and tables.
+"""What every benchmark shares: sizes, device and dtype, the shared data folder, the results folder, packed rows.
 
 Sizes:
 - `tiny`:  seconds, for the smoke test.

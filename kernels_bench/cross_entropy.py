@@ -23,10 +23,10 @@ import time
 import torch
 
 from kernels_bench.common import VOCAB, Ctx
-from phi3local.bench.isolate import run_isolated
-from phi3local.bench.memory import cuda_peak_bytes, rss_peak_delta_bytes, torch_allocated_peak_bytes
-from phi3local.bench.report import Column, bar_chart, fmt_bytes, fmt_seconds, print_table, save_result
-from phi3local.bench.timing import time_fn
+from kernels_bench.isolate import run_isolated
+from kernels_bench.memory import cuda_peak_bytes, rss_peak_delta_bytes, torch_allocated_peak_bytes
+from kernels_bench.report import Column, bar_chart, fmt_bytes, fmt_seconds, print_table, save_result
+from kernels_bench.timing import time_fn
 
 NAME = "cross_entropy"
 CHAT_TRAINED_SHARE = 0.15  # azure-phi3-finetune-chat with the Phi-3 tokenizer: 2,675 of 17,644 tokens

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from kernels_bench.common import REPO_ROOT, RESULTS_DIR, make_console
-from phi3local.bench.report import Column, fmt_num, fmt_ratio, print_table, save_result
+from kernels_bench.report import Column, fmt_num, fmt_ratio, print_table, save_result
 
 NAME = "ddp_throughput"
 RECIPE = REPO_ROOT / "recipes" / "tiny-cpu.yaml"

@@ -18,8 +18,8 @@ import time
 import torch
 
 from kernels_bench.common import PHI3_MINI, Ctx
-from phi3local.bench.report import Column, bar_chart, fmt_flops, fmt_seconds, print_table, save_result
-from phi3local.bench.timing import time_fn
+from kernels_bench.report import Column, bar_chart, fmt_flops, fmt_seconds, print_table, save_result
+from kernels_bench.timing import time_fn
 from phi3local.model.flops import measured_matmul_peak
 
 NAME = "nf4_linear"

@@ -15,8 +15,8 @@ import time
 import torch
 
 from kernels_bench.common import PHI3_MINI, Ctx, packed_position_ids, packed_rows
-from phi3local.bench.report import Column, bar_chart, fmt_seconds, print_table, save_result
-from phi3local.bench.timing import time_fn
+from kernels_bench.report import Column, bar_chart, fmt_seconds, print_table, save_result
+from kernels_bench.timing import time_fn
 
 NAME = "norm_rope"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from kernels_bench.common import WORK_DIR, Ctx
-from phi3local.bench.isolate import run_isolated
-from phi3local.bench.report import Column, bar_chart, fmt_pct, fmt_seconds, print_table, save_result
+from kernels_bench.isolate import run_isolated
+from kernels_bench.report import Column, bar_chart, fmt_pct, fmt_seconds, print_table, save_result
 
 NAME = "profile_step"
 TOP = 20

@@ -29,7 +29,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from kernels_bench.common import RESULTS_DIR, SIZES, BenchUnavailable, Ctx, make_console  # noqa: E402
-from phi3local.bench.report import Column, fmt_seconds, op_latency_us, print_table  # noqa: E402
+from kernels_bench.report import Column, fmt_seconds, op_latency_us, print_table  # noqa: E402
 
 KERNELS = ["matmul_peak", "attention", "nf4_linear", "cross_entropy", "norm_rope"]
 TRAIN = ["train_e2e", "profile_step"]

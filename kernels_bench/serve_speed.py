@@ -46,7 +46,7 @@ class TorchEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from phi3local.export._util import as_id_list
+        from phi3local.export.json_files import as_id_list
         from phi3local.model.tokenizer import load_tokenizer
 
         self.model_dir = Path(model_dir)
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
 
     from kernels_bench.common import make_console, repo_relative
     from kernels_bench.generate_speed import build_model
-    from phi3local.bench.report import Column, fmt_bytes, fmt_num, fmt_ratio, fmt_seconds, print_table, save_result
+    from kernels_bench.report import Column, fmt_bytes, fmt_num, fmt_ratio, fmt_seconds, print_table, save_result
     from phi3local.export.onnx import export_onnx
 
     console = make_console()

@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 
 from kernels_bench.common import CHAT_DATA, PHI3_TOKENIZER, VOCAB, WORK_DIR, BenchUnavailable, Ctx, repo_relative
-from phi3local.bench.isolate import run_isolated
-from phi3local.bench.memory import RssSampler, peak_rss_bytes
-from phi3local.bench.report import (
+from kernels_bench.isolate import run_isolated
+from kernels_bench.memory import RssSampler, peak_rss_bytes
+from kernels_bench.report import (
     Column,
     bar_chart,
     fmt_bytes,

@@ -73,6 +73,11 @@ def owner(folder: Path) -> str | None:
     return None
 
 
+def dir_size(path: Path) -> int:
+    """Bytes of all the files below path (a stage's output, as its report states it)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 def write_marker(folder: Path, stage: str) -> None:
     from phi3local import __version__
 

@@ -14,3 +14,11 @@ def package_versions(names: tuple[str, ...], include_missing: bool = True) -> di
             if include_missing:
                 out[name] = "not installed"
     return out
+
+
+# What an export's report (merge_report.json, export_report.json) records.
+EXPORT_PACKAGES = ("torch", "transformers", "peft", "onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir")
+
+
+def export_versions() -> dict[str, str]:
+    return package_versions(EXPORT_PACKAGES, include_missing=False)

@@ -1,4 +1,4 @@
-"""phi3local.bench helpers: timing statistics, peak memory, isolated runs, result files (fast, CPU)."""
+"""kernels_bench helpers: timing statistics, peak memory, isolated runs, result files (fast, CPU)."""
 
 import json
 import math
@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from phi3local.bench import isolate, memory, report, timing
+from kernels_bench import isolate, memory, report, timing
 
 
 def test_timing_statistics_and_call_counts():
     t = timing.Timing([3.0, 1.0, 2.0, 10.0])
     assert t.median == 2.5 and t.min == 1.0 and t.max == 10.0
     assert t.spread == pytest.approx(9.0 / 2.5)
-    assert timing.percentile([1, 2, 3, 4, 5], 25) == 2 and timing.percentile([7.0], 90) == 7.0
+    assert t.iqr == pytest.approx(4.75 - 1.75) and timing.Timing([7.0]).iqr == 0.0  # quartiles interpolated
     calls = []
     result = timing.time_fn(lambda: calls.append(1), warmup=2, iters=3, repeats=4)
     assert len(calls) == 2 + 3 * 4 and len(result.samples) == 4
@@ -55,10 +55,10 @@ def test_rss_sampler_records_a_baseline_and_peak():
 
 
 def test_isolated_run_returns_result_and_its_own_peak_rss():
-    result = isolate.run_isolated("phi3local.bench.report:environment", {"device": "cpu"}, timeout=120)
+    result = isolate.run_isolated("kernels_bench.report:environment", {"device": "cpu"}, timeout=120)
     assert result["device"] == "cpu" and result["peak_rss_bytes"] > 0 and result["process_wall_s"] > 0
     with pytest.raises(isolate.IsolatedRunError):
-        isolate.run_isolated("phi3local.bench.report:no_such_function", {}, timeout=120)
+        isolate.run_isolated("kernels_bench.report:no_such_function", {}, timeout=120)
 
 
 def test_save_result_is_json_safe(tmp_path):

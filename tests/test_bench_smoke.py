@@ -1,19 +1,12 @@
 """The benchmarks run and write what they promise: one kernel benchmark at the tiny size (a few seconds)."""
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # kernels_bench/ lives beside the package, not inside it
-    sys.path.insert(0, str(REPO))
-
-run_all = importlib.import_module("kernels_bench.run_all")
-common = importlib.import_module("kernels_bench.common")
-Ctx, make_console = common.Ctx, common.make_console
+from kernels_bench import run_all
+from kernels_bench.common import Ctx, make_console
 
 
 def check_result_file(path: Path, name: str) -> dict:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from phi3local.bench.memory import torch_allocated_peak_bytes
+from kernels_bench.memory import torch_allocated_peak_bytes
 from phi3local.cli import main
 from phi3local.config import RecipeError, load_recipe
 from phi3local.model.load import base_causal_lm, load_model, resolve_model_path
@@ -66,7 +66,7 @@ def measured_step_peak(model_path: str, micro_batch: int, seq_len: int, checkpoi
 
     Method: the bytes held between steps (every storage of parameters, buffers, 4-bit quantization
     constants and optimizer state) plus the highest running total of torch.profiler's allocation and
-    free events (profile_memory=True, `phi3local.bench.memory.torch_allocated_peak_bytes`) during the step.
+    free events (profile_memory=True, `kernels_bench.memory.torch_allocated_peak_bytes`) during the step.
     """
     recipe = load_recipe(TINY, [f"model.name_or_path={model_path}", "lora.modules_to_save=[]",
                                 f"training.gradient_checkpointing={str(checkpointing).lower()}",
@@ -101,9 +101,9 @@ def measured_and_planned(model_path: str) -> dict:
 
 @pytest.mark.parametrize("model", ["tiny", "phi3_shaped"])
 def test_plan_is_within_15_percent_of_a_measured_step(model, request):
-    """Measured in a fresh process (phi3local.bench.isolate): an earlier profiler session or test in this
+    """Measured in a fresh process (kernels_bench.isolate): an earlier profiler session or test in this
     process was seen to drop allocation events from the profiler's accounting."""
-    from phi3local.bench.isolate import run_isolated
+    from kernels_bench.isolate import run_isolated
 
     path = resolve_model_path("tiny") if model == "tiny" else request.getfixturevalue("phi3_shaped")
     result = run_isolated("tests.test_memory_plan:measured_and_planned", {"model_path": path}, timeout=600)

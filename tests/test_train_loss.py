@@ -3,7 +3,7 @@
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from phi3local.bench.memory import torch_allocated_peak_bytes
+from kernels_bench.memory import torch_allocated_peak_bytes
 from phi3local.train.loss import chunked_cross_entropy, plain_linear
 
 
@@ -77,7 +77,7 @@ class MatmulsWithVocab(TorchDispatchMode):
 def test_200k_vocabulary_peak_is_one_chunk_and_backward_reprojects_nothing():
     """Phi-4-mini's 200064-row vocabulary, 1024 trained tokens, chunks of 128 tokens.
 
-    Peak = the profiler's tensor allocation events (phi3local.bench.memory.torch_allocated_peak_bytes)
+    Peak = the profiler's tensor allocation events (kernels_bench.memory.torch_allocated_peak_bytes)
     over forward + backward, above what existed before.
     """
     vocab, width, tokens, chunk = 200064, 32, 1024, 128

@@ -64,11 +64,9 @@ NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
 GPU_SIZE = re.compile(r"^Standard_N[CDV]", re.IGNORECASE)
 
 # phi3local modules the copied files import only inside functions that the scoring path never calls:
-# not shipped on purpose (the check below refuses any other missing import).
-LAZY_NOT_SHIPPED = {
-    "phi3local.model.tokenizer": "export._util.load_hf_tokenizer (export and parity only; imports transformers)",
-    "phi3local.versions": "export._util.versions (export reports only)",
-}
+# not shipped on purpose (the check below refuses any other missing import). None at present: the tokenizer
+# loader (imports transformers) and the export versions live in files the bundle does not copy.
+LAZY_NOT_SHIPPED: dict[str, str] = {}
 
 
 class SpecError(Phi3LocalError):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3local.errors import Phi3LocalError
-from phi3local.export._util import as_id_list, read_json
+from phi3local.export.json_files import as_id_list, read_json
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 

@@ -20,18 +20,10 @@ from pathlib import Path
 import torch
 
 from phi3local.errors import Phi3LocalError
-from phi3local.export._util import (
-    as_id_list,
-    collect_stop_ids,
-    copy_tokenizer_files,
-    dir_size,
-    find_tokenizer_dir,
-    load_hf_tokenizer,
-    read_json,
-    versions,
-    write_json,
-)
-from phi3local.folders import check_output_dir, publish_dir, staging_dir
+from phi3local.export.json_files import as_id_list, read_json, write_json
+from phi3local.export.tokenizer_files import collect_stop_ids, copy_tokenizer_files, find_tokenizer_dir, load_hf_tokenizer
+from phi3local.folders import check_output_dir, dir_size, publish_dir, staging_dir
+from phi3local.versions import export_versions
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +256,7 @@ def merge_adapter(
             report["stop_token_ids"] = _write_generation_config(tmp, adapter_dir, base, tok_dir)
         report["size_bytes"] = dir_size(tmp)
         report["seconds"] = round(time.perf_counter() - t0, 3)
-        report["versions"] = versions()
+        report["versions"] = export_versions()
         write_json(tmp / "merge_report.json", report)
         publish_dir(tmp, out_dir, "merge", overwrite)
     log.info("merged model saved to %s (max |diff| %.3g, %.3g x logit scale)", out_dir, max_diff,

@@ -34,17 +34,11 @@ import time
 from pathlib import Path
 
 from phi3local.errors import Phi3LocalError
-from phi3local.export._util import (
-    as_id_list,
-    collect_stop_ids,
-    copy_tokenizer_files,
-    dir_size,
-    read_json,
-    versions,
-    write_json,
-)
 from phi3local.export.chat import LONGROPE_FILE
-from phi3local.folders import check_output_dir, publish_dir, staging_dir
+from phi3local.export.json_files import as_id_list, read_json, write_json
+from phi3local.export.tokenizer_files import collect_stop_ids, copy_tokenizer_files
+from phi3local.folders import check_output_dir, dir_size, publish_dir, staging_dir
+from phi3local.versions import export_versions
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +385,7 @@ def export_onnx(
             "vocab_collision_fix": "has_lm_head matched only get_output_embeddings()" if collisions else None,
             "eos_token_id": genai_cfg["model"]["eos_token_id"],
             "tokenizer_files": tokenizer_files,
-            "versions": versions(),
+            "versions": export_versions(),
         }
 
         parity = None

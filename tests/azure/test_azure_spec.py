@@ -204,7 +204,7 @@ def test_code_folder_holds_every_phi3local_module_it_imports(tmp_path):
         check_code_folder(code, bundle.PACKAGE_PARENT)
 
 
-def test_closure_check_knows_eager_lazy_and_relative_imports(tmp_path):
+def test_closure_check_knows_eager_lazy_and_relative_imports(tmp_path, monkeypatch):
     src = tmp_path / "src"
     for rel, text in {
         "phi3local/__init__.py": "",
@@ -221,6 +221,9 @@ def test_closure_check_knows_eager_lazy_and_relative_imports(tmp_path):
     for rel in ("phi3local/__init__.py", "phi3local/a.py", "phi3local/b.py", "phi3local/c.py"):
         (code / rel).parent.mkdir(parents=True, exist_ok=True)
         (code / rel).write_text((src / rel).read_text())
+    with pytest.raises(SpecError, match=r"phi3local\.versions \(imported by phi3local/c\.py\)"):
+        check_code_folder(code, src)  # lazy, but not listed
+    monkeypatch.setitem(spec_mod.LAZY_NOT_SHIPPED, "phi3local.versions", "c.f (never on the scoring path)")
     check_code_folder(code, src)  # phi3local.versions: lazy and listed in LAZY_NOT_SHIPPED
     (code / "phi3local" / "d.py").write_text((src / "phi3local" / "d.py").read_text())
     with pytest.raises(SpecError, match=r"phi3local\.e \(imported by phi3local/d\.py\)"):

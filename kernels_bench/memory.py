@@ -6,7 +6,7 @@
   only (not oneDNN scratch or Python objects); works on CPU and CUDA.
 - RSS: `current_rss_bytes()`, `peak_rss_bytes()` (the process's high-water mark) and `RssSampler`, a
   thread that samples RSS while a block runs. The high-water mark is per process, so a fair peak per
-  contender needs one process per contender (`phi3local.bench.isolate.run_isolated`).
+  contender needs one process per contender (`kernels_bench.isolate.run_isolated`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def vm_hwm_bytes() -> int | None:
 def rss_peak_delta_bytes(fn: Callable[[], object]) -> dict:
     """Peak RSS while fn() runs, above the RSS just before it.
 
-    Run it in a fresh process (`phi3local.bench.isolate`): memory freed earlier in the same process stays
+    Run it in a fresh process (`kernels_bench.isolate`): memory freed earlier in the same process stays
     mapped by the allocator and would be reused without raising RSS. With a resettable VmHWM (Linux) the
     peak is exact; otherwise the process high-water mark is used (`exact: False`).
     """

@@ -15,12 +15,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from kernels_bench.common import REPO_ROOT
 from phi3local.errors import Phi3LocalError
 
 MARKER = "@@PHI3LOCAL_BENCH_RESULT@@ "
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class IsolatedRunError(Phi3LocalError, RuntimeError):
@@ -29,7 +28,7 @@ class IsolatedRunError(Phi3LocalError, RuntimeError):
 
 def run_isolated(target: str, kwargs: dict, timeout: float = 1800.0, env: dict | None = None,
                  echo: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "phi3local.bench.isolate", target, json.dumps(kwargs)]
+    cmd = [sys.executable, "-m", "kernels_bench.isolate", target, json.dumps(kwargs)]
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     started = time.perf_counter()
@@ -48,7 +47,7 @@ def run_isolated(target: str, kwargs: dict, timeout: float = 1800.0, env: dict |
 
 
 def main(argv: list[str]) -> int:
-    from phi3local.bench.memory import current_rss_bytes, peak_rss_bytes
+    from kernels_bench.memory import current_rss_bytes, peak_rss_bytes
 
     target, raw = argv[0], argv[1] if len(argv) > 1 else "{}"
     module_name, func_name = target.split(":")

@@ -1,12 +1,11 @@
-"""Small helpers the export stages share: tokenizer files, stop ids, JSON reports, versions."""
+"""A model folder's tokenizer: its files copied as they are, loaded, and the ids that end generation."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from phi3local.errors import Phi3LocalError
+from phi3local.export.json_files import as_id_list, read_json, write_json
 
 # Files that make up a tokenizer folder. onnxruntime-genai (onnxruntime-extensions) needs tokenizer.json
 # AND tokenizer_config.json: without the config it fails with "Failed to open a json file".
@@ -21,42 +20,6 @@ TOKENIZER_FILES = (
 
 # Tokens that end a Phi-3 turn or text, when the vocabulary has them.
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")
-
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-class BadFileError(Phi3LocalError, ValueError):
-    """A file a stage reads (config.json, genai_config.json, a report) is not what it should be."""
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a file, or a BadFileError naming the file (and the line of a syntax error)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BadFileError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); the file is damaged or cut short") from None
-    except UnicodeDecodeError as e:
-        raise BadFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    if not isinstance(data, dict):
-        raise BadFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def write_json(path: Path, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
-
-
-def _json_default(obj):
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -130,14 +93,6 @@ def token_ids_in_vocab(tokenizer_json: Path, tokens) -> dict[str, int]:
     return found
 
 
-def as_id_list(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return [int(value)]
-
-
 def collect_stop_ids(model_dir: Path, tokenizer_dir: Path | None = None) -> list[int]:
     """Every id that ends generation: eos of config/generation_config/tokenizer, `<|end|>`, `<|endoftext|>`."""
     model_dir = Path(model_dir)
@@ -157,10 +112,3 @@ def collect_stop_ids(model_dir: Path, tokenizer_dir: Path | None = None) -> list
             if eos:
                 ids += list(token_ids_in_vocab(tok_json, [eos]).values())
     return sorted(set(ids))
-
-
-def versions() -> dict[str, str]:
-    from phi3local.versions import package_versions
-
-    return package_versions(("torch", "transformers", "peft", "onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir"),
-                            include_missing=False)

@@ -24,17 +24,6 @@ def sync(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolation percentile (q in [0, 100]) of a non-empty list."""
-    s = sorted(values)
-    if len(s) == 1:
-        return s[0]
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 @dataclass
 class Timing:
     """Seconds per call, one sample per repeat (or per step for training loops)."""
@@ -62,9 +51,13 @@ class Timing:
 
     @property
     def iqr(self) -> float:
+        """Interquartile range, quartiles interpolated linearly between samples (numpy's default method)."""
         if not self.samples:
             return float("nan")
-        return percentile(self.samples, 75) - percentile(self.samples, 25)
+        if len(self.samples) == 1:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q3 - q1
 
     def as_dict(self) -> dict:
         return {

@@ -9,7 +9,6 @@ and, when it has something to draw, `<out_dir>/<name>.png` (PNGs are not committ
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import json
 import math
 import os
@@ -23,16 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from phi3local.units import format_bytes as fmt_bytes  # noqa: F401 (the benchmarks' name for it)
+from phi3local.versions import package_versions
 
 VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets", "flash-attn",
              "phi3local")
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def cpu_model_name() -> str:
@@ -78,7 +71,7 @@ def environment(device: torch.device | str) -> dict:
         "cpu_op_latency_us": op_latency_us(),
         "device": device.type,
         "device_name": device_name(device),
-        "versions": {name: package_version(name) for name in VERSIONED},
+        "versions": package_versions(VERSIONED),
     }
     env["versions"]["torch_build"] = torch.__version__
     if device.type == "cuda":
