@@ -272,3 +272,30 @@ def test_resume_takes_the_choices_the_run_was_started_with():
     from phi3local.train.checkpoint import recipe_changes
 
     assert recipe_changes(saved, adopted.to_dict()) == []
+
+
+def test_pad_to_multiple_of_auto_by_device_and_the_plan_plans_the_rounded_width():
+    from phi3local.train.batching import AUTO_PAD_TO_MULTIPLE_OF
+    from phi3local.train.checkpoint import recipe_changes
+
+    recipe = load_recipe(TINY, ["data.max_seq_len=100"])  # tiny: 512 positions
+    assert recipe.data.pad_to_multiple_of == "auto"
+    for device in ("cpu", "cuda"):
+        resolved, report, reasons = auto_settings.resolve(recipe, [50] * 8, device=device, available=8 * GIB)
+        multiple = AUTO_PAD_TO_MULTIPLE_OF[device]
+        assert resolved.data.pad_to_multiple_of == multiple and reasons["pad_to_multiple_of"] == f"{multiple} on {device}"
+        assert report.plan.width == -(-100 // multiple) * multiple
+    assert AUTO_PAD_TO_MULTIPLE_OF["cuda"] == 64
+    shape = recipe_shape(recipe)
+    padded = load_recipe(TINY, ["data.max_seq_len=100", "data.pad_to_multiple_of=64"])
+    exact = load_recipe(TINY, ["data.max_seq_len=100", "data.pad_to_multiple_of=1"])
+    wide, narrow = (plan_step(shape, r, 2, 100, False, "float32", "adamw") for r in (padded, exact))
+    assert (wide.width, narrow.width) == (128, 100)
+    assert wide.activations * 100 == narrow.activations * 128  # activations scale with the padded tokens
+    # Rounded past the model's 512 positions: capped there.
+    capped = load_recipe(TINY, ["data.max_seq_len=500", "data.pad_to_multiple_of=200"])
+    assert plan_step(shape, capped, 1, 500, False, "float32", "adamw").width == 512
+    with pytest.raises(RecipeError, match="data.pad_to_multiple_of: 0 is out of range"):
+        load_recipe(None, ["data.pad_to_multiple_of=0"])
+    # It changes only widths, so a resume may re-decide it (e.g. on another device).
+    assert recipe_changes(exact.to_dict(), recipe.to_dict()) == []

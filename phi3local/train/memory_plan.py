@@ -1,7 +1,8 @@
 """The memory a training step will need, worked out from the model's shapes before anything is loaded.
 
 Parts (bytes), for `micro_batch_size` rows of `max_seq_len` tokens (a packed row is full; the plan is the
-worst case of a padded one too):
+worst case of a padded one too), rounded up to data.pad_to_multiple_of as collate pads them (the width can
+then exceed max_seq_len, up to the model's positions):
 - weights: the 4-bit NF4 linear layers (half a byte per weight, plus one uint8 absmax per 64 weights and
   one fp32 absmax per 256 of those with double quant, fp32 absmax per 64 without), and the parts kept in
   the compute dtype (embeddings, lm_head, norms; `phi3local.model.load.prepare_for_training`);
@@ -35,6 +36,7 @@ from pathlib import Path
 from phi3local.config import Recipe
 from phi3local.errors import Phi3LocalError
 from phi3local.model.shapes import ModelShape, known_shape, shape_from_config
+from phi3local.train.batching import padded_width, resolved_pad_to_multiple_of
 
 GIB = 1024**3
 LONGEST_SEARCHED = 262144  # the longest sequence the plan searches for (memory-wise; see model_positions)
@@ -67,6 +69,7 @@ class MemoryPlan:
     available: int | None = None  # bytes the step may use on the device; None: unknown
     device: str = ""
     task: str = "causal_lm"  # classification: `loss` is the score head's logits, not a vocabulary chunk
+    width: int = 0  # tokens per row planned: max_seq_len rounded up to data.pad_to_multiple_of
 
     @property
     def total(self) -> int:
@@ -182,8 +185,11 @@ def classification_head_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, 
 def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_len: int,
               gradient_checkpointing: bool, compute_dtype: str, optimizer: str,
               available: int | None = None, device: str = "") -> MemoryPlan:
-    """The plan for one micro-batch of `micro_batch_size` x `max_seq_len` tokens, every token trained."""
+    """The plan for one micro-batch of `micro_batch_size` x `max_seq_len` tokens (rounded up to the recipe's
+    data.pad_to_multiple_of for `device`, default cpu), every token trained."""
     b = DTYPE_BYTES[compute_dtype]
+    multiple = resolved_pad_to_multiple_of(recipe.data.pad_to_multiple_of, device or "cpu")
+    width = padded_width(max_seq_len, multiple, shape.max_position_embeddings or None)
     lora = recipe.lora
     targets = [t for t in lora.target_modules if t in LINEARS] if lora.enabled else []
     saved = list(lora.modules_to_save) if lora.enabled else []
@@ -191,7 +197,7 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
     quantized, unquantized = weight_bytes(shape, b, recipe.quantization.double_quant, recipe.quantization.load_in_4bit,
                                           num_labels)
     trainable = trainable_parameter_count(shape, lora.r, targets, saved, num_labels)
-    tokens = micro_batch_size * max_seq_len
+    tokens = micro_batch_size * width
     saved_tensors, working = activation_bytes(shape, tokens, b, gradient_checkpointing, lora.r, len(targets))
     if num_labels:
         head_kept, loss = classification_head_bytes(shape, tokens, b, num_labels)
@@ -205,7 +211,7 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
         optimizer_state=optimizer_state_bytes(trainable, optimizer),
         activations=saved_tensors, backward_working=working,
         loss=loss,
-        available=available, device=device, task=recipe.task,
+        available=available, device=device, task=recipe.task, width=width,
     )
 
 
@@ -372,7 +378,8 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
     from phi3local.units import format_bytes
 
     p = report.plan
-    table = Table(title=f"{title}: {p.micro_batch_size} x {p.max_seq_len} tokens, {p.compute_dtype}, "
+    padded = f" (max_seq_len {p.max_seq_len} padded)" if p.width > p.max_seq_len else ""
+    table = Table(title=f"{title}: {p.micro_batch_size} x {p.width or p.max_seq_len} tokens{padded}, {p.compute_dtype}, "
                         f"checkpointing {'on' if p.gradient_checkpointing else 'off'}",
                   title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="cyan", no_wrap=True)
