@@ -113,8 +113,8 @@ class DataConfig:
     # the model's max_position_embeddings; the extra pads are untrained and unseen by real tokens, so no loss
     # changes. auto: 64 on CUDA (cuBLAS/flash-attention tile sizes, fewer distinct shapes for the caching
     # allocator; not measured here), 1 on CPU, where rounding did not pay: QLoRA steps of a Phi-3-shaped model
-    # (hidden 768, 4 layers) at widths 193-251 took 1.19-1.20x the wall time (1.24-1.43x the CPU time) rounded
-    # to 256 (medians of 10-12 alternated steps, two runs on a loaded 2-core CPU; `tools/time_pad_widths.py`).
+    # (hidden 768, 4 layers) at widths 193-251 took 1.12-1.20x the wall time (1.00-1.43x the CPU time) rounded
+    # to 256 (medians of 10-12 alternated steps, three runs on a loaded 2-core CPU; `tools/time_pad_widths.py`).
     pad_to_multiple_of: int | Literal["auto"] = num("auto", ge=1)
     # Where `prepare` writes its output; defaults to <output_dir>/prepared.
     prepared_dir: str | None = None
