@@ -7,6 +7,7 @@ change a result. Tests keep the same list in pyproject.toml's `filterwarnings`.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 KNOWN_WARNINGS = (
@@ -25,3 +26,30 @@ def silence_known_noise() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    silence_loading_bars()
+
+
+def silence_loading_bars() -> None:
+    """transformers' own progress bars off ("Loading weights: 100%|███| 27/27" of every from_pretrained, "Writing
+    model shards"): a few seconds of local work, drawn between our lines. The Hugging Face Hub's download bars
+    stay as they were: a download of gigabytes needs its progress.
+
+    transformers.utils.logging.disable_progress_bar is its documented switch; it also turns the Hub's bars off,
+    so they are turned back on by their group (the Hub names its download bars "huggingface_hub.*"). Before
+    transformers is imported (3-5 s, which commands such as `monitor` never pay) the same state is set on the
+    Hub alone: transformers starts with its bars off when the Hub's global switch is off.
+    """
+    import huggingface_hub.utils as hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_DISABLE_PROGRESS_BARS is False:  # HF_HUB_DISABLE_PROGRESS_BARS=0: the user wants them all
+        return
+    downloads_shown = not hub.are_progress_bars_disabled("huggingface_hub")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    else:
+        hub.disable_progress_bars()
+    if downloads_shown:
+        hub.enable_progress_bars("huggingface_hub")

@@ -183,8 +183,10 @@ def fake_run(world: distributed.World, lengths: list[int], packing: bool, grad_a
                                 "training.micro_batch_size=3", "data.max_seq_len=64", "seed=7"])
     docs = loop.Documents(input_ids=[[d % 50 + 1] * n for d, n in enumerate(lengths)],
                           labels=[[5] * n for n in lengths], sources=[str(d) for d in range(len(lengths))])
+    # The model only for its positions (collate's width cap, loop.padding).
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
     return SimpleNamespace(recipe=recipe, state=loop.ckpt.TrainerState(), train_docs=docs, world=world,
-                           tokenizer=SimpleNamespace(pad_token_id=0))
+                           tokenizer=SimpleNamespace(pad_token_id=0), model=model, device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -251,9 +253,17 @@ def test_ranks_agree_on_auto_settings_that_timing_or_free_memory_could_split():
     docs = SimpleNamespace(lengths=[100, 200, 300])
     alone = loop.decide_auto_settings(recipe, docs, quiet, distributed.World())
     assert alone.training.micro_batch_size > 1 and alone.training.gradient_checkpointing is False
-    # The other rank has less free memory: both take its smaller micro-batch and its checkpointing.
-    agreed = loop.decide_auto_settings(recipe, docs, quiet, OtherRankSays((1, True)))
+    # The other rank has less free memory: both take its smaller micro-batch and its checkpointing; the
+    # batch width rounding is rank 0's (each rank decides it by its device type; they must pad alike).
+    agreed = loop.decide_auto_settings(recipe, docs, quiet, OtherRankSays((1, True, 8)))
     assert (agreed.training.micro_batch_size, agreed.training.gradient_checkpointing) == (1, True)
+    assert agreed.data.pad_to_multiple_of == alone.data.pad_to_multiple_of != 8
+
+    class Rank1(OtherRankSays):
+        def gather_lists(self, items):
+            return [self.other, *items]  # rank 0's value comes first
+
+    assert loop.decide_auto_settings(recipe, docs, quiet, Rank1((1, True, 8))).data.pad_to_multiple_of == 8
 
 
 def test_rank_0s_packing_timing_decides_for_every_rank(monkeypatch):

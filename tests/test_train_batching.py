@@ -189,9 +189,9 @@ def mixed_documents():
 
 
 @torch.no_grad()
-def doc_losses(model, rows, ids, labels, position_limit=None) -> dict[int, float]:
+def doc_losses(model, rows, ids, labels, position_limit=None, pad_to_multiple_of=1) -> dict[int, float]:
     """Each document's summed token loss inside the collated batch of rows."""
-    batch = collate(rows, ids, labels, pad_id=0, position_limit=position_limit)
+    batch = collate(rows, ids, labels, pad_id=0, position_limit=position_limit, pad_to_multiple_of=pad_to_multiple_of)
     logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
     token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none",
                                                    ignore_index=-100)
@@ -304,3 +304,51 @@ def test_flash_attention_gets_packed_documents_as_one_row_with_every_boundary():
         loss_alone = sum(float(forward_loss(run_for(model), collate([[d]], ids, labels, pad_id=0))[0])
                          for d in range(len(ids)))
     assert abs(loss_flat - loss_alone) < 1e-4 * loss_alone and abs(loss_rows - loss_alone) < 1e-4 * loss_alone
+
+
+def classifier():
+    from transformers import Phi3ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, pad_token_id=0,
+                        num_labels=3)
+    return Phi3ForSequenceClassification(config).eval()
+
+
+@torch.no_grad()
+def test_widths_rounded_to_a_multiple_keep_every_document_loss():
+    model = tiny_model()
+    ids, labels = documents(n=8, seed=4)
+    lengths = [len(x) for x in ids]
+    for packing in (True, False):
+        for rows in plan_epoch(lengths, 64, 3, packing, seed=0, epoch=0):
+            exact = collate(rows, ids, labels, pad_id=0)
+            rounded = collate(rows, ids, labels, pad_id=0, pad_to_multiple_of=16)
+            assert rounded.input_ids.shape[1] % 16 == 0 and rounded.input_ids.shape[1] >= exact.input_ids.shape[1]
+            assert (rounded.trained_tokens, rounded.real_tokens) == (exact.trained_tokens, exact.real_tokens)
+            mine, theirs = doc_losses(model, rows, ids, labels), doc_losses(model, rows, ids, labels,
+                                                                            pad_to_multiple_of=16)
+            assert all(abs(mine[d] - theirs[d]) <= 1e-6 * max(1.0, mine[d]) for d in mine), (rows, mine, theirs)
+            run = run_for(model)
+            assert abs(float(forward_loss(run, exact)[0]) - float(forward_loss(run, rounded)[0])) <= 1e-5
+    # Classification reads each row's last real token: the extra pads change no logit.
+    cls = classifier()
+    run = run_for(cls, task="classification")
+    rows = [[0], [1], [2]]
+    exact, rounded = (collate(rows, ids, labels, pad_id=0, class_labels=[0, 1, 2, 0, 1, 2, 0, 1], pad_to_multiple_of=m)
+                      for m in (1, 16))
+    assert rounded.input_ids.shape[1] == 32 > exact.input_ids.shape[1]
+    assert torch.allclose(forward_loss(run, exact)[2], forward_loss(run, rounded)[2], atol=1e-6, rtol=0)
+
+
+def test_rounded_width_stops_at_the_model_positions_and_longrope_switch():
+    from phi3local.train.batching import padded_width
+
+    assert [padded_width(w, 64) for w in (1, 64, 65, 200)] == [64, 64, 128, 256]
+    assert padded_width(200, 64, max_width=240) == 240  # never past the model's positions...
+    assert padded_width(250, 64, max_width=240) == 250  # ...but a longer row keeps its own width
+    ids, labels = mixed_documents()
+    batch = collate([[0, 5], [8]], ids, labels, pad_id=0, position_limit=SWITCH, pad_to_multiple_of=64,
+                    max_width=4 * SWITCH)
+    assert batch.input_ids.shape[1] == 4 * SWITCH and int(batch.position_ids.max()) < SWITCH

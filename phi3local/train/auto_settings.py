@@ -11,9 +11,13 @@
 - `training.gradient_checkpointing: auto`: off when the memory plan fits without it (~35% faster on CPU,
   measured in kernels_bench/results/train_e2e_extended.json), else on.
 - `training.micro_batch_size: auto`: the largest the memory plan fits (at most `MAX_AUTO_MICRO_BATCH`).
+- `data.pad_to_multiple_of: auto`: by device type (`phi3local.train.batching.AUTO_PAD_TO_MULTIPLE_OF`; config.py
+  says why), decided before the plan, which plans the rounded width.
 
 On --resume an `auto` takes the value the run was started with (the checkpoint's recipe), so a resumed run
-sees the same batches whatever the device's free memory is now.
+sees the same batches whatever the device's free memory is now. data.pad_to_multiple_of is not among them:
+it changes no batch's documents, order or loss, only its width, so it is re-decided for the device resumed on
+(checkpoint.RESUME_MAY_CHANGE).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 
 from phi3local.config import Recipe
 from phi3local.model.shapes import ModelShape
-from phi3local.train.batching import plan_epoch
+from phi3local.train.batching import plan_epoch, resolved_pad_to_multiple_of
 from phi3local.train.memory_plan import (
     MemoryPlanError,
     PlanReport,
@@ -92,7 +96,9 @@ def measure_packing(recipe: Recipe, docs, loaded, pad_id: int, forward_loss) -> 
     probe = SimpleNamespace(recipe=out, model=loaded.model, device=loaded.device)
 
     def seconds(rows: list[list[int]]) -> float:
-        batch = collate(rows, docs.input_ids, docs.labels, pad_id, docs.class_labels).to(loaded.device)
+        batch = collate(rows, docs.input_ids, docs.labels, pad_id, docs.class_labels,
+                        pad_to_multiple_of=resolved_pad_to_multiple_of(out.data.pad_to_multiple_of, loaded.device.type),
+                        max_width=shape.max_position_embeddings).to(loaded.device)
         best = math.inf
         for _ in range(2):  # the first run warms allocator and kernels up; the second is timed
             if loaded.device.type == "cuda":
@@ -135,6 +141,10 @@ def resolve(recipe: Recipe, lengths: list[int] | None, device: str | None = None
     out = copy.deepcopy(recipe)
     t, d = out.training, out.data
     reasons: dict = {}
+    if d.pad_to_multiple_of == "auto":
+        kind = device_kind(device)
+        d.pad_to_multiple_of = resolved_pad_to_multiple_of("auto", kind)
+        reasons["pad_to_multiple_of"] = f"{d.pad_to_multiple_of} on {kind}"
     try:
         shape = recipe_shape(out)
     except MemoryPlanError as e:

@@ -6,6 +6,8 @@ variable-length kernel on the micro-batch flattened into one row (`recipe.rows_f
 detects packed documents for flash-attn only in a single row), so attention never crosses documents.
 Targets are shifted inside each document, so no document is trained to predict the next one's first token.
 Right padding needs no attention mask: with a causal mask, real tokens never see the pads after them.
+`collate(pad_to_multiple_of=m)` rounds a micro-batch's width up to a multiple of m with more such pads
+(untrained, unseen by real tokens), so the kernels meet fewer distinct shapes; every loss stays the same.
 
 LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini): transformers picks the rotary factor set per forward call from
 the largest position id in the whole batch: long factors when it is >= original_max_position_embeddings.
@@ -100,6 +102,21 @@ def _plan_rows(lengths: list[int], order: list[int], max_seq_len: int, micro_bat
     return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
 
 
+# data.pad_to_multiple_of: auto per device type (config.py says why each).
+AUTO_PAD_TO_MULTIPLE_OF = {"cuda": 64, "cpu": 1}
+
+
+def resolved_pad_to_multiple_of(value: int | str, device_type: str) -> int:
+    """data.pad_to_multiple_of with `auto` decided for a device type ("cuda", "cpu", ...)."""
+    return AUTO_PAD_TO_MULTIPLE_OF.get(device_type, 1) if value == "auto" else int(value)
+
+
+def padded_width(width: int, pad_to_multiple_of: int, max_width: int | None = None) -> int:
+    """`width` rounded up to a multiple of pad_to_multiple_of, capped at max_width (never below `width`)."""
+    rounded = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    return max(width, min(rounded, max_width)) if max_width is not None else rounded
+
+
 def collate(
     rows: list[list[int]],
     input_ids: list[list[int]],
@@ -108,13 +125,17 @@ def collate(
     class_labels: list[int] | None = None,
     *,
     position_limit: int | None = None,
+    pad_to_multiple_of: int = 1,
+    max_width: int | None = None,
 ) -> MicroBatch:
     """Build tensors for one micro-batch from per-document token and label lists.
 
     position_limit: a LongRoPE switch point. When no document of the batch is longer than it, the pads'
     positions wrap to 0 before reaching it, so padding never moves the batch onto the long factors.
+    pad_to_multiple_of: the width is rounded up to a multiple of it, but not beyond max_width (the model's
+    positions) unless the longest row is itself longer.
     """
-    width = max(sum(len(input_ids[d]) for d in row) for row in rows)
+    width = padded_width(max(sum(len(input_ids[d]) for d in row) for row in rows), pad_to_multiple_of, max_width)
     batch = len(rows)
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
     pos = torch.zeros((batch, width), dtype=torch.long)

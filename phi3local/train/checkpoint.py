@@ -33,7 +33,10 @@ TMP_PREFIX = ".tmp-"
 CHECKSUMS = "checksums.json"
 STEP_NAME = re.compile(r"step-\d+")
 # Recipe keys that may change between a checkpoint and its resume: they do not change what is trained.
-RESUME_MAY_CHANGE = ("output_dir", "data.prepared_dir", "training.display", "training.log_every",
+# data.pad_to_multiple_of changes only the batches' widths (masked, untrained pads), not their documents,
+# order or losses (up to float rounding), so its `auto` is re-decided for the device resumed on.
+RESUME_MAY_CHANGE = ("output_dir", "data.prepared_dir", "data.pad_to_multiple_of", "training.display",
+                     "training.log_every",
                      "training.checkpoint_every", "training.keep_checkpoints", "training.on_damaged_checkpoint",
                      "training.peak_flops", "training.trackers", "training.distributed_timeout_seconds", "eval.", "export.",
                      "azure.")

@@ -1,7 +1,8 @@
 """The memory a training step will need, worked out from the model's shapes before anything is loaded.
 
 Parts (bytes), for `micro_batch_size` rows of `max_seq_len` tokens (a packed row is full; the plan is the
-worst case of a padded one too):
+worst case of a padded one too), rounded up to data.pad_to_multiple_of as collate pads them (the width can
+then exceed max_seq_len, up to the model's positions):
 - weights: the 4-bit NF4 linear layers (half a byte per weight, plus one uint8 absmax per 64 weights and
   one fp32 absmax per 256 of those with double quant, fp32 absmax per 64 without), and the parts kept in
   the compute dtype (embeddings, lm_head, norms; `phi3local.model.load.prepare_for_training`);
@@ -13,6 +14,11 @@ worst case of a padded one too):
   layer's gradients in flight; with checkpointing, one layer input per layer plus one layer recomputed;
 - loss: `phi3local.train.loss` keeps the trained tokens' hidden states and their gradient, plus one
   chunk of fp32 logits (and its cast when the lm_head weight is 16-bit).
+
+`task: classification` (a `*ForSequenceClassification` model) has no lm_head and no vocabulary loss: its
+`score` head (hidden x labels, no bias) is kept frozen in the compute dtype and trained as a fp32
+modules_to_save copy (weights, gradient, optimizer state), and it maps every token's final hidden state to
+labels-wide logits of which the loss takes each row's last real token (`phi3local.train.recipe.forward_loss`).
 
 Checked against torch's own accounting of a real CPU step in tests/test_memory_plan.py (within 15%).
 The device side: CUDA's free memory (`torch.cuda.mem_get_info`) less a reserve for the CUDA context and
@@ -30,6 +36,7 @@ from pathlib import Path
 from phi3local.config import Recipe
 from phi3local.errors import Phi3LocalError
 from phi3local.model.shapes import ModelShape, known_shape, shape_from_config
+from phi3local.train.batching import padded_width, resolved_pad_to_multiple_of
 
 GIB = 1024**3
 LONGEST_SEARCHED = 262144  # the longest sequence the plan searches for (memory-wise; see model_positions)
@@ -61,6 +68,8 @@ class MemoryPlan:
     loss: int  # extra while one loss chunk runs (backward_working and loss never overlap)
     available: int | None = None  # bytes the step may use on the device; None: unknown
     device: str = ""
+    task: str = "causal_lm"  # classification: `loss` is the score head's logits, not a vocabulary chunk
+    width: int = 0  # tokens per row planned: max_seq_len rounded up to data.pad_to_multiple_of
 
     @property
     def total(self) -> int:
@@ -83,8 +92,10 @@ def layer_linears(shape: ModelShape) -> dict[str, tuple[int, int]]:
 
 
 def weight_bytes(shape: ModelShape, dtype_bytes: int, double_quant: bool = True,
-                 load_in_4bit: bool = True) -> tuple[int, int]:
-    """(4-bit linear layers incl. their quantization constants, parts kept in the compute dtype)."""
+                 load_in_4bit: bool = True, num_labels: int = 0) -> tuple[int, int]:
+    """(4-bit linear layers incl. their quantization constants, parts kept in the compute dtype).
+
+    num_labels > 0: a classification model, whose `score` head (hidden x num_labels) replaces the lm_head."""
     n_linear = shape.num_hidden_layers * sum(i * o for i, o in layer_linears(shape).values())
     if load_in_4bit:
         blocks = n_linear / 64
@@ -92,17 +103,24 @@ def weight_bytes(shape: ModelShape, dtype_bytes: int, double_quant: bool = True,
         quantized = int(n_linear / 2 + constants)
     else:
         quantized = n_linear * dtype_bytes
-    rows = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
+    if num_labels:
+        rows = shape.vocab_size * shape.hidden_size + shape.hidden_size * num_labels
+    else:
+        rows = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
     norms = (2 * shape.num_hidden_layers + 1) * shape.hidden_size
     return quantized, (rows + norms) * dtype_bytes
 
 
-def trainable_parameter_count(shape: ModelShape, r: int, targets: list[str], modules_to_save: list[str]) -> int:
+def trainable_parameter_count(shape: ModelShape, r: int, targets: list[str], modules_to_save: list[str],
+                              num_labels: int = 0) -> int:
+    """LoRA's parameters plus the modules_to_save copies; num_labels > 0: a classification model, which
+    trains its `score` head (load.py adds it to modules_to_save) and has no lm_head to train."""
     count = shape.num_hidden_layers * sum(r * (i + o) for name, (i, o) in layer_linears(shape).items()
                                           if name in targets)
     embedding = shape.vocab_size * shape.hidden_size
-    count += embedding * sum(1 for m in modules_to_save if m in ("embed_tokens", "lm_head"))
-    return count
+    heads = ("embed_tokens",) if num_labels else ("embed_tokens", "lm_head")
+    count += embedding * sum(1 for m in modules_to_save if m in heads)
+    return count + shape.hidden_size * num_labels
 
 
 def optimizer_state_bytes(params: int, optimizer: str) -> int:
@@ -153,26 +171,47 @@ def loss_bytes(shape: ModelShape, trained_tokens: int, dtype_bytes: int, chunk_s
     return chunk * shape.vocab_size * per_row + head_grad
 
 
+def classification_head_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, num_labels: int) -> tuple[int, int]:
+    """(kept for backward, extra while the loss runs) of the `score` head over `tokens` tokens.
+
+    Kept: with a 16-bit body the fp32 head's input cast (`phi3local.model.load.keep_trainable_fp32`), which
+    it saves for its weight gradient (a fp32 body's head saves the final norm's output, already counted).
+    Extra: every token's fp32 logits and, in backward, their gradient (labels wide: kilobytes), and the
+    head's fp32 weight gradient. No vocabulary-sized logits exist, so nothing else."""
+    kept = tokens * shape.hidden_size * 4 if dtype_bytes < 4 else 0
+    return kept, 2 * tokens * num_labels * 4 + shape.hidden_size * num_labels * 4
+
+
 def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_len: int,
               gradient_checkpointing: bool, compute_dtype: str, optimizer: str,
               available: int | None = None, device: str = "") -> MemoryPlan:
-    """The plan for one micro-batch of `micro_batch_size` x `max_seq_len` tokens, every token trained."""
+    """The plan for one micro-batch of `micro_batch_size` x `max_seq_len` tokens (rounded up to the recipe's
+    data.pad_to_multiple_of for `device`, default cpu), every token trained."""
     b = DTYPE_BYTES[compute_dtype]
+    multiple = resolved_pad_to_multiple_of(recipe.data.pad_to_multiple_of, device or "cpu")
+    width = padded_width(max_seq_len, multiple, shape.max_position_embeddings or None)
     lora = recipe.lora
     targets = [t for t in lora.target_modules if t in LINEARS] if lora.enabled else []
     saved = list(lora.modules_to_save) if lora.enabled else []
-    quantized, unquantized = weight_bytes(shape, b, recipe.quantization.double_quant, recipe.quantization.load_in_4bit)
-    trainable = trainable_parameter_count(shape, lora.r, targets, saved)
-    tokens = micro_batch_size * max_seq_len
+    num_labels = len(recipe.model.labels) if recipe.task == "classification" else 0
+    quantized, unquantized = weight_bytes(shape, b, recipe.quantization.double_quant, recipe.quantization.load_in_4bit,
+                                          num_labels)
+    trainable = trainable_parameter_count(shape, lora.r, targets, saved, num_labels)
+    tokens = micro_batch_size * width
     saved_tensors, working = activation_bytes(shape, tokens, b, gradient_checkpointing, lora.r, len(targets))
+    if num_labels:
+        head_kept, loss = classification_head_bytes(shape, tokens, b, num_labels)
+        saved_tensors += head_kept
+    else:
+        loss = loss_bytes(shape, tokens, b, recipe.training.loss_chunk_size, "lm_head" in saved)
     return MemoryPlan(
         micro_batch_size=micro_batch_size, max_seq_len=max_seq_len, gradient_checkpointing=gradient_checkpointing,
         compute_dtype=compute_dtype, optimizer=optimizer, weights_4bit=quantized, weights_kept=unquantized,
         lora_weights=trainable * 4, lora_gradients=trainable * 4,
         optimizer_state=optimizer_state_bytes(trainable, optimizer),
         activations=saved_tensors, backward_working=working,
-        loss=loss_bytes(shape, tokens, b, recipe.training.loss_chunk_size, "lm_head" in saved),
-        available=available, device=device,
+        loss=loss,
+        available=available, device=device, task=recipe.task, width=width,
     )
 
 
@@ -339,7 +378,8 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
     from phi3local.units import format_bytes
 
     p = report.plan
-    table = Table(title=f"{title}: {p.micro_batch_size} x {p.max_seq_len} tokens, {p.compute_dtype}, "
+    padded = f" (max_seq_len {p.max_seq_len} padded)" if p.width > p.max_seq_len else ""
+    table = Table(title=f"{title}: {p.micro_batch_size} x {p.width or p.max_seq_len} tokens{padded}, {p.compute_dtype}, "
                         f"checkpointing {'on' if p.gradient_checkpointing else 'off'}",
                   title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="cyan", no_wrap=True)
@@ -347,7 +387,8 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
     rows = [
         ("weights, 4-bit", p.weights_4bit), (f"weights, {p.compute_dtype}", p.weights_kept),
         ("LoRA weights + gradients", p.lora_weights + p.lora_gradients), (f"optimizer ({p.optimizer})", p.optimizer_state),
-        ("activations kept", p.activations), ("backward, one layer", p.backward_working), ("loss chunk", p.loss),
+        ("activations kept", p.activations), ("backward, one layer", p.backward_working),
+        ("score head logits" if p.task == "classification" else "loss chunk", p.loss),
     ]
     for name, value in rows:
         table.add_row(name, format_bytes(value))

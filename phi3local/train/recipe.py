@@ -43,7 +43,7 @@ from phi3local.model.load import (
 from phi3local.model.shapes import longrope_switch
 from phi3local.train import auto_settings, distributed
 from phi3local.train import checkpoint as ckpt
-from phi3local.train.batching import MicroBatch, collate, plan_epoch
+from phi3local.train.batching import MicroBatch, collate, plan_epoch, resolved_pad_to_multiple_of
 from phi3local.train.display import TrainDisplay, peak_memory_bytes
 from phi3local.train.loss import chunked_cross_entropy
 from phi3local.train.memory_plan import plan_table
@@ -269,9 +269,11 @@ def decide_auto_settings(recipe: Recipe, docs: Documents, console: Console, worl
     """The recipe with its `auto` settings decided; prints the memory plan and why each auto chose what it did."""
     resolved, report, reasons = auto_settings.resolve(recipe, docs.lengths, device=pick_device().type)
     if world.distributed:  # every rank must plan the same batches: what fits on all of them
-        choices = world.gather_lists([(resolved.training.micro_batch_size, resolved.training.gradient_checkpointing)])
-        resolved.training.micro_batch_size = min(size for size, _ in choices)
-        resolved.training.gradient_checkpointing = any(checkpointing for _, checkpointing in choices)
+        choices = world.gather_lists([(resolved.training.micro_batch_size, resolved.training.gradient_checkpointing,
+                                       resolved.data.pad_to_multiple_of)])
+        resolved.training.micro_batch_size = min(size for size, _, _ in choices)
+        resolved.training.gradient_checkpointing = any(checkpointing for _, checkpointing, _ in choices)
+        resolved.data.pad_to_multiple_of = choices[0][2]  # rank 0's: equal widths on every rank
     if report is not None:
         console.print(plan_table(report))
     for key, why in reasons.items():
@@ -474,8 +476,14 @@ def next_micro_batches(run: Run, plans: dict[int, list]) -> list[MicroBatch]:
     pad = run.tokenizer.pad_token_id
     docs = run.train_docs
     limit = long_from(run.recipe)
-    return [collate(rows, docs.input_ids, docs.labels, pad, docs.class_labels, position_limit=limit)
+    return [collate(rows, docs.input_ids, docs.labels, pad, docs.class_labels, position_limit=limit, **padding(run))
             for rows in run.world.share(chosen)]
+
+
+def padding(run: Run) -> dict:
+    """collate's width rounding: data.pad_to_multiple_of, never past the model's positions."""
+    return {"pad_to_multiple_of": resolved_pad_to_multiple_of(run.recipe.data.pad_to_multiple_of, run.device.type),
+            "max_width": base_causal_lm(run.model).config.max_position_embeddings}
 
 
 def train_step(run: Run, batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,7 +532,7 @@ def evaluate(run: Run, docs: Documents, max_batches: int = 0) -> dict:
     limit = long_from(run.recipe)
     for rows in run.world.share(plan):
         batch = collate(rows, docs.input_ids, docs.labels, run.tokenizer.pad_token_id, docs.class_labels,
-                        position_limit=limit)
+                        position_limit=limit, **padding(run))
         batch = batch.to(run.device)
         ls, c, logits = forward_loss(run, batch, count_correct=True)
         loss_sum += float(ls)
