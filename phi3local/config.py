@@ -114,7 +114,7 @@ class DataConfig:
     # changes. auto: 64 on CUDA (cuBLAS/flash-attention tile sizes, fewer distinct shapes for the caching
     # allocator; not measured here), 1 on CPU, where rounding did not pay: QLoRA steps of a Phi-3-shaped model
     # (hidden 768, 4 layers) at widths 193-251 took 1.12-1.20x the wall time (1.00-1.43x the CPU time) rounded
-    # to 256 (medians of 10-12 alternated steps, three runs on a loaded 2-core CPU; `tools/time_pad_widths.py`).
+    # to 256 (medians of 10-12 alternated steps, three runs on a loaded 2-core CPU; `python -m kernels_bench.pad_widths`).
     pad_to_multiple_of: int | Literal["auto"] = num("auto", ge=1)
     # Where `prepare` writes its output; defaults to <output_dir>/prepared.
     prepared_dir: str | None = None

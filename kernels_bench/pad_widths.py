@@ -2,12 +2,13 @@
 
 Times QLoRA training steps (the loop's forward_loss, backward, AdamW step; 4-bit NF4 base, LoRA r16 on all
 linear layers) of a Phi-3-shaped small model (hidden 768, 12 heads, 4 layers, vocabulary 32064, as in issue
-17) on micro-batches of 4 rows whose widths differ by a few tokens from step to step (each step a width not seen before), collated
+17) on micro-batches of 4 rows whose widths differ by a few tokens from step to step (each step a width not seen before),
+collated
 as they are (pad_to_multiple_of=1) and rounded up (default 64). The two kinds alternate step by step, in
 swapped order every other step, after one warm-up step of each; prints the median seconds per step of each,
 wall clock and this process's CPU time (less disturbed when other processes share the cores).
 
-    PYTHONPATH=$PWD .venv/bin/python tools/time_pad_widths.py [--multiple 64] [--steps 8]
+    .venv/bin/python -m kernels_bench.pad_widths [--multiple 64] [--steps 8]
 """
 
 from __future__ import annotations
