@@ -220,8 +220,8 @@ def test_a_timed_out_collective_names_the_hung_rank(tmp_path):
         deadline = time.monotonic() + 5
         while distributed._process_state(sleeper.pid) != "T" and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert world.who_failed() == (f"rank 1 (pid {sleeper.pid}) is stopped (SIGSTOP or a debugger): it hung, "
-                                      "the collective timed out after 10 s")
+        assert world.who_failed(timed_out=True) == (f"rank 1 (pid {sleeper.pid}) is stopped (SIGSTOP or a "
+                                                    "debugger): it hung, the collective timed out after 10 s")
         three = distributed.World(rank=0, size=3, pids={}, timeout_seconds=10)
         assert three.who_failed(timed_out=True) == ("the collective timed out after 10 s: another rank hung (the "
                                                     "launcher's log names it)")

@@ -15,9 +15,9 @@ gloo on CPU, NCCL on CUDA (one device per process, cuda:LOCAL_RANK), chosen here
 after `training.distributed_timeout_seconds`; a rank that dies closes its sockets, so the others fail
 at their next collective within seconds, and rank 0 names the dead rank (same host) from the pids the
 ranks register at start. A rank that hangs (alive, no progress) fails the others when their collective
-times out; they name it when it is stopped (same host) or is the only other rank. The launcher then
-SIGTERMs it, and SIGKILLs it after its shutdown timeout (torchrun --shutdown-timeout, default 30 s) if it
-does not exit: a hung job ends within distributed_timeout_seconds + that (tests/test_distributed.py).
+times out; they name it when it is stopped (same host) or is the only other rank. torchrun then SIGTERMs
+it and SIGKILLs it 30 s later if it does not exit (torch 2.13: a fixed 30 s for a failed group, whatever
+--shutdown-timeout says): a hung job ends within distributed_timeout_seconds + ~30 s (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -220,7 +220,8 @@ class World:
         dead = [f"rank {r} (pid {here[r]})" for r, state in states.items() if state in (None, "Z", "X")]
         if dead:
             return ", ".join(dead) + (" is" if len(dead) == 1 else " are") + " dead"
-        timed = "the collective timed out" + (f" after {self.timeout_seconds:g} s" if self.timeout_seconds else "")
+        after = f" after {self.timeout_seconds:g} s" if self.timeout_seconds else ""
+        timed = f"the collective timed out{after}" if timed_out else "the collective failed"
         stopped = [f"rank {r} (pid {here[r]})" for r, state in states.items() if state in ("T", "t")]
         if stopped:
             return (", ".join(stopped) + (" is" if len(stopped) == 1 else " are") +
