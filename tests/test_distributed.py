@@ -12,8 +12,10 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +37,15 @@ RTOL = 1e-5
 # Stated bound: a killed rank ends the job within this many seconds (torchrun notices a dead child within
 # its monitor interval and SIGTERMs the survivors, which fail at their next collective; measured ~1.1 s).
 DEAD_RANK_BOUND_S = 30
+# A hung rank (alive, not answering): the other fails when its collective times out after
+# training.distributed_timeout_seconds (10, the least it may be) and says so within HUNG_SAID_MARGIN_S; torchrun
+# then SIGTERMs the hung rank and SIGKILLs it TORCHRUN_KILL_GRACE_S later (torch 2.13 applies a fixed 30 s to a
+# failed group, whatever --shutdown-timeout says). Measured on the loaded 2-core CPU: said after 12-16 s, ended
+# after 45 s.
+HUNG_TIMEOUT_S = 10
+HUNG_SAID_MARGIN_S = 10
+TORCHRUN_KILL_GRACE_S = 30
+HUNG_END_MARGIN_S = TORCHRUN_KILL_GRACE_S + 15
 
 
 def torchrun_command(*args: str) -> list[str]:
@@ -133,25 +144,91 @@ def test_stopped_and_resumed_two_rank_run_equals_uninterrupted(two_rank_run, tmp
         assert got[step] == pytest.approx(expected[step], rel=RTOL), step
 
 
+def rank_pid(proc: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's child running `rank` (found by the RANK its launcher gave it)."""
+    children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    found = [c for c in children if f"RANK={rank}" in Path(f"/proc/{c}/environ").read_bytes().decode().split("\0")]
+    assert len(found) == 1, children
+    return found[0]
+
+
 def test_killed_rank_ends_the_job_naming_it_within_the_bound(tmp_path):
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(torchrun_command(f"output_dir={run_dir}", *COMMON, "training.max_steps=100000"),
                             env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_step(run_dir, 2, proc)
-        children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-        rank1 = [c for c in children if "RANK=1" in Path(f"/proc/{c}/environ").read_bytes().decode().split("\0")]
-        assert len(rank1) == 1, children
+        rank1 = rank_pid(proc, 1)
         killed_at = time.monotonic()
-        os.kill(rank1[0], signal.SIGKILL)
+        os.kill(rank1, signal.SIGKILL)
         out, _ = proc.communicate(timeout=DEAD_RANK_BOUND_S + 30)
         took = time.monotonic() - killed_at
     finally:
         proc.kill()
     assert proc.returncode != 0
     assert took < DEAD_RANK_BOUND_S, took
-    assert f"rank 1 (pid {rank1[0]}) is dead" in out  # rank 0's own message
+    assert f"rank 1 (pid {rank1}) is dead" in out  # rank 0's own message
     assert "rank      : 1 (local_rank: 1)" in out and "SIGKILL" in out  # torchrun's report of the failed child
+
+
+def test_hung_rank_ends_the_job_naming_it_within_the_collective_timeout(tmp_path):
+    run_dir = tmp_path / "hung"
+    proc = subprocess.Popen(torchrun_command(f"output_dir={run_dir}", *COMMON, "training.max_steps=100000",
+                                             f"training.distributed_timeout_seconds={HUNG_TIMEOUT_S}"),
+                            env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[tuple[float, str]] = []  # (when it arrived, line)
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in proc.stdout))
+    reader.start()
+    rank1 = None
+    try:
+        wait_for_step(run_dir, 2, proc)
+        rank1 = rank_pid(proc, 1)
+        stopped_at = time.monotonic()
+        os.kill(rank1, signal.SIGSTOP)  # alive but making no progress: what a deadlocked or wedged rank looks like
+        proc.wait(timeout=HUNG_TIMEOUT_S + HUNG_END_MARGIN_S + 30)
+        ended = time.monotonic() - stopped_at
+    finally:
+        proc.kill()
+        if rank1 is not None and distributed._process_state(rank1) is not None:
+            os.kill(rank1, signal.SIGKILL)  # a stopped rank outlives a killed torchrun
+        reader.join(timeout=10)
+    out = "".join(line for _, line in lines)
+    # rank 0's one line: which rank, what state, that the collective timed out and after how long
+    said = f"phi3local train: error: rank 0: rank 1 (pid {rank1}) is stopped (SIGSTOP or a debugger): it hung, " \
+           f"the collective timed out after {HUNG_TIMEOUT_S} s ("
+    said_at = [t - stopped_at for t, line in lines if said in line]
+    assert said_at, out[-3000:]
+    print(f"\nhung rank: named {said_at[0]:.1f} s and the job ended {ended:.1f} s after rank 1 stopped "
+          f"(timeout {HUNG_TIMEOUT_S} s)")
+    assert HUNG_TIMEOUT_S - 1 < said_at[0] < HUNG_TIMEOUT_S + HUNG_SAID_MARGIN_S, said_at
+    assert proc.returncode != 0
+    assert ended < HUNG_TIMEOUT_S + HUNG_END_MARGIN_S, ended
+    assert "rank      : 1 (local_rank: 1)" in out and "SIGKILL" in out  # torchrun killed the hung rank
+
+
+def test_a_timed_out_collective_names_the_hung_rank(tmp_path):
+    host = socket.gethostname()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        world = distributed.World(rank=0, size=2, pids={0: (host, os.getpid()), 1: (host, sleeper.pid)},
+                                  timeout_seconds=10)
+        # alive and running (here: asleep): after a timeout, the only other rank is the one that hung
+        assert world.who_failed(timed_out=True) == (f"rank 1 (pid {sleeper.pid} on {host}) did not answer: it "
+                                                    "hung, the collective timed out after 10 s")
+        assert world.who_failed().startswith("another rank stopped answering")  # not a timeout: no guess
+        sleeper.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while distributed._process_state(sleeper.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert world.who_failed(timed_out=True) == (f"rank 1 (pid {sleeper.pid}) is stopped (SIGSTOP or a "
+                                                    "debugger): it hung, the collective timed out after 10 s")
+        three = distributed.World(rank=0, size=3, pids={}, timeout_seconds=10)
+        assert three.who_failed(timed_out=True) == ("the collective timed out after 10 s: another rank hung (the "
+                                                    "launcher's log names it)")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert world.who_failed() == f"rank 1 (pid {sleeper.pid}) is dead"
 
 
 def test_a_setup_error_on_rank_0_stops_every_rank_at_once(two_rank_run):

@@ -36,6 +36,7 @@ from stories_task import make_rows
 from phi3local.errors import Phi3LocalError
 from phi3local.serve import bundle, protocol
 from phi3local.serve.errors import ModelDirError, ServeError
+from phi3local.serve.guard import REFUSAL_TEXT
 from phi3local.serve.model_dir import find_model_dir
 from phi3local.serve.server import check_port_free, deployment_environment, serve, server_environment
 from phi3local.serve.settings import ServeSettings
@@ -272,7 +273,7 @@ def test_content_safety_guard_blocks_prompts_and_answers_and_fails_closed(tmp_pa
     from content_safety_fake import FakeContentSafety
 
     from phi3local.safety.scorer import classify
-    from phi3local.serve.guard import REFUSAL_TEXT, ContentGuard
+    from phi3local.serve.guard import ContentGuard
     from phi3local.serve.monitoring import RequestMonitor
     from phi3local.serve.score import respond
     from phi3local.serve.service import ChatService
@@ -310,6 +311,46 @@ def test_content_safety_guard_blocks_prompts_and_answers_and_fails_closed(tmp_pa
     assert r.status_code == 503 and r.get_json()["error"]["code"] == "content_safety_unavailable"
     with pytest.raises(ServeError, match="PHI3LOCAL_CONTENT_SAFETY_THRESHOLD"):
         ContentGuard.from_env({**env, "PHI3LOCAL_CONTENT_SAFETY_THRESHOLD": "high"})
+
+
+def test_streamed_screening_calls_and_latency_of_a_200_token_answer():
+    """Figures: screening calls and added time of a 200-token (800-character) streamed answer, the fake
+    Content Safety on loopback (a real one adds its own ~0.1-0.3 s per call: Azure's latency, not measured here)."""
+    from content_safety_fake import FakeContentSafety
+
+    from phi3local.serve.guard import DEFAULT_WINDOW, ContentGuard
+    from phi3local.serve.service import ChatService
+
+    pieces = [f"w{i % 100:02d} " for i in range(200)]  # 4 characters a token, about an English token's
+    request = parse({"messages": user("x"), "stream": True}, cap=200)
+    fake = FakeContentSafety()
+    try:
+        guard = ContentGuard.from_env({"CONTENT_SAFETY_ENDPOINT": fake.url, "CONTENT_SAFETY_KEY": "k"})
+        assert guard.window_chars == DEFAULT_WINDOW == 200
+        timings = {}
+        for name, g in (("plain", None), ("guarded", guard)):
+            service = ChatService(FakeEngine(pieces), ServeSettings(max_tokens_cap=200), g)
+            started = time.perf_counter()
+            events = list(service.stream(request))
+            timings[name] = time.perf_counter() - started
+            text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1])
+            assert text == "".join(pieces)
+        # one prompt call, then 800 / 200 = 4 windows; the end has nothing left to screen
+        assert len(fake.calls) == 5
+        assert [len(body["text"]) for _, _, body in fake.calls[1:]] == [200, 400, 600, 800]
+        print(f"\nstreamed 200-token answer, window {DEFAULT_WINDOW}: {len(fake.calls)} Content Safety calls, "
+              f"{(timings['guarded'] - timings['plain']) * 1000:.1f} ms added (fake on loopback)")
+        # a window that ends mid-way is screened at the end; text is released only in screened windows
+        guard.window_chars = 300
+        fake.calls.clear()
+        service = ChatService(FakeEngine(pieces[:100] + ["HARM "] + pieces[100:]), ServeSettings(max_tokens_cap=201),
+                              guard)
+        events = list(service.stream(parse({"messages": user("x"), "stream": True}, cap=201)))
+        deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[1:-2]]
+        assert "".join(deltas[:-1]) == "".join(pieces[:75])  # windows 1 (0-299) passed, 2 (300-599) held HARM
+        assert len(fake.calls) == 3 and json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "content_filter"
+    finally:
+        fake.close()
 
 
 # ---------------------------------------------------------------------------------- model folder, settings
@@ -430,12 +471,14 @@ def free_port() -> int:
 class Server:
     """`python -m phi3local.serve.server` in a child process, on a free loopback port."""
 
-    def __init__(self, model_dir: Path, log: Path, *args: str, startup_s: float = 120.0):
+    def __init__(self, model_dir: Path, log: Path, *args: str, startup_s: float = 120.0,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "phi3local.serve.server", str(model_dir), "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -480,6 +523,31 @@ def server(managed_layout, tmp_path_factory):
 @pytest.fixture(scope="module")
 def slow_server(slow_onnx, tmp_path_factory):
     srv = Server(slow_onnx, tmp_path_factory.mktemp("logs") / "slow.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def content_safety():
+    from content_safety_fake import FakeContentSafety
+
+    fake = FakeContentSafety()
+    yield fake
+    fake.close()
+
+
+GUARD_WINDOW = 8  # characters: a stories answer ("Who: Ben. What: cake.") is screened in about three windows
+
+
+@pytest.fixture(scope="module")
+def guarded_server(stories_onnx, content_safety, tmp_path_factory):
+    """The stories model behind the Content Safety guardrail (the fake on loopback), screening by GUARD_WINDOW."""
+    logs = tmp_path_factory.mktemp("logs")
+    srv = Server(stories_onnx, logs / "guarded.log", "--max-tokens", str(CAP), "--threads", "2",
+                 "--monitor-log", str(logs / "requests.jsonl"),
+                 env={"CONTENT_SAFETY_ENDPOINT": content_safety.url, "CONTENT_SAFETY_KEY": "k",
+                      "PHI3LOCAL_CONTENT_SAFETY_WINDOW": str(GUARD_WINDOW)})
+    srv.monitor_log = logs / "requests.jsonl"
     yield srv
     srv.stop()
 
@@ -672,6 +740,72 @@ def test_concurrent_load_is_independent_and_error_free(server):
     assert PLANTED_EMAIL not in text and PLANTED_KEY not in text
     assert load["load-0"]["messages"][0]["content"].endswith("Write to [EMAIL].")
     assert load["load-1"]["messages"][0]["content"].endswith("My key is [KEY].")
+
+
+def stream_chunks(server, body: dict, correlation: str) -> tuple[list[dict], list[str]]:
+    """The streamed chunks of body (the [DONE] dropped) and its content deltas."""
+    r = server.chat({**body, "stream": True}, stream=True, headers={"x-request-id": correlation})
+    assert r.status_code == 200, r.text
+    events = sse_events(r)
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    deltas = [c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices")]
+    return chunks, [d for d in deltas if d]
+
+
+def test_guarded_stream_of_a_harmless_answer_equals_the_unstreamed_one(guarded_server, content_safety):
+    content_safety.harmful, content_safety.down_after = "HARM", None  # nothing a stories answer says
+    for i, story in enumerate(STORIES[:2]):
+        body = {"messages": user(story), "max_tokens": 24, "temperature": 0}
+        whole = guarded_server.chat(body).json()["choices"][0]
+        calls = len(content_safety.calls)
+        chunks, deltas = stream_chunks(guarded_server, body, f"guard-ok-{i}")
+        answer = whole["message"]["content"]
+        assert "".join(deltas) == answer and FORMAT.match(answer), (deltas, answer)
+        assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"] == "stop"
+        # the prompt, then one call per GUARD_WINDOW characters held back, and one for the rest at the end
+        windows = len(content_safety.calls) - calls - 1
+        assert len(answer) // GUARD_WINDOW <= windows <= len(answer) // GUARD_WINDOW + 1, (windows, answer)
+        # each call screens the whole answer so far: the last one is the whole answer, as unstreamed
+        assert content_safety.calls[-1][2]["text"] == answer
+
+
+def test_guarded_stream_stops_before_a_harmful_window(guarded_server, content_safety):
+    content_safety.harmful, content_safety.down_after = "What", None  # the answer's second half "turns harmful"
+    body = {"messages": user(STORIES[0]), "max_tokens": 24, "temperature": 0}
+    unstreamed = guarded_server.chat(body).json()
+    whole = unstreamed["choices"][0]
+    assert whole == {"index": 0, "message": {"role": "assistant", "content": REFUSAL_TEXT},
+                     "finish_reason": "content_filter"}
+    chunks, deltas = stream_chunks(guarded_server, body, "guard-blocked")
+    content_safety.harmful = "HARM"
+    assert not any("What" in d for d in deltas), deltas  # the harmful window never reached the client
+    released = "".join(deltas[:-1])
+    assert released.startswith("Who: ") and len(released) >= GUARD_WINDOW, deltas  # the harmless start did
+    assert deltas[-1] == "\n\n" + REFUSAL_TEXT and chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+    (record,) = monitor_records(guarded_server, "guard-blocked", 1).values()
+    assert (record["status"], record["stream"], record["finish_reason"], record["error"]) == (
+        200, True, "content_filter", None)
+    assert record["answer"] == "".join(deltas) and "What" not in record["answer"]
+    # generation stopped at the blocked window: fewer tokens than the whole (unstreamed) answer's
+    assert 0 < record["completion_tokens"] < unstreamed["usage"]["completion_tokens"]
+
+
+def test_guarded_stream_fails_closed_when_content_safety_goes_down(guarded_server, content_safety):
+    content_safety.harmful = "HARM"
+    content_safety.down_after = len(content_safety.calls) + 1  # the prompt is screened, then every call is a 503
+    try:
+        body = {"messages": user(STORIES[1]), "max_tokens": 24, "temperature": 0}
+        chunks, deltas = stream_chunks(guarded_server, body, "guard-down")
+        assert deltas == []  # no unscreened text was sent
+        assert chunks[-1]["error"]["code"] == "content_safety_unavailable"
+        assert "answered 503" in chunks[-1]["error"]["message"]
+        (record,) = monitor_records(guarded_server, "guard-down", 1).values()
+        assert (record["status"], record["finish_reason"], record["error"], record["answer"]) == (
+            200, None, "content_safety_unavailable", "")
+        r = guarded_server.chat(body)  # unstreamed, and also a stream's prompt: the 503 of the non-streamed path
+        assert r.status_code == 503 and r.json()["error"]["code"] == "content_safety_unavailable"
+    finally:
+        content_safety.down_after = None
 
 
 def test_monitor_reads_the_servers_log(server, capsys):

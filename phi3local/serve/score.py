@@ -8,7 +8,9 @@ nothing on this path imports torch or transformers: a deployment's code folder h
 Environment: AZUREML_MODEL_DIR (the export folder, or a managed endpoint's model root holding it),
 PHI3LOCAL_MAX_TOKENS, PHI3LOCAL_MAX_BODY_BYTES, PHI3LOCAL_MODEL_NAME, and the opt-in monitoring
 PHI3LOCAL_MONITOR_LOG / PHI3LOCAL_COLLECT (phi3local.serve.settings, phi3local.serve.monitoring): one
-redacted record per POST, under the caller's x-request-id (echoed in the response) or a new one.
+redacted record per POST, under the caller's x-request-id (echoed in the response) or a new one; the
+opt-in guardrail's CONTENT_SAFETY_ENDPOINT / CONTENT_SAFETY_KEY and PHI3LOCAL_CONTENT_SAFETY_THRESHOLD /
+PHI3LOCAL_CONTENT_SAFETY_WINDOW (phi3local.serve.guard: prompts, answers and streamed answers screened).
 """
 
 from __future__ import annotations

@@ -90,17 +90,29 @@ class ChatService:
                 on_done: Callable[[StreamOutcome], None] | None = None) -> Iterator[str]:
         ids = {"completion_id": protocol.new_completion_id(), "created": protocol.now(), "model": self.model_name}
         outcome = StreamOutcome(prompt_tokens=prompt.tokens)
+        # With the guard, text reaches the client only once Content Safety has screened it (guard.py).
+        screened = self.guard.screen_stream(answer) if self.guard is not None else None
         try:
             yield protocol.sse_event(protocol.chunk_body(**ids, delta={"role": "assistant", "content": ""}))
-            for text in answer:
+            for text in screened if screened is not None else answer:
                 outcome.pieces.append(text)
                 yield protocol.sse_event(protocol.chunk_body(**ids, delta={"content": text}))
-            yield protocol.sse_event(protocol.chunk_body(**ids, delta={}, finish_reason=answer.finish_reason))
+            finish_reason = answer.finish_reason
+            if screened is not None and screened.blocked:
+                refusal = f"\n\n{REFUSAL_TEXT}" if outcome.pieces else REFUSAL_TEXT
+                outcome.pieces.append(refusal)
+                yield protocol.sse_event(protocol.chunk_body(**ids, delta={"content": refusal}))
+                finish_reason = "content_filter"
+            yield protocol.sse_event(protocol.chunk_body(**ids, delta={}, finish_reason=finish_reason))
             if request.include_usage:
                 yield protocol.sse_event(protocol.chunk_body(
                     **ids, delta=None, usage_=protocol.usage(prompt.tokens, answer.generation.completion_tokens)))
             yield protocol.SSE_DONE
-            outcome.finish_reason = answer.finish_reason
+            outcome.finish_reason = finish_reason
+        except protocol.RequestError as e:  # Content Safety unreachable mid-stream: fail closed, say so
+            logger.warning("streamed answer stopped: %s", e.message)
+            outcome.error = e.code
+            yield protocol.sse_event(e.body())
         except Exception:
             # The 200 and its headers are sent already: say it in the stream, and keep the worker serving.
             logger.exception("generation failed in a streamed response")

@@ -14,7 +14,10 @@ as one process running all the step's micro-batches. Micro-batches before the la
 gloo on CPU, NCCL on CUDA (one device per process, cuda:LOCAL_RANK), chosen here. Collectives time out
 after `training.distributed_timeout_seconds`; a rank that dies closes its sockets, so the others fail
 at their next collective within seconds, and rank 0 names the dead rank (same host) from the pids the
-ranks register at start.
+ranks register at start. A rank that hangs (alive, no progress) fails the others when their collective
+times out; they name it when it is stopped (same host) or is the only other rank. torchrun then SIGTERMs
+it and SIGKILLs it 30 s later if it does not exit (torch 2.13: a fixed 30 s for a failed group, whatever
+--shutdown-timeout says): a hung job ends within distributed_timeout_seconds + ~30 s (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class World:
     local_rank: int = 0
     backend: str | None = None  # "gloo" or "nccl" once the process group is up; None for one process
     pids: dict = field(default_factory=dict, compare=False)  # rank -> (host, pid), for naming a dead rank
+    timeout_seconds: float | None = field(default=None, compare=False)  # of a collective, once the group is up
 
     @property
     def distributed(self) -> bool:
@@ -201,17 +205,34 @@ class World:
             call()
         except (RuntimeError, _dist().DistBackendError) as e:
             detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0])[:120]  # without gloo's source path
-            error = DistributedError(f"rank {self.rank}: {self.who_failed()} ({what}: {detail})")
+            timed_out = re.search(r"timed? ?out", str(e), re.IGNORECASE) is not None  # gloo and NCCL's wording
+            error = DistributedError(f"rank {self.rank}: {self.who_failed(timed_out)} ({what}: {detail})")
             # Said at once: the launcher may end this process (SIGTERM) before the error reaches the CLI.
             log.error("%s", error)
             raise error from e
 
-    def who_failed(self) -> str:
-        """The ranks on this host whose process is gone, else a hint at the launcher's report."""
-        dead = [f"rank {r} (pid {pid})" for r, (host, pid) in sorted(self.pids.items())
-                if host == socket.gethostname() and r != self.rank and not _alive(pid)]
+    def who_failed(self, timed_out: bool = False) -> str:
+        """Which rank failed this one: dead or stopped ranks on this host; after a timeout, the only other
+        rank (it hung); else a hint at the launcher's report."""
+        here = {r: pid for r, (host, pid) in sorted(self.pids.items())
+                if host == socket.gethostname() and r != self.rank}
+        states = {r: _process_state(pid) for r, pid in here.items()}
+        dead = [f"rank {r} (pid {here[r]})" for r, state in states.items() if state in (None, "Z", "X")]
         if dead:
             return ", ".join(dead) + (" is" if len(dead) == 1 else " are") + " dead"
+        after = f" after {self.timeout_seconds:g} s" if self.timeout_seconds else ""
+        timed = f"the collective timed out{after}" if timed_out else "the collective failed"
+        stopped = [f"rank {r} (pid {here[r]})" for r, state in states.items() if state in ("T", "t")]
+        if stopped:
+            return (", ".join(stopped) + (" is" if len(stopped) == 1 else " are") +
+                    f" stopped (SIGSTOP or a debugger): it hung, {timed}")
+        others = [r for r in range(self.size) if r != self.rank]
+        if timed_out and len(others) == 1:
+            host, pid = self.pids.get(others[0], (None, None))
+            where = f" (pid {pid} on {host})" if pid is not None else ""
+            return f"rank {others[0]}{where} did not answer: it hung, {timed}"
+        if timed_out:
+            return f"{timed}: another rank hung (the launcher's log names it)"
         return "another rank stopped answering (it died, hung or was killed; the launcher's log names it)"
 
 
@@ -221,22 +242,23 @@ def _dist():
     return dist
 
 
-def _alive(pid: int) -> bool:
-    """False for a process that is gone or a zombie (dead, not yet reaped by its launcher)."""
+def _process_state(pid: int) -> str | None:
+    """The process's state letter (R, S, D, T stopped, Z zombie: dead, not yet reaped), None when it is gone;
+    "?" where there is no /proc (macOS) and the kernel says it exists."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return False
-    except (OSError, IndexError):  # no /proc (macOS): ask the kernel
+        return None
+    except (OSError, IndexError):  # no /proc: ask the kernel
         pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return None
     except PermissionError:
-        return True
-    return True
+        return "?"
+    return "?"
 
 
 def _buckets(params: Sequence[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:
@@ -302,7 +324,7 @@ def start(timeout_seconds: float, environ=None) -> World:
             raise DistributedError(f"rank {world.rank}: cannot join the other {world.size - 1} process(es) at "
                                    f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
                                    f"{timeout_seconds:g} s: {str(e).splitlines()[0][:200]}") from e
-    world = replace(world, backend=backend)
+    world = replace(world, backend=backend, timeout_seconds=timeout_seconds)
     return replace(world, pids=_register_pids(world))
 
 
