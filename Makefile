@@ -13,7 +13,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 TORCH_SPEC ?= $(if $(HAS_CUDA),torch,torch==2.13.0)
 SIZE ?= small
 
-.PHONY: install install-azure azurite demo test lint bench bench-kernels bench-train bench-serve bench-gpu bench-ddp clean
+.PHONY: install install-azure azurite demo test lint bench bench-kernels bench-train bench-serve bench-gpu bench-gpu-train bench-ddp clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ bench-serve: install
 
 bench-gpu: install
 	$(PY) -m kernels_bench.run_all --size full
+
+# The end-to-end GPU comparison alone, one round: what fits a short loan of a GPU machine.
+bench-gpu-train: install
+	$(PY) -m kernels_bench.run_all --size full --bench train_e2e --repeats 1
 
 bench-ddp: install
 	$(PY) -m kernels_bench.ddp_throughput
