@@ -352,3 +352,29 @@ def test_rounded_width_stops_at_the_model_positions_and_longrope_switch():
     batch = collate([[0, 5], [8]], ids, labels, pad_id=0, position_limit=SWITCH, pad_to_multiple_of=64,
                     max_width=4 * SWITCH)
     assert batch.input_ids.shape[1] == 4 * SWITCH and int(batch.position_ids.max()) < SWITCH
+
+
+def test_a_longrope_classifier_keeps_its_logits_when_rounding_passes_the_switch():
+    """Classification runs on collate's positions: pads rounded past a LongRoPE switch (widths 15 -> 24 with a
+    switch at 16) wrap below it instead of moving the whole batch onto the long factors."""
+    from transformers import Phi3ForSequenceClassification
+
+    causal = longrope_model()
+    config = causal.config
+    config.num_labels = 3
+    torch.manual_seed(0)
+    model = Phi3ForSequenceClassification(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    ids, labels = mixed_documents()
+    run = run_for(model, task="classification")
+    logits = {}
+    with torch.no_grad():
+        for multiple in (1, 12):
+            batch = collate([[0], [5]], ids, labels, 0, class_labels=[0] * len(ids), position_limit=SWITCH,
+                            pad_to_multiple_of=multiple, max_width=4 * SWITCH)
+            logits[batch.input_ids.shape[1]] = forward_loss(run, batch)[2]
+    assert sorted(logits) == [15, 24]
+    assert (logits[24] - logits[15]).abs().max() < 1e-5

@@ -424,7 +424,9 @@ def install_signal_handlers(run: Run) -> None:
 def forward_loss(run: Run, batch: MicroBatch, count_correct: bool = False):
     """Sum of per-token (or per-example) losses of one micro-batch, and its correct-prediction count."""
     if run.recipe.task == "classification":
-        logits = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        # collate's positions, not the model's arange(width): its pads stay below a LongRoPE switch.
+        logits = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids).logits.float()
         loss_sum = F.cross_entropy(logits, batch.class_labels, reduction="sum")
         return loss_sum, (logits.argmax(-1) == batch.class_labels).sum(), logits
     base = base_causal_lm(run.model)
