@@ -335,9 +335,10 @@ def test_streamed_screening_calls_and_latency_of_a_200_token_answer():
             timings[name] = time.perf_counter() - started
             text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1])
             assert text == "".join(pieces)
-        # one prompt call, then 800 / 200 = 4 windows; the end has nothing left to screen
+        # one prompt call, then 800 / 200 = 4 windows, each after up to CONTEXT_CHARS (800) already sent
         assert len(fake.calls) == 5
         assert [len(body["text"]) for _, _, body in fake.calls[1:]] == [200, 400, 600, 800]
+        assert fake.calls[-1][2]["text"] == "".join(pieces)
         print(f"\nstreamed 200-token answer, window {DEFAULT_WINDOW}: {len(fake.calls)} Content Safety calls, "
               f"{(timings['guarded'] - timings['plain']) * 1000:.1f} ms added (fake on loopback)")
         # a window that ends mid-way is screened at the end; text is released only in screened windows
@@ -352,6 +353,35 @@ def test_streamed_screening_calls_and_latency_of_a_200_token_answer():
     finally:
         fake.close()
 
+
+
+def test_long_answers_are_screened_in_bounded_calls_and_every_piece():
+    """A streamed call holds at most WINDOW + CONTEXT_CHARS characters however long the answer, and harm split by
+    a window's edge is still seen; an unstreamed answer past the service's 10,000-character limit is screened
+    piece by piece, so harm after character 10,000 is found."""
+    from content_safety_fake import FakeContentSafety
+
+    from phi3local.safety.content_safety import MAX_TEXT_CHARS
+    from phi3local.serve.guard import CONTEXT_CHARS, DEFAULT_WINDOW, ContentGuard
+
+    fake = FakeContentSafety()
+    try:
+        guard = ContentGuard.from_env({"CONTENT_SAFETY_ENDPOINT": fake.url, "CONTENT_SAFETY_KEY": "k"})
+        pieces = [f"w{i % 100:02d} " for i in range(1500)]  # 6,000 characters
+        assert "".join(guard.screen_stream(pieces)) == "".join(pieces)
+        sizes = [len(body["text"]) for _, _, body in fake.calls]
+        assert len(sizes) == 6000 // DEFAULT_WINDOW and max(sizes) == DEFAULT_WINDOW + CONTEXT_CHARS
+        fake.calls.clear()
+        split = pieces[:99] + ["abHA", "RM "] + pieces[99:]  # "HA" ends window 2 (400 characters), "RM" starts 3
+        stream = guard.screen_stream(split)
+        assert "".join(stream) == "".join(pieces[:99]) + "abHA" and stream.blocked  # window 2 alone is harmless
+        assert "HARM" not in fake.calls[-1][2]["text"][-(DEFAULT_WINDOW + 1):] and "HARM" in fake.calls[-1][2]["text"]
+        fake.calls.clear()
+        long_answer = "x" * (MAX_TEXT_CHARS + 500) + " HARM " + "y" * 100
+        assert guard.blocks(long_answer) and len(fake.calls) == 2
+        assert not guard.blocks("x" * (2 * MAX_TEXT_CHARS + 1)) and len(fake.calls) == 5
+    finally:
+        fake.close()
 
 # ---------------------------------------------------------------------------------- model folder, settings
 

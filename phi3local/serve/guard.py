@@ -7,10 +7,12 @@ is screened by. Like Azure OpenAI's content filter:
 
     a blocked prompt        400, error code content_filter (nothing is generated; streamed or not)
     a blocked answer        200 with finish_reason content_filter and REFUSAL_TEXT instead of the answer
-    a streamed answer       held back and screened every WINDOW characters and at its end, each time the
-                            whole answer so far (so the last verdict is the non-streamed one); a window
-                            is sent only once screened. Blocked: the window is not sent, generation
-                            stops, REFUSAL_TEXT is the last delta, finish_reason content_filter
+    a streamed answer       held back and screened every WINDOW characters and at its end, each window
+                            with the CONTEXT_CHARS sent before it (harm across a window's edge is seen;
+                            calls stay one text record however long the answer); a window is sent only
+                            once screened. Blocked: the window is not sent, generation stops,
+                            REFUSAL_TEXT is the last delta, finish_reason content_filter
+    a long answer           screened in pieces of the service's 10,000-character limit, every piece
     the service unreachable 503 content_safety_unavailable (it fails closed: an unscreened answer is not
                             sent); mid-stream, the 200 is sent already: an error event with that code
                             ends the stream and the unscreened window is not sent
@@ -31,6 +33,10 @@ ENV_WINDOW = "PHI3LOCAL_CONTENT_SAFETY_WINDOW"
 # smaller window shows text sooner but costs a call (~0.1-0.3 s on Azure, one billed text record) more
 # often; the first text of a stream waits for WINDOW characters plus one call.
 DEFAULT_WINDOW = 200
+# Released text screened again in front of each new window: words split by a window's edge are judged
+# together, and a call holds at most WINDOW + CONTEXT_CHARS characters (with the defaults, one 1,000-character
+# text record: re-screening the whole answer so far would bill ~N^2 / (2 x WINDOW) characters).
+CONTEXT_CHARS = 800
 REFUSAL_TEXT = "I can't help with that: the answer was withheld by the content filter."
 
 
@@ -66,14 +72,17 @@ class ContentGuard:
                                         f"{severity} >= {self.threshold})", param="messages", code="content_filter")
 
     def blocks(self, answer: str) -> bool:
-        return self._worst(answer)[1] >= self.threshold
+        """Whether any part of the answer is harmful at the threshold (the service reads 10,000 characters
+        a call: a longer answer is screened piece by piece, stopping at the first blocked piece)."""
+        return any(self._worst(answer[start : start + MAX_TEXT_CHARS])[1] >= self.threshold
+                   for start in range(0, max(len(answer), 1), MAX_TEXT_CHARS))
 
     def screen_stream(self, pieces: Iterable[str]) -> ScreenedStream:
         return ScreenedStream(self, pieces)
 
 
 class ScreenedStream:
-    """A streamed answer's pieces, released a window at a time once the answer so far is screened harmless.
+    """A streamed answer's pieces, released a window at a time once it is screened harmless (with the text before it).
 
     Iterating stops early when a window is blocked (then `blocked` is True); a Content Safety outage raises
     the guard's 503 RequestError. `calls` counts the screening calls made.
@@ -92,18 +101,17 @@ class ScreenedStream:
             held.append(piece)
             held_chars += len(piece)
             if held_chars >= self.guard.window_chars:
-                if self._blocks(released + "".join(held)):
+                if self._blocks(released, "".join(held)):
                     return
                 yield from held
                 released += "".join(held)
                 held, held_chars = [], 0
-        if held and not self._blocks(released + "".join(held)):
+        if held and not self._blocks(released, "".join(held)):
             yield from held
 
-    def _blocks(self, answer_so_far: str) -> bool:
+    def _blocks(self, released: str, window: str) -> bool:
         self.calls += 1
-        # The service reads 10,000 characters per call: past that, the latest ones (the unscreened window).
-        self.blocked = self.guard.blocks(answer_so_far[-MAX_TEXT_CHARS:])
+        self.blocked = self.guard.blocks(released[-CONTEXT_CHARS:] + window)
         return self.blocked
 
 
