@@ -165,7 +165,8 @@ def prepare_data(size: str, device: torch.device) -> dict:
     return {"prepared_dir": repo_relative(result.out_dir), "train_docs": len(lengths), "val_docs": len(result.validation),
             "train_tokens": sum(lengths), "trained_tokens": trained, "trained_share": trained / max(sum(lengths), 1),
             "length_min": min(lengths), "length_median": statistics.median(lengths), "length_max": max(lengths),
-            "mean_length": sum(lengths) / len(lengths)}
+            "mean_length": sum(lengths) / len(lengths),
+            "token_weighted_length": sum(n * n for n in lengths) / max(sum(lengths), 1)}
 
 
 def _quiet_console():
@@ -310,6 +311,8 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False, p
         lengths = [len(x) for x in load_prepared(prepared_dir(size))[0]["input_ids"]]
         plan = plan_epoch(lengths, s["max_seq_len"], s["micro_batch_size"], False, s["seed"], 0)
         batches = [[row[0] for row in micro_batch] for micro_batch in plan]
+        # phi3local reshuffles for its next epoch; TRL would loop over this one again.
+        assert len(batches) >= s["steps"], "more steps than micro-batches in an epoch: the batches would differ"
     return run_sft(model, size, run_dir, device, packing, name, peft_config=peft_config, fp32_lora=fp32_lora,
                    batches=batches)
 
@@ -492,7 +495,7 @@ def run(ctx: Ctx) -> dict:
     model_dir = ensure_bench_model(ctx.size)
     data = prepare_data(ctx.size, ctx.device)
     config = AutoConfig.from_pretrained(model_dir)
-    step_flops = lora_step_flops(config, data["mean_length"], TARGET_MODULES, s["lora_r"])
+    step_flops = lora_step_flops(config, data["token_weighted_length"], TARGET_MODULES, s["lora_r"])
     peak_flops = measured_matmul_peak(ctx.device, ctx.dtype)
     contenders = [c for c in (ctx.contenders or s["contenders"]) if c in CHILDREN or c == "phi3local_other"]
     unknown = sorted(set(ctx.contenders or []) - set(CHILDREN) - {"phi3local_other"})

@@ -111,8 +111,9 @@ class DataConfig:
     packing: bool | Literal["auto"] = "auto"
     # Each micro-batch's width (its longest row, packed or padded) rounded up to a multiple of this, never past
     # the model's max_position_embeddings; the extra pads are untrained and unseen by real tokens, so no loss
-    # changes. auto: 64 on CUDA (cuBLAS/flash-attention tile sizes, fewer distinct shapes for the caching
-    # allocator; not measured here), 1 on CPU, where rounding did not pay: QLoRA steps of a Phi-3-shaped model
+    # changes. auto: 8 on CUDA (16-bit tensor-core matmuls want dimensions in multiples of 8, the value
+    # transformers' collators document for it; larger multiples only add pads: not measured here), 1 on CPU,
+    # where rounding did not pay: QLoRA steps of a Phi-3-shaped model
     # (hidden 768, 4 layers) at widths 193-251 took 1.12-1.20x the wall time (1.00-1.43x the CPU time) rounded
     # to 256 (medians of 10-12 alternated steps, three runs on a loaded 2-core CPU; `python -m kernels_bench.pad_widths`).
     pad_to_multiple_of: int | Literal["auto"] = num("auto", ge=1)

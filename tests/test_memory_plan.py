@@ -285,7 +285,7 @@ def test_pad_to_multiple_of_auto_by_device_and_the_plan_plans_the_rounded_width(
         multiple = AUTO_PAD_TO_MULTIPLE_OF[device]
         assert resolved.data.pad_to_multiple_of == multiple and reasons["pad_to_multiple_of"] == f"{multiple} on {device}"
         assert report.plan.width == -(-100 // multiple) * multiple
-    assert AUTO_PAD_TO_MULTIPLE_OF["cuda"] == 64
+    assert AUTO_PAD_TO_MULTIPLE_OF["cuda"] == 8
     shape = recipe_shape(recipe)
     padded = load_recipe(TINY, ["data.max_seq_len=100", "data.pad_to_multiple_of=64"])
     exact = load_recipe(TINY, ["data.max_seq_len=100", "data.pad_to_multiple_of=1"])

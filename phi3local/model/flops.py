@@ -54,6 +54,8 @@ def lora_step_flops(config, seq_len: float, lora_targets: list[str], lora_r: int
     projection runs only for tokens that carry a loss (forward + input gradient), so a tool that computes
     logits for every position does work this count leaves out. Recomputation by checkpointing is not
     counted (the MFU convention); nor the first layer's input gradient while the embeddings are frozen.
+    seq_len: for a mix of documents, the token-weighted mean length (sum of n^2 / sum of n), what the
+    attention of an average token costs.
     Embedding lookups, norms and softmax are not matmuls and are left out.
     """
     shapes = _linear_shapes(config)

@@ -27,7 +27,7 @@ import math
 
 from phi3local.config import Recipe
 from phi3local.model.shapes import ModelShape
-from phi3local.train.batching import plan_epoch, resolved_pad_to_multiple_of
+from phi3local.train.batching import padded_width, plan_epoch, resolved_pad_to_multiple_of
 from phi3local.train.memory_plan import (
     MemoryPlanError,
     PlanReport,
@@ -52,11 +52,13 @@ def adopt_saved_choices(recipe: Recipe, saved: dict) -> Recipe:
     return out
 
 
-def batch_flops(batch: list[list[int]], lengths: list[int], shape: ModelShape) -> float:
-    """Estimated FLOPs of one micro-batch's forward + backward (see the module docstring)."""
+def batch_flops(batch: list[list[int]], lengths: list[int], shape: ModelShape, pad_to_multiple_of: int = 1) -> float:
+    """Estimated FLOPs of one micro-batch's forward + backward (see the module docstring), at the width collate
+    gives it (data.pad_to_multiple_of's rounding included)."""
     dense = 6.0 * shape.parameter_count
     attention = 12.0 * shape.num_hidden_layers * shape.num_attention_heads * shape.dims_per_head
-    width = max(sum(lengths[d] for d in row) for row in batch)
+    width = padded_width(max(sum(lengths[d] for d in row) for row in batch), pad_to_multiple_of,
+                         shape.max_position_embeddings)
     return len(batch) * width * (dense + attention * width)
 
 
@@ -65,9 +67,9 @@ def epoch_batches(lengths: list[int], recipe: Recipe, micro_batch_size: int, pac
 
 
 def choose_packing(lengths: list[int], shape: ModelShape, recipe: Recipe, micro_batch_size: int,
-                   fixed_flops: float = 0.0) -> tuple[bool, dict]:
+                   fixed_flops: float = 0.0, pad_to_multiple_of: int = 1) -> tuple[bool, dict]:
     """Packed or not by estimated epoch cost; `fixed_flops`: a measured per-micro-batch overhead in FLOPs."""
-    costs = {packing: sum(fixed_flops + batch_flops(b, lengths, shape)
+    costs = {packing: sum(fixed_flops + batch_flops(b, lengths, shape, pad_to_multiple_of)
                           for b in epoch_batches(lengths, recipe, micro_batch_size, packing))
              for packing in (True, False)}
     return costs[True] <= costs[False], {"packed_flops": costs[True], "unpacked_flops": costs[False]}
@@ -95,9 +97,10 @@ def measure_packing(recipe: Recipe, docs, loaded, pad_id: int, forward_loss) -> 
         return out, {"chosen": "packed", "why": "flash-attention 2 varlen: packed rows pay no cross-document attention"}
     probe = SimpleNamespace(recipe=out, model=loaded.model, device=loaded.device)
 
+    multiple = resolved_pad_to_multiple_of(out.data.pad_to_multiple_of, loaded.device.type)
+
     def seconds(rows: list[list[int]]) -> float:
-        batch = collate(rows, docs.input_ids, docs.labels, pad_id, docs.class_labels,
-                        pad_to_multiple_of=resolved_pad_to_multiple_of(out.data.pad_to_multiple_of, loaded.device.type),
+        batch = collate(rows, docs.input_ids, docs.labels, pad_id, docs.class_labels, pad_to_multiple_of=multiple,
                         max_width=shape.max_position_embeddings).to(loaded.device)
         best = math.inf
         for _ in range(2):  # the first run warms allocator and kernels up; the second is timed
@@ -114,9 +117,9 @@ def measure_packing(recipe: Recipe, docs, loaded, pad_id: int, forward_loss) -> 
     samples = {}
     with torch.random.fork_rng(devices=[loaded.device] if loaded.device.type == "cuda" else []):
         for packing in (True, False):
-            batches = sorted(epoch_batches(lengths, out, mbs, packing), key=lambda b: batch_flops(b, lengths, shape))
+            batches = sorted(epoch_batches(lengths, out, mbs, packing), key=lambda b: batch_flops(b, lengths, shape, multiple))
             rows = batches[len(batches) // 2]  # the median micro-batch of its kind
-            samples[packing] = (batch_flops(rows, lengths, shape), seconds(rows))
+            samples[packing] = (batch_flops(rows, lengths, shape, multiple), seconds(rows))
     loaded.model.zero_grad(set_to_none=True)
     (f_packed, t_packed), (f_padded, t_padded) = samples[True], samples[False]
     # seconds = fixed + per_flop x flops through the two points; noise can tilt it, so keep both >= 0.
@@ -124,7 +127,7 @@ def measure_packing(recipe: Recipe, docs, loaded, pad_id: int, forward_loss) -> 
     if per_flop <= 0:
         per_flop = max(t_packed, t_padded) / max(f_packed, f_padded)
     fixed_flops = max(t_padded - per_flop * f_padded, 0.0) / per_flop
-    out.data.packing, costs = choose_packing(lengths, shape, out, mbs, fixed_flops)
+    out.data.packing, costs = choose_packing(lengths, shape, out, mbs, fixed_flops, multiple)
     return out, {**costs, "fixed_flops_per_micro_batch": fixed_flops,
                  "measured_seconds": {"packed": t_packed, "padded": t_padded},
                  "chosen": "packed" if out.data.packing else "length-grouped padding"}

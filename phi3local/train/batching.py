@@ -103,7 +103,7 @@ def _plan_rows(lengths: list[int], order: list[int], max_seq_len: int, micro_bat
 
 
 # data.pad_to_multiple_of: auto per device type (config.py says why each).
-AUTO_PAD_TO_MULTIPLE_OF = {"cuda": 64, "cpu": 1}
+AUTO_PAD_TO_MULTIPLE_OF = {"cuda": 8, "cpu": 1}
 
 
 def resolved_pad_to_multiple_of(value: int | str, device_type: str) -> int:

@@ -378,9 +378,11 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     world.broadcast_parameters([p for p in loaded.model.parameters() if p.requires_grad])
 
     config = base_causal_lm(loaded.model).config
-    mean_len = float(np.mean(train_docs.lengths))
+    # Causal attention per token grows with its own document's length: the token-weighted mean length.
+    lengths = np.asarray(train_docs.lengths, dtype=np.float64)
+    attention_len = float((lengths**2).sum() / max(lengths.sum(), 1.0))
     lora = recipe.lora
-    step_flops = lora_step_flops(config, mean_len, lora.target_modules if lora.enabled else [], lora.r,
+    step_flops = lora_step_flops(config, attention_len, lora.target_modules if lora.enabled else [], lora.r,
                                  lora.modules_to_save, recipe.task)
     # MFU over the whole job: every rank's tokens against every rank's device.
     peak = (recipe.training.peak_flops or measured_matmul_peak(loaded.device, loaded.compute_dtype)) * world.size
