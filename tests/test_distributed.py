@@ -222,6 +222,10 @@ def test_a_timed_out_collective_names_the_hung_rank(tmp_path):
             time.sleep(0.01)
         assert world.who_failed(timed_out=True) == (f"rank 1 (pid {sleeper.pid}) is stopped (SIGSTOP or a "
                                                     "debugger): it hung, the collective timed out after 10 s")
+        remote = distributed.World(rank=0, size=2, pids={0: (host, os.getpid()), 1: ("node-b", 4242)},
+                                   timeout_seconds=10)
+        assert remote.who_failed(timed_out=True) == ("rank 1 (pid 4242 on node-b) did not answer: it hung, or its "
+                                                     "machine or network is gone; the collective timed out after 10 s")
         three = distributed.World(rank=0, size=3, pids={}, timeout_seconds=10)
         assert three.who_failed(timed_out=True) == ("the collective timed out after 10 s: another rank hung (the "
                                                     "launcher's log names it)")

@@ -201,6 +201,11 @@ class World:
     # ------------------------------------------------------------------------------ failures
 
     def _collective(self, what: str, call) -> None:
+        """Run one collective; its failure becomes one line naming the rank to blame.
+
+        gloo collectives fail here, synchronously. NCCL's run asynchronously: a hung peer is then ended by
+        NCCL's own watchdog at the same timeout, with NCCL's message instead of this one (not tried here).
+        """
         try:
             call()
         except (RuntimeError, _dist().DistBackendError) as e:
@@ -230,6 +235,8 @@ class World:
         if timed_out and len(others) == 1:
             host, pid = self.pids.get(others[0], (None, None))
             where = f" (pid {pid} on {host})" if pid is not None else ""
+            if host is not None and host != socket.gethostname():  # from here, a hang and a lost machine look alike
+                return f"rank {others[0]}{where} did not answer: it hung, or its machine or network is gone; {timed}"
             return f"rank {others[0]}{where} did not answer: it hung, {timed}"
         if timed_out:
             return f"{timed}: another rank hung (the launcher's log names it)"
