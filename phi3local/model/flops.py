@@ -18,20 +18,6 @@ def _linear_shapes(config) -> dict[str, tuple[int, int]]:
             "gate_up_proj": (d, 2 * config.intermediate_size), "down_proj": (config.intermediate_size, d)}
 
 
-def training_flops_per_token(config, seq_len: int) -> float:
-    """FLOPs of one forward+backward per token, PaLM-style: 6*N (dense matmuls) + 12*L*d*s (attention).
-
-    N counts the transformer's matmul weights (not embeddings, but the output projection). This is the
-    full-fine-tuning convention; a LoRA step needs far less (`lora_step_flops`), so an MFU on this count
-    can pass 100% for LoRA. Kept for comparison with other tools' full-fine-tuning figures.
-    """
-    d, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    n = layers * sum(i * o for i, o in _linear_shapes(config).values()) + d * config.vocab_size
-    return 6.0 * n + 12.0 * layers * heads * head_dim * seq_len
-
-
 @dataclass(frozen=True)
 class StepFlops:
     """Matmul FLOPs a LoRA training step needs: per non-padding token, plus per trained (loss) token."""
