@@ -46,8 +46,8 @@ class TorchEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from phi3local.export.json_files import as_id_list
         from phi3local.model.tokenizer import load_tokenizer
+        from phi3local.serve.json_files import as_id_list
 
         self.model_dir = Path(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()

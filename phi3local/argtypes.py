@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+
+HELP_WIDTH = 80  # --help lines, however wide the terminal (argparse alone fills COLUMNS)
 
 
 def positive_int(text: str) -> int:
@@ -42,3 +45,25 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help wrapped at the terminal's width, at most HELP_WIDTH columns, showing each option's default
+    (when it has a value worth showing: not None, not False)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        # argparse keeps 2 columns free when it reads the terminal's width itself: so does this.
+        width = width or min(shutil.get_terminal_size().columns, HELP_WIDTH) - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default in (None, False, argparse.SUPPRESS) or action.option_strings == []
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class CommandHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The top-level --help: its epilog holds a command to copy, printed as written (never wrapped)."""

@@ -11,10 +11,9 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.syntax import Syntax
 
-from phi3local import folders
-from phi3local.argtypes import non_negative_float, positive_int, probability
+from phi3local import folders, hints
+from phi3local.argtypes import CommandHelpFormatter, DefaultsHelpFormatter, non_negative_float, positive_int, probability
 from phi3local.config import load_recipe
 from phi3local.errors import Phi3LocalError
 
@@ -28,9 +27,17 @@ def _recipe(args) -> object:
     if "resume=auto" in args.overrides:
         args.resume = True
     recipe = load_recipe(args.recipe, overrides)
-    console.rule(f"recipe {args.recipe}")
-    console.print(Syntax(recipe.to_yaml(), "yaml", background_color="default"))
+    if args.verbose:  # the whole resolved recipe (~120 lines); it is saved as <run>/recipe.yaml either way
+        from rich.syntax import Syntax
+
+        console.rule(f"recipe {args.recipe}")
+        console.print(Syntax(recipe.to_yaml(), "yaml", background_color="default"))
     return recipe
+
+
+def _recipe_words(args) -> list[str]:
+    """The recipe and overrides as the user gave them, for a hint that repeats their command."""
+    return [str(args.recipe), *args.overrides]
 
 
 def cmd_prepare(args) -> int:
@@ -44,17 +51,21 @@ def cmd_prepare(args) -> int:
     out = Path(args.out) if args.out else None
     run_dir = Path(recipe.output_dir)
     # Into <run>/prepared: hold the run's lock, so data is never replaced under a live training.
-    in_run = out is None and not recipe.data.prepared_dir and folders.owner(run_dir) == "train"
+    # Into <run>/prepared: the run folder is claimed as a training run (so `train` takes it as its own) and
+    # locked, so data is never replaced under a live training.
+    in_run = out is None and not recipe.data.prepared_dir
+    if in_run:
+        folders.claim(run_dir, "train")
     with folders.exclusive(run_dir, "training") if in_run else contextlib.nullcontext():
         result = prepare(recipe, tokenizer, out_dir=out, console=console)
     console.print(f"prepared data in [bold]{escape(str(result.out_dir))}[/]", soft_wrap=True)
-    console.print(f"[cyan]next:[/] [bold]phi3local train {escape(str(args.recipe))}[/]", soft_wrap=True)
+    hints.print_next(console, hints.command("train", args=_recipe_words(args)))
     return 0
 
 
 def cmd_train(args) -> int:
     from phi3local.train.distributed import from_environment
-    from phi3local.train.recipe import TrainingInterrupted, run_training
+    from phi3local.train.recipe import RunAlreadyFinished, TrainingInterrupted, run_training
 
     console.quiet = not from_environment().is_main  # under torchrun/accelerate rank 0 alone prints
     if args.resume and args.overwrite:
@@ -62,15 +73,19 @@ def cmd_train(args) -> int:
     recipe = _recipe(args)
     try:
         summary = run_training(recipe, resume=args.resume, overwrite=args.overwrite, console=console)
+    except RunAlreadyFinished as e:
+        console.print(escape(str(e)), soft_wrap=True, highlight=False)
+        return 0
     except TrainingInterrupted as e:
-        console.print(f"[yellow]{e}[/]")
+        console.print(f"[yellow]{escape(str(e))}[/]", soft_wrap=True, highlight=False)
+        words = [w for w in _recipe_words(args) if w != "resume=auto"]
+        hints.print_next(console, hints.command("train", args=[*words, "--resume"]), label="continue with:")
         return 128 + e.signum
     if summary.get("rank"):  # another rank than 0 under a launcher: rank 0 reports the run
         return 0
     run_dir = Path(recipe.output_dir)
     console.print(f"adapter saved in [bold]{escape(str(run_dir / 'adapter'))}[/]", soft_wrap=True)
-    console.print(f"[cyan]next:[/] [bold]phi3local merge {escape(str(run_dir))} --out "
-                  f"{escape(str(run_dir.parent / (run_dir.name + '-merged')))}[/]", soft_wrap=True)
+    hints.print_next(console, hints.command("merge", run_dir, "--out", run_dir.parent / (run_dir.name + "-merged")))
     return 0 if summary else 1
 
 
@@ -113,7 +128,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from phi3local.export.chat import chat
+    from phi3local.serve.chat import chat
 
     chat(Path(args.model), prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, top_p=args.top_p)
@@ -164,12 +179,30 @@ def cmd_bench(args) -> int:
 
 
 
+def _start_with() -> str:
+    """--help's first step: the tiny recipe of the source checkout, as a command that runs from anywhere."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+    if not recipe.is_file():  # an installed wheel: the recipes are in the source repository
+        return "Start with the tiny recipe of the source repository: phi3local train recipes/tiny-cpu.yaml"
+    return f"Start with (a tiny model, CPU, a few minutes):\n  {hints.command('train', recipe)}"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every sub-command's --help shows its defaults."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.formatter_class = DefaultsHelpFormatter
+                _show_defaults(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phi3local",
-        description="Fine-tune Microsoft Phi-3 models with 4-bit QLoRA on one machine, export to ONNX, "
+        description="Fine-tune Microsoft Phi-3 models with 4-bit QLoRA on one machine, export to\nONNX, "
                     "chat locally, hand the result to Azure.",
-        epilog="Start with: phi3local train recipes/tiny-cpu.yaml   (a tiny model, CPU, a few minutes)",
+        epilog=_start_with(),
+        formatter_class=CommandHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log library messages too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -200,16 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a LoRA adapter into full-precision base weights")
     p.add_argument("run", help="run folder or adapter folder")
     p.add_argument("--out", required=True, help="folder for the merged Hugging Face model")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier merge output in --out")
     p.add_argument("--json", action="store_true", help="print the report (merge_report.json) instead of a table")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="export a merged model to ONNX (onnxruntime-genai) and check parity")
     p.add_argument("model", help="merged model folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--precision", default="int4", choices=["int4", "fp16", "bf16", "fp32"])
-    p.add_argument("--target", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", required=True, help="folder for the ONNX model (onnxruntime-genai)")
+    p.add_argument("--precision", default="int4", choices=["int4", "fp16", "bf16", "fp32"],
+                   help="weight precision of the export")
+    p.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="execution provider it runs on")
     p.add_argument("--adapter", help="export an unmerged LoRA adapter into the graph instead of merging first")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.add_argument("--json", action="store_true", help="print the report (export_report.json) instead of a table")
@@ -219,15 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="exported ONNX folder")
     p.add_argument("--prompt", help="answer one prompt and exit (for scripts)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer, in tokens")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling (with --temperature > 0)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve an exported model through the Azure ML inference server (score.py)")
     p.add_argument("model", help="exported ONNX folder (or a folder holding exactly one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: reachable from the network)")
-    p.add_argument("--port", type=positive_int, default=5001)
+    p.add_argument("--port", type=positive_int, default=5001, help="port to listen on")
     p.add_argument("--workers", type=positive_int, default=1, help="worker processes, each with its own model copy")
     p.add_argument("--threads", type=positive_int, default=4, help="request threads per worker, sharing its model")
     p.add_argument("--max-tokens", type=positive_int, default=512, help="cap (and default) of a request's max_tokens")
@@ -258,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", nargs="?", default="all", choices=["all", "train", "kernels"])
     p.add_argument("--size", default="small", choices=["small", "full"], help="full: Phi-3-mini's real shapes (GPU)")
     p.set_defaults(func=cmd_bench)
+    _show_defaults(parser)
     return parser
 
 

@@ -226,11 +226,17 @@ class AzureConfig:
     # Registered model name (the version is derived from the export's files).
     model_name: str = "phi3local"
     # Managed online endpoint (3-32 letters, digits and '-', starting with a letter; unique in its region).
+    # Unset: derived from the export folder's name (`runs/phi3-onnx` -> phi3-onnx) and printed by spec/push.
     endpoint_name: str | None = None
     # The deployment `push` creates or updates under the endpoint; it gets 100% of the traffic.
     deployment_name: str = "blue"
     # VM size of the deployment; Standard_N* sizes are GPU ones (onnxruntime-genai-cuda), the others CPU.
-    instance_type: str = "Standard_NC24ads_A100_v4"
+    # Unset: it follows the export's target (genai_config.json), since an export runs only on its own kind of
+    # VM: a CPU export gets Standard_F8s_v2 (8 vCPUs, 16 GiB: each worker holds a model copy, and Phi-3-mini's
+    # 3.8B weights at int4 are ~2 GB, so a few workers fit), a CUDA export Standard_NC24ads_A100_v4 (one
+    # A100 80 GB: room for Phi-3-medium in fp16, 14B x 2 bytes = 28 GB).
+    # Size it from your model's memory and measured latency; `spec` prints the VM's hardware and price.
+    instance_type: str | None = None
     instance_count: int = num(1, ge=1)
     # Requests one instance works on at once: also WORKER_COUNT, the server's worker processes, each holding
     # its own copy of the model (N workers = N x the model's memory). The endpoint answers 429 beyond

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from phi3local import hints
 from phi3local.errors import Phi3LocalError
 
 MAX_NEW_TOKENS = 32  # the longest expected answer is about 20 tokens
@@ -104,7 +105,7 @@ def torch_answers(model_dir: Path | str, chats: Sequence[dict], max_new_tokens: 
 
 def onnx_answers(onnx_dir: Path | str, chats: Sequence[dict], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy answers of an exported onnxruntime-genai folder, exactly as `phi3local chat` gives them."""
-    from phi3local.export.chat import OnnxChatModel
+    from phi3local.serve.chat import OnnxChatModel
 
     model = OnnxChatModel(Path(onnx_dir))
     return [model.generate(split(chat)[0], max_new_tokens=max_new_tokens).text for chat in chats]
@@ -191,18 +192,23 @@ def report(run_dir: Path | str, onnx_dir: Path | str, held_out_file: Path | str 
             kinds.add(_kind(r["expected"]))
             shown.append(r)
     shown += [r for r in right if r not in shown][:max(show - len(shown), 0)]
-    if shown:
-        console.print(f"Answers of the exported model ({after['right']} of {after['total']} held-out chats right):")
-        for r in shown:
-            console.print(f"  [dim]>[/] {escape(r['question'])}\n    [green]{escape(r['answer'])}[/]",
-                          highlight=False)
-        ask = min(shown, key=lambda r: len(r["question"]))["question"]
-        console.print("Ask it yourself:", style="dim")
-        console.print(f"  phi3local chat {escape(shlex.quote(str(onnx_dir)))} --prompt {escape(shlex.quote(ask))}",
-                      style="dim", highlight=False)
-    else:
-        console.print(f"[yellow]The exported model answered none of the {after['total']} held-out chats exactly.[/]")
+    print_answers(console, shown, after, onnx_dir)
     return {"held_out": source, "before": before, "merged": merged, "after": after, "shown": shown}
+
+
+def print_answers(console: Console, shown: Sequence[dict], after: dict, onnx_dir: Path) -> None:
+    """The exported model's right answers, then a `chat` command to ask it one of them yourself."""
+    if not shown:
+        console.print(f"[yellow]The exported model answered none of the {after['total']} held-out chats exactly.[/]")
+        return
+    console.print(f"Answers of the exported model ({after['right']} of {after['total']} held-out chats right):")
+    for r in shown:
+        console.print(f"  [dim]>[/] {escape(r['question'])}\n    [green]{escape(r['answer'])}[/]", highlight=False)
+    ask = min(shown, key=lambda r: len(r["question"]))["question"]
+    console.print("Ask it yourself:", style="dim")
+    # One line whatever the width: a command to copy is never wrapped.
+    console.print(Text("  " + hints.command("chat", onnx_dir, "--prompt", ask), style="dim"), soft_wrap=True,
+                  highlight=False)
 
 
 def _kind(expected: str) -> str:

@@ -26,7 +26,8 @@ LOCK = ".lock"
 STAGES = ("train", "merge", "export", "prepare", "safety")
 # Outputs written before the marker existed, recognised by a file only that stage writes.
 LEGACY_SIGNS = {
-    "train": lambda d: (d / "recipe.yaml").is_file() and "\n# versions: {\"phi3local\"" in _head(d / "recipe.yaml"),
+    "train": lambda d: ((d / "recipe.yaml").is_file() and "\n# versions: {\"phi3local\"" in _head(d / "recipe.yaml"))
+    or _is_prepared_run(d),
     "merge": lambda d: (d / "merge_report.json").is_file(),
     "export": lambda d: (d / "export_report.json").is_file() and (d / "genai_config.json").is_file(),
     "prepare": lambda d: _is_prepared(d),
@@ -50,6 +51,15 @@ def _is_prepared(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(stats, dict) and "cache_key" in stats and "steps" in stats
+
+
+def _is_prepared_run(folder: Path) -> bool:
+    """A run folder that `prepare` alone filled before it claimed run folders: only prepared/ (and our lock)."""
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except OSError:
+        return False
+    return "prepared" in names and names <= {"prepared", LOCK} and _is_prepared(folder / "prepared")
 
 
 def _head(path: Path, size: int = 1 << 16) -> str:

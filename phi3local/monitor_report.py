@@ -3,6 +3,11 @@
     requests, error rates (4xx, 5xx, streams that failed), latency percentiles (p50/p90/p99/max), prompt and
     completion tokens per request, refusal rate of the answers (phi3local.safety.scorer's rules), and the same
     over time in equal windows from the first record to the last; a table, LOG.png beside the log, or JSON.
+
+The latency percentiles are over the answered requests only (a 2xx status and no error): a 4xx is refused
+in a fraction of a millisecond and a 5xx or failed stream stops early, so counting them would pull the
+percentiles away from what an answer takes. Errors are counted on their own (errors_4xx, errors_5xx,
+stream_failures, error_rate over all requests), with their latency apart (error_latency_ms).
 """
 
 from __future__ import annotations
@@ -61,9 +66,20 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def is_answered(record: dict[str, Any]) -> bool:
+    """A 2xx status and no error (a stream that failed after its 200 carries one)."""
+    return 200 <= record["status"] < 300 and record.get("error") is None
+
+
+def _latencies(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    values = [float(r["latency_ms"]) for r in records]
+    return {"p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99),
+            "max": max(values) if values else None}
+
+
 def _stats(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    latencies = [float(r["latency_ms"]) for r in records]
-    answered = [r for r in records if r["status"] == 200 and r.get("error") is None]
+    answered = [r for r in records if is_answered(r)]
+    failed = [r for r in records if not is_answered(r)]
     refused = [r for r in answered if r.get("answer") is not None and classify(r["answer"]).label == "refusal"]
     n = len(records)
     return {
@@ -72,8 +88,9 @@ def _stats(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "errors_5xx": sum(r["status"] >= 500 for r in records),
         "stream_failures": sum(r["status"] == 200 and r.get("error") is not None for r in records),
         "error_rate": sum(r["status"] >= 400 or r.get("error") is not None for r in records) / n if n else None,
-        "latency_ms": {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
-                       "p99": percentile(latencies, 99), "max": max(latencies) if latencies else None},
+        "answered": len(answered),
+        "latency_ms": _latencies(answered),  # answered requests only
+        "error_latency_ms": _latencies(failed),  # 4xx, 5xx and failed streams
         "prompt_tokens_mean": _mean([r["prompt_tokens"] for r in answered if r.get("prompt_tokens") is not None]),
         "completion_tokens_mean": _mean([r["completion_tokens"] for r in answered
                                          if r.get("completion_tokens") is not None]),
@@ -95,19 +112,35 @@ def summarize(records: Sequence[dict[str, Any]], windows: int = 6) -> dict[str, 
 
 
 def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:,.0f}"
+    return "—" if value is None else f"{value:.1f}" if value < 10 else f"{value:,.0f}"
 
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
+def _window_unit(span_seconds: float) -> tuple[str, float]:
+    """The unit the windows' offsets are given in, so that they stay a few characters wide."""
+    return ("s", 1.0) if span_seconds < 600 else ("min", 60.0) if span_seconds < 36_000 else ("h", 3600.0)
+
+
+def _offset(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0") if value < 100 else f"{value:,.0f}"
+
+
 def report_table(summary: dict[str, Any], title: str) -> Any:
+    """Per window and overall; the latency columns are the answered requests' (2xx, no error), the error
+    column counts 4xx, 5xx and failed streams over all requests, and the last row their latency apart."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for name in ("window", "reqs", "err", "p50 ms", "p90 ms", "p99 ms", "tok in/out", "refused"):
-        table.add_column(name, justify="left" if name == "window" else "right")
+    table = Table(title=title, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+                  caption="ok p50/p90/p99: latency in ms of answered requests (2xx, no error) only; err: 4xx, 5xx "
+                          "and failed streams, % of all requests; errors' latency: the last row")
+    unit, seconds = _window_unit(summary["seconds"])
+    window = f"window, {unit}"
+    for name in (window, "reqs", "err", "ok p50", "ok p90", "ok p99", "tok in/out", "refused"):
+        table.add_column(name, justify="left" if name == window else "right")
     t0 = summary["over_time"][0]["start_unix"] if summary["over_time"] else 0.0
 
     def row(label: str, s: dict[str, Any], style: str | None = None) -> None:
@@ -118,9 +151,19 @@ def report_table(summary: dict[str, Any], title: str) -> Any:
                       _ms(lat["p99"]), tokens, _pct(s["refusal_rate"]), style=style)
 
     for w in summary["over_time"]:
-        row(f"+{w['start_unix'] - t0:.0f}-{w['end_unix'] - t0:.0f} s", w)
-    row("all", summary["overall"], "bold")
+        row(f"{_offset((w['start_unix'] - t0) / seconds)}-{_offset((w['end_unix'] - t0) / seconds)}", w)
+    overall = summary["overall"]
+    row("all", overall, "bold")
+    errors = overall["requests"] - overall["answered"]
+    if errors:
+        lat = overall["error_latency_ms"]
+        table.add_row("errors", str(errors), "100.0%", _ms(lat["p50"]), _ms(lat["p90"]), _ms(lat["p99"]), "—", "—",
+                      style="dim")
     return table
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def plot_summary(summary: dict[str, Any], out_png: Path) -> None:
@@ -135,9 +178,9 @@ def plot_summary(summary: dict[str, Any], out_png: Path) -> None:
     xs = [(w["start_unix"] + w["end_unix"]) / 2 - t0 for w in windows]
     fig, (lat, rates) = plt.subplots(1, 2, figsize=(11, 4))
     for q in ("p50", "p90", "p99"):
-        lat.plot(xs, [w["latency_ms"][q] for w in windows], "o-", label=q)
+        lat.plot(xs, [_nan(w["latency_ms"][q]) for w in windows], "o-", label=q)
     lat.set_xlabel("seconds since the first request")
-    lat.set_ylabel("latency, ms")
+    lat.set_ylabel("latency of answered requests, ms")
     lat.legend()
     lat.grid(alpha=0.3)
     rates.plot(xs, [100 * (w["error_rate"] or 0) for w in windows], "o-", label="errors")

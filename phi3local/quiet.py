@@ -39,8 +39,11 @@ def silence_loading_bars() -> None:
     transformers is imported (3-5 s, which commands such as `monitor` never pay) the same state is set on the
     Hub alone: transformers starts with its bars off when the Hub's global switch is off.
     """
-    import huggingface_hub.utils as hub
-    from huggingface_hub import constants
+    try:
+        import huggingface_hub.utils as hub
+        from huggingface_hub import constants
+    except ImportError:  # the Azure venv: no Hub, so no bars to silence
+        return
 
     if constants.HF_HUB_DISABLE_PROGRESS_BARS is False:  # HF_HUB_DISABLE_PROGRESS_BARS=0: the user wants them all
         return

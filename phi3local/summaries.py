@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from phi3local import hints
 from phi3local.units import format_bytes
 
 
@@ -26,7 +26,7 @@ class Summary:
     def print(self, console: Console) -> None:
         console.print(self.table)
         if self.next_command:
-            console.print(f"[cyan]next:[/] [bold]{escape(self.next_command)}[/]", soft_wrap=True)
+            hints.print_next(console, self.next_command)
 
 
 def _table(title: str, rows: list[tuple[str, str]], next_command: str | None = None) -> Summary:
@@ -50,7 +50,7 @@ def merge_table(report: dict, out_dir: Path) -> Summary:
         ("adapter effect", f"max |Δlogit| {report['adapter_effect_max_abs']:.3g} against the base"),
         ("time", f"{report.get('seconds', 0):.1f} s"),
     ]
-    return _table("merge", rows, f"phi3local export {out_dir} --out {out_dir.parent / (out_dir.name + '-onnx')}")
+    return _table("merge", rows, hints.command("export", out_dir, "--out", out_dir.parent / (out_dir.name + "-onnx")))
 
 
 def export_table(report: dict, out_dir: Path) -> Summary:
@@ -71,7 +71,7 @@ def export_table(report: dict, out_dir: Path) -> Summary:
     elif "skipped" in parity:
         rows.append(("parity", f"not measured: {parity['skipped']}"))
     rows.append(("details", f"{out_dir / 'export_report.json'}, {out_dir / 'parity.json'}"))
-    return _table("export", rows, f"phi3local chat {out_dir}")
+    return _table("export", rows, hints.command("chat", out_dir))
 
 
 def eval_table(result: dict, model: Path, data: Path) -> Summary:

@@ -74,18 +74,31 @@ def test_exact_match_rises_and_val_loss_falls(demo):
 def test_report_fits_80_columns_and_shows_only_right_answers(demo):
     folder, _, result, text = demo
     lines = text.splitlines()
-    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    shown = result["shown"]
+    # It ends by suggesting a chat the model answers right: one line, never wrapped, however long the path.
+    ask = min(shown, key=lambda r: len(r["question"]))["question"]
+    command = f"chat {shlex.quote(str(folder / 'onnx'))} --prompt {shlex.quote(ask)}"
+    assert lines[-2] == "Ask it yourself:" and lines[-1].startswith("  ") and lines[-1].endswith(command), lines[-2:]
+    prose = lines[:-1]
+    assert max(map(len, prose)) <= 80, max(prose, key=len)
     assert all(row in text for row in ("before: base tiny model", "after: merged model", "after: exported ONNX"))
     after = result["after"]
     assert f"{after['right']} of {after['total']} held-out chats right" in text
-    shown = result["shown"]
     assert len(shown) == 3 and all(r["exact"] for r in shown)
     assert {demo_report._kind(r["expected"]) for r in shown} == {"Who:", "The capital", "The opposite"}
     for r in shown:
         assert r["question"] in text and r["answer"] in text
-    # It ends by suggesting a chat the model answers right (the tmp path makes the line wrap here).
-    ask = min(shown, key=lambda r: len(r["question"]))["question"]
-    assert "Ask it yourself:" in lines[-3:-1] and f"--prompt {shlex.quote(ask)}" in " ".join(lines[-2:])
+
+
+def test_the_suggested_command_is_never_wrapped_whatever_the_path(tmp_path):
+    """A 200-character folder name on a 40-column console: the command stays one line, as printed."""
+    onnx = tmp_path / ("x" * 200) / "onnx"
+    row = {"question": "Tom liked a funny mug at school. Who and what?", "answer": "Who: Tom. What: mug.",
+           "expected": "Who: Tom. What: mug.", "exact": True}
+    console = Console(file=io.StringIO(), width=40, color_system=None)
+    demo_report.print_answers(console, [row], {"right": 1, "total": 1}, onnx)
+    lines = console.file.getvalue().splitlines()
+    assert lines[-1].endswith(f"chat {shlex.quote(str(onnx))} --prompt {shlex.quote(row['question'])}"), lines
 
 
 def test_command_line_with_a_held_out_file(demo, capsys):

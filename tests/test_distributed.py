@@ -252,6 +252,9 @@ def test_a_two_rank_checkpoint_does_not_resume_on_one_process(two_rank_run, tmp_
     run_dir, _ = two_rank_run
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
+    # As a two-rank run stopped after its last checkpoint (a finished run has nothing to resume).
+    state = json.loads((copy / "trainer_state.json").read_text())
+    (copy / "trainer_state.json").write_text(json.dumps({**state, "finished": False}))
     recipe = load_recipe(TINY, [f"output_dir={copy}", *COMMON, "training.display=none"])
     with pytest.raises(loop.TrainingError, match=r"trained by 2 process\(es\), this run has 1: the global batch"):
         loop.setup(recipe, resume=True)

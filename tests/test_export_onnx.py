@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from phi3local.export import onnx as onnx_mod
-from phi3local.export.chat import ChatError, OnnxChatModel, chat, generate_onnx
 from phi3local.export.onnx import ExportError, ParityError, VocabCollisionError, export_onnx
 from phi3local.export.parity import check_parity, fake_quantize_int4_, load_reference_model
 from phi3local.folders import OutputExistsError
+from phi3local.serve.chat import ChatError, OnnxChatModel, chat, generate_onnx
 
 NEW_TOKENS = 32
 

@@ -21,10 +21,10 @@ import onnxruntime_genai as og
 import pytest
 import torch
 
-from phi3local.export import chat as chat_mod
-from phi3local.export.chat import OnnxChatModel, longrope_switch
 from phi3local.export.onnx import export_onnx
 from phi3local.export.parity import load_reference_model, reference_logits
+from phi3local.serve import chat as chat_mod
+from phi3local.serve.chat import OnnxChatModel, longrope_switch
 from phi3local.serve.engine import OnnxEngine, Prompt
 
 NEW_TOKENS = 40

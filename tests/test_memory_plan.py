@@ -1,6 +1,9 @@
 """The memory plan against torch's own accounting of real steps, the `plan` command, and the auto settings."""
 
 import json
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +20,15 @@ from phi3local.train import auto_settings
 from phi3local.train import recipe as loop
 from phi3local.train.batching import collate
 from phi3local.train.distributed import World
-from phi3local.train.memory_plan import GIB, MemoryPlanError, card_bytes, make_plan, plan_step, recipe_shape
+from phi3local.train.memory_plan import (
+    GIB,
+    LONGEST_SEARCHED,
+    MemoryPlanError,
+    card_bytes,
+    make_plan,
+    plan_step,
+    recipe_shape,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny-cpu.yaml"
@@ -152,13 +163,92 @@ def test_plan_command_names_what_fits_phi3_mini_on_16_and_24_gb_cards(capsys):
     weights = card16["plan"]["weights_4bit"] + card16["plan"]["weights_kept"]
     assert 1.9 * GIB < weights < 2.4 * GIB
     assert 2 <= card16["largest_micro_batch"] < card24["largest_micro_batch"]
-    assert 4096 < card16["longest_seq_len"] < card24["longest_seq_len"]
+    # Memory would allow more than 4096 tokens a row on both cards, but the 4k model takes 4096 positions.
+    for card in (card16, card24):
+        assert (card["longest_seq_len"], card["longest_limited_by"], card["model_positions"]) == (
+            4096, "model positions", 4096)
     capsys.readouterr()
     assert main(["plan", recipe, "--device-memory", "16GB,24GB"]) == 0
     text = capsys.readouterr().out
     assert f"{card16['largest_micro_batch']} at 4096 tokens" in text
-    assert f"{card24['longest_seq_len']} at micro-batch 2" in text
+    assert "4096 at micro-batch 2" in text and "limited by" in text
     assert max(len(line) for line in text.splitlines()) <= 80
+    # The 128k model: the longest row is memory's figure, which grows with the card.
+    long_recipe = str(REPO / "recipes" / "phi3-mini-128k-qlora.yaml")
+    code, (long16, long24) = plan_json(capsys, long_recipe, "--device-memory", "16GB,24GB")
+    assert long16["model_positions"] == long24["model_positions"] == 131072
+    assert 4096 < long16["longest_seq_len"] < long24["longest_seq_len"] < 131072
+    assert long16["longest_limited_by"] == long24["longest_limited_by"] == "memory"
+
+
+def plan_text(capsys, *args) -> str:
+    capsys.readouterr()
+    main(["plan", *args])
+    return capsys.readouterr().out
+
+
+def test_the_longest_sequence_is_never_above_the_model_positions(capsys):
+    """Issue 23: the tiny model (512 positions) was planned a 262144-token longest sequence on CPU."""
+    recipe = load_recipe(TINY)
+    plenty = make_plan(recipe, device="cpu", available=64 * GIB)
+    assert plenty.model_positions == recipe_shape(recipe).max_position_embeddings == 512
+    assert plenty.longest_seq_len == 512 and plenty.longest_limited_by == "model positions"
+    # Memory-bound: below the positions, a multiple of 128, and one more step of 128 would not fit.
+    at_300 = plan_step(recipe_shape(recipe), recipe, 4, 300, False, "float32", "adamw").total
+    tight = make_plan(recipe, device="cpu", available=at_300, gradient_checkpointing=False)
+    assert tight.longest_seq_len == 256 and tight.longest_limited_by == "memory"
+    # Positions unknown: the search's own limit, said as such.
+    unknown = make_plan(recipe, device="cpu", available=64 * GIB,
+                        shape=replace(recipe_shape(recipe), max_position_embeddings=0))
+    assert unknown.longest_seq_len == LONGEST_SEARCHED and unknown.longest_limited_by == "search"
+    # The command, text and JSON alike.
+    (report,) = plan_json(capsys, str(TINY), "--device", "cpu")[1]
+    assert report["longest_seq_len"] <= report["model_positions"] == 512
+    text = plan_text(capsys, str(TINY), "--device", "cpu")
+    longest = next(line for line in text.splitlines() if "longest sequence" in line)
+    assert longest.split()[2] == "512", longest
+    assert "limited by" in text and "model positions" in text and "262144" not in text
+
+
+def test_every_memory_figure_of_the_plan_says_what_it_counts(capsys):
+    cpu = " ".join(plan_text(capsys, str(TINY), "--device", "cpu").split())
+    assert "peak (step's tensors)" in cpu and "process's peak RSS" in cpu and "Python" in cpu
+    assert "available (cpu)" in cpu and "RAM free" in cpu
+    card = plan_text(capsys, str(REPO / "recipes" / "phi3-mini-4k-qlora.yaml"), "--device-memory", "16GB")
+    assert max(len(line) for line in card.splitlines()) <= 80
+    card = " ".join(card.split())
+    assert "peak (step's tensors)" in card and "as a run's summary counts them on CUDA" in card
+    assert "768.0 MiB for the CUDA context" in card
+
+
+@pytest.mark.parametrize("device, label, value", [
+    ("cpu", "peak memory, process RSS", "636.5 MiB (Python, libraries, tensors)"),
+    ("cuda", "peak memory, CUDA tensors", "636.5 MiB (the plan's count)"),
+])
+def test_the_run_summary_says_what_its_peak_memory_counts(device, label, value):
+    from rich.console import Console
+
+    console = Console(width=80, record=True)
+    run = SimpleNamespace(run_dir=Path("runs/x"), console=console, device=torch.device(device))
+    summary = {"steps": 3, "trained_tokens": 513, "tokens_per_second": 100.0, "padding_share": 0.0,
+               "peak_memory_bytes": int(636.5 * 1024**2), "first_val_loss": 6.0, "final": {"val_loss": 5.0},
+               "best_val_loss": 5.0, "best_step": 3, "samples": [],
+               "cost": {"wall_seconds": 1.0, "device_hours": 0.0, "usd": None, "energy_kwh": None,
+                        "energy_note": "not measured"}}
+    loop.print_summary(run, summary)
+    row = next(line for line in console.export_text().splitlines() if "peak memory" in line)
+    assert label in row and value in row, row
+
+
+def test_the_plan_command_module_imports_nothing_heavy():
+    """The CLI registers `plan` while it builds its parser, also in the Azure venv, which has no torch."""
+    code = ("import argparse, sys\n"
+            "from phi3local.train import plan_command\n"
+            "plan_command.register(argparse.ArgumentParser().add_subparsers())\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'phi3local.train.memory_plan') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_plan_that_does_not_fit_says_so_and_names_the_settings_that_fit(capsys):

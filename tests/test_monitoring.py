@@ -151,7 +151,10 @@ def test_monitor_summary_numbers(tmp_path):
     s = summary["overall"]
     assert (s["requests"], s["errors_4xx"], s["errors_5xx"], s["stream_failures"]) == (20, 2, 1, 1)
     assert s["error_rate"] == 4 / 20
-    assert s["latency_ms"] == {"p50": 100.0, "p90": 180.0, "p99": 200.0, "max": 200.0}
+    # Latency over the 16 answered requests only (i = 3, 4, 10, 15 are errors: 40, 50, 110, 160 ms).
+    assert s["answered"] == 16
+    assert s["latency_ms"] == {"p50": 100.0, "p90": 190.0, "p99": 200.0, "max": 200.0}
+    assert s["error_latency_ms"] == {"p50": 50.0, "p90": 160.0, "p99": 160.0, "max": 160.0}
     assert (s["prompt_tokens_mean"], s["completion_tokens_mean"]) == (20, 4)
     # Answered: 16 (a 200 without an error); refusals among them: i = 0 and 5 (10 is a 5xx, 15 a failed stream).
     assert s["refusal_rate"] == 2 / 16
@@ -168,7 +171,55 @@ def test_monitor_command_table_json_and_plot(tmp_path, capsys):
     assert main(["monitor", str(log), "--windows", "2"]) == 0
     out = capsys.readouterr().out
     assert "2 4xx, 1 5xx, 1 failed stream(s)" in out and "all" in out
-    assert max(len(line) for line in out.splitlines() if "│" in line or "┃" in line) <= 80
+    assert max(len(line) for line in out.splitlines() if "plot:" not in line) <= 80  # the path may be longer
+
+
+def fast_errors_log(path, start=1000.0, spacing=1.0):
+    """10 answers of 1000..1900 ms and 30 refusals (422) answered in 0.2 ms, interleaved."""
+    rows = []
+    for i in range(40):
+        ok = i % 4 == 0
+        rows.append({"correlation_id": f"c{i}", "unix": start + spacing * i, "time": "t",
+                     "latency_ms": 1000.0 + 100 * (i // 4) if ok else 0.2, "status": 200 if ok else 422,
+                     "error": None if ok else "context_length_exceeded",
+                     "prompt_tokens": 30 if ok else None, "completion_tokens": 8 if ok else None,
+                     "answer": "Sure." if ok else None})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_latency_percentiles_are_the_answered_requests_not_the_fast_4xx(tmp_path, capsys, monkeypatch):
+    """Issue 23: 0.2 ms 4xx answers were counted in the latency percentiles (p50 0.2 ms for 1-2 s answers)."""
+    log = fast_errors_log(tmp_path / "log.jsonl")
+    s = summarize(read_log(log), windows=2)["overall"]
+    answers = [1000.0 + 100 * k for k in range(10)]
+    assert s["latency_ms"] == {"p50": percentile(answers, 50), "p90": percentile(answers, 90),
+                               "p99": percentile(answers, 99), "max": 1900.0}
+    assert s["latency_ms"]["p50"] == 1400.0
+    assert (s["requests"], s["answered"], s["errors_4xx"], s["error_rate"]) == (40, 10, 30, 0.75)
+    assert s["error_latency_ms"] == {"p50": 0.2, "p90": 0.2, "p99": 0.2, "max": 0.2}
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    assert main(["monitor", str(log), "--windows", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    all_row = next(line.split() for line in lines if line.split()[:1] == ["all"])
+    assert all_row[:6] == ["all", "40", "75.0%", "1,400", "1,800", "1,900"], all_row
+    errors_row = next(line.split() for line in lines if line.split()[:1] == ["errors"])
+    assert errors_row[:6] == ["errors", "30", "100.0%", "0.2", "0.2", "0.2"], errors_row
+    assert "answered requests (2xx, no error) only" in " ".join(out.split())
+    assert max(len(line) for line in lines if "plot:" not in line) <= 80  # the plot's path may be longer
+
+
+def test_monitor_table_fits_80_columns_over_long_windows(tmp_path, monkeypatch, capsys):
+    log = fast_errors_log(tmp_path / "log.jsonl", start=1_700_000_000.0, spacing=3600.0)  # 39 hours
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: the table's own width must still be <= 80
+    capsys.readouterr()
+    assert main(["monitor", str(log)]) == 0
+    lines = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    table = [line for line in lines if line.strip().endswith(("%", "—"))]  # 6 windows, all, errors
+    assert len(table) == 6 + 2 and all("…" not in line for line in table), table
+    assert max(len(line) for line in lines if "plot:" not in line) <= 80
 
 
 def test_a_bad_log_line_is_named(tmp_path):

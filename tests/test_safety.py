@@ -13,7 +13,6 @@ from stories_models import tuned_stories
 
 from phi3local.cli import main
 from phi3local.safety import scorer
-from phi3local.safety.content_safety import ContentSafetyClient, ContentSafetyError
 from phi3local.safety.evaluate import (
     SafetyError,
     SafetyPrompt,
@@ -25,6 +24,7 @@ from phi3local.safety.evaluate import (
 )
 from phi3local.safety.gate import check_gate, default_report_dir, model_checksum
 from phi3local.safety.screen import screen_conversation
+from phi3local.serve.content_safety import ContentSafetyClient, ContentSafetyError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -361,7 +361,7 @@ def test_long_answers_are_screened_in_bounded_calls_and_every_piece():
     piece by piece, so harm after character 10,000 is found."""
     from content_safety_fake import FakeContentSafety
 
-    from phi3local.safety.content_safety import MAX_TEXT_CHARS
+    from phi3local.serve.content_safety import MAX_TEXT_CHARS
     from phi3local.serve.guard import CONTEXT_CHARS, DEFAULT_WINDOW, ContentGuard
 
     fake = FakeContentSafety()
@@ -414,6 +414,19 @@ def test_find_model_dir_errors(tmp_path):
     with pytest.raises(ModelDirError, match=r"2 exported models .*\(a, b\)"):
         find_model_dir(tmp_path / "two")
     assert issubclass(ModelDirError, Phi3LocalError)
+
+
+def test_the_server_gets_the_managed_endpoint_layout(tmp_path):
+    # azmlinfsrv reads AZUREML_MODEL_DIR as <name>/<version> when it ends in a number; an export folder given
+    # as it is made its model-id scan log a traceback over the export's files (parity.json).
+    from phi3local.serve.server import served_model_root
+
+    export = fake_export(tmp_path / "my export")
+    (export / "parity.json").write_text("{}")
+    root = served_model_root(export, "my model")
+    assert root.name == "1" and root.parent.name == "my-model"
+    assert sorted(p.name for p in root.iterdir()) == ["my export"]
+    assert find_model_dir(root) == root / "my export" and (root / "my export").resolve() == export.resolve()
 
 
 def test_settings_from_env():
@@ -942,3 +955,81 @@ def test_scoring_from_a_bare_code_folder_imports_no_torch(managed_layout, tmp_pa
     assert result["phi3local"].startswith(str(code))
     assert result["model_dir"] == str(managed_layout / "stories-onnx")
     assert result["status"] == 200 and FORMAT.match(result["body"]["choices"][0]["message"]["content"])
+
+
+# ---------------------------------------------------------------------------------- the runtime cannot import torch
+
+def _phi3local_imports(path: Path) -> set[str]:
+    """Every phi3local module a file imports, at import time or inside a function."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))  # relative: refused below
+    return {m for m in found if m.startswith(("phi3local", "."))}
+
+
+def test_the_serving_runtime_imports_only_itself_and_the_base_error():
+    # What makes the package itself the deployment's code: nothing of phi3local outside it but phi3local.errors.
+    for path in sorted(bundle.PACKAGE_DIR.glob("*.py")):
+        outside = {m for m in _phi3local_imports(path)
+                   if m != "phi3local.errors" and m != bundle.PACKAGE and not m.startswith(bundle.PACKAGE + ".")}
+        assert not outside, f"{path.name} imports {sorted(outside)} from outside phi3local/serve/"
+    assert sorted(bundle.PARENT_FILES) == ["phi3local/__init__.py", "phi3local/errors.py"]
+
+
+BLOCKED_IMPORTS = r"""
+import importlib, json, pkgutil, sys
+
+BLOCKED = ("torch", "transformers", "huggingface_hub")
+
+
+class Blocked:
+    # A finder that refuses the heavy stacks, as an environment without them would.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Blocked())
+from phi3local.serve import bundle
+import phi3local.azure
+from phi3local.azure.sdk import AzureSdkMissing
+
+names = bundle.module_names()
+names += [f"phi3local.azure.{m.name}" for m in pkgutil.iter_modules(phi3local.azure.__path__)]
+result = {"imported": [], "sdk_missing": [], "failed": {}}
+for name in names:
+    try:
+        importlib.import_module(name)
+        result["imported"].append(name)
+    except AzureSdkMissing:  # this venv has no Azure SDK: the one-line error, not torch
+        result["sdk_missing"].append(name)
+    except Exception as e:
+        result["failed"][name] = f"{type(e).__name__}: {e}"
+from phi3local import cli
+
+cli.build_parser()  # registering every command imports no stage
+result["heavy"] = sorted({m.split(".")[0] for m in sys.modules} & set(BLOCKED))
+print(json.dumps(result))
+"""
+
+
+def test_the_runtime_and_the_azure_modules_import_with_torch_transformers_and_the_hub_blocked():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", BLOCKED_IMPORTS], capture_output=True, text=True, timeout=180,
+                         cwd=REPO, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["failed"] == {} and result["heavy"] == []
+    assert set(bundle.module_names()) <= set(result["imported"])
+    assert "phi3local.serve.score" in result["imported"]
+    assert "phi3local.azure.commands" in result["imported"] and "phi3local.azure.spec" in result["imported"]
+    # Without the SDK, the module that needs it at import time says so in one line (AzureSdkMissing).
+    assert set(result["sdk_missing"]) <= {"phi3local.azure.blob_upload"}

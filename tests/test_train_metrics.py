@@ -46,3 +46,18 @@ def test_loss_trend_is_a_sparkline_of_the_recent_losses():
     assert loss_trend([1.0]) == ""
     assert loss_trend([4.0, 3.0, 2.0, 1.0]) == "█▆▃▁  -3.000"  # 8 levels between the lowest and highest
     assert loss_trend(list(range(100)), width=8).startswith("▁▂▃▄▅▆▇█")
+
+
+def test_a_half_written_record_is_cut_before_a_resumed_run_appends(tmp_path):
+    """A run stopped by a full disk mid-line leaves half a record; the next run's lines must all parse."""
+    from phi3local.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n" + '{"step": 2, "lo')
+    log = MetricsLog(tmp_path)
+    log.write({"step": 2, "loss": 4.5})
+    log.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 5.0},
+                                                                          {"step": 2, "loss": 4.5}]
+    MetricsLog(tmp_path).close()  # a whole file is left as it is
+    assert path.read_text().count("\n") == 2

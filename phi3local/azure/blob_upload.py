@@ -31,18 +31,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
-from azure.core.exceptions import (
-    AzureError,
-    ClientAuthenticationError,
-    ResourceExistsError,
-    ResourceNotFoundError,
-    ServiceRequestError,
-    ServiceResponseError,
-)
-from azure.storage.blob import BlobBlock, BlobClient, BlobProperties, ContainerClient, ContentSettings
-
+from phi3local.azure.sdk import AzureSdkMissing, missing_message
 from phi3local.errors import Phi3LocalError
+
+try:
+    from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
+    from azure.core.exceptions import (
+        AzureError,
+        ClientAuthenticationError,
+        ResourceExistsError,
+        ResourceNotFoundError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
+    from azure.storage.blob import BlobBlock, BlobClient, BlobProperties, ContainerClient, ContentSettings
+except ImportError as e:  # the main venv: one line naming `make install-azure`, not a traceback
+    raise AzureSdkMissing(missing_message(e)) from None
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -1,7 +1,8 @@
 """The `phi3local azure ...` sub-commands: parse, resolve the recipe and the workspace, call one module.
 
 cli.py calls `register(subparsers)`. Nothing here imports the Azure SDK at import time (it lives in its own
-virtual environment); the functions import what they use.
+virtual environment); each command first imports the SDK packages it needs (`phi3local.azure.sdk.require`),
+so without them it stops with one line naming `make install-azure`, before reading or writing anything.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3local.argtypes import positive_float, positive_int
+from phi3local.azure import sdk
 
 OVERRIDES_HELP = "recipe overrides, e.g. azure.endpoint_name=phi3-chat azure.max_tokens=256"
 MEASURE_EPILOG = (
@@ -18,7 +20,17 @@ MEASURE_EPILOG = (
     "--per-token-ms and --load-seconds, or --measurements FILE (JSON: per_token_ms or tokens_per_second, "
     "load_seconds, optional first_token_ms), or measurements.json in the ONNX folder. "
     "request_timeout_ms = azure.timeout_factor x (first token + azure.max_tokens x per-token latency), "
-    "clamped to Azure's 5-180 s; WORKER_COUNT = azure.max_concurrent_requests_per_instance.")
+    "clamped to Azure's 5-180 s; WORKER_COUNT = azure.max_concurrent_requests_per_instance. "
+    "Unset, azure.endpoint_name is derived from the ONNX folder's name and azure.instance_type from the export's "
+    "target (a CPU VM for a CPU export, a GPU VM for a CUDA one); both are printed.")
+
+
+def _require(args, *, sends: bool = True) -> None:
+    """The SDK packages this command uses (all of them unless it is a dry run), or one line saying how to get them."""
+    modules = ["azure.ai.ml"]
+    if sends and not getattr(args, "dry_run", False):
+        modules += ["azure.identity", "azure.storage.blob"]
+    sdk.require(*modules)
 
 
 def _console() -> Any:
@@ -60,6 +72,7 @@ def _client_factory(ref) -> Any:
 # ------------------------------------------------------------------------------------------ commands
 
 def cmd_spec(args) -> int:
+    _require(args, sends=False)
     from phi3local.azure.spec import plan_lines, write_spec
 
     recipe = _recipe(args)
@@ -74,6 +87,7 @@ def cmd_spec(args) -> int:
 
 
 def cmd_push(args) -> int:
+    _require(args)
     from phi3local.azure.deploy import push
 
     recipe = _recipe(args)
@@ -98,6 +112,7 @@ def _dry_run_workspace(args, recipe) -> Any:
 
 
 def cmd_invoke(args) -> int:
+    _require(args)
     from phi3local.azure.invoke import STREAMING_NOTE, InvokeError, chat_body, invoke
 
     recipe = _recipe(args)
@@ -123,6 +138,7 @@ def cmd_invoke(args) -> int:
 
 
 def cmd_train(args) -> int:
+    _require(args)
     from phi3local.azure.jobs import submit_train
     from phi3local.cost import azure_train_estimate
 
@@ -142,6 +158,7 @@ def _say_estimate(say, label: str, lines: list[str]) -> None:
 
 
 def cmd_finetune(args) -> int:
+    _require(args)
     from phi3local.azure.jobs import submit_finetune
     from phi3local.azure.workspace import registry_client
     from phi3local.cost import finetune_comparison
@@ -160,11 +177,9 @@ def cmd_finetune(args) -> int:
 
 # ------------------------------------------------------------------------------------------ parser
 
-
-
 def _workspace_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("workspace (flags > --config > the recipe's azure section; credentials: "
-                             "DefaultAzureCredential, e.g. `az login`)")
+    g = p.add_argument_group("workspace", "Flags win over --config, which wins over the recipe's azure section. "
+                                          "Credentials: DefaultAzureCredential only (e.g. `az login`).")
     g.add_argument("--config", help="config.json of the workspace as the Azure portal downloads it "
                                     "(default: ./config.json or ./.azureml/config.json if present)")
     g.add_argument("--subscription", help="subscription id")
@@ -181,7 +196,9 @@ def _recipe_flags(p: argparse.ArgumentParser, positional: bool = False) -> None:
 
 
 def _measure_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("measurements (what the timeout and probes are derived from)")
+    g = p.add_argument_group("measurements", "What the timeout and the probes are derived from (default: "
+                                             "measurements.json, which `phi3local export` writes in the ONNX "
+                                             "folder).")
     g.add_argument("--measurements", help="JSON file with per_token_ms (or tokens_per_second), load_seconds, "
                                           "optional first_token_ms")
     g.add_argument("--per-token-ms", type=positive_float, help="measured decode latency per new token, ms")
@@ -190,15 +207,19 @@ def _measure_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `azure` and its actions to the CLI's sub-parsers; returns the `azure` parser."""
+    """Add `azure` and its actions to the CLI's sub-parsers; returns the `azure` parser.
+
+    Imports nothing but argparse's helpers: the SDK and the stages are imported by the command that runs."""
     azure = subparsers.add_parser(
         "azure", help="hand the model to Azure ML: spec, push, invoke, train, finetune",
-        description="Deploy an ONNX export to an Azure ML managed online endpoint, test it, or run training on "
-                    "Azure (a command job, or Azure's hosted fine-tuning).")
+        description="Deploy an ONNX export to Azure ML, test it, or train on Azure.",
+        epilog="The Azure SDK lives in a venv of its own: make install-azure.")
     azure.set_defaults(func=lambda args: _no_action(azure))
     sub = azure.add_subparsers(dest="azure_command", metavar="ACTION")
 
-    p = sub.add_parser("spec", help="write the Azure ML YAML (model, environment, endpoint, deployment) + code folder",
+    p = sub.add_parser("spec", help="write the deployment's Azure ML YAML and code folder",
+                       description="Write the Azure ML YAML of a deployment (model, environment, endpoint, "
+                                   "deployment) and its code folder, each YAML loaded back through the SDK.",
                        epilog=MEASURE_EPILOG)
     p.add_argument("onnx_dir", help="folder `phi3local export` wrote")
     p.add_argument("--out", required=True, help="folder for the spec (new, empty, or an earlier spec)")
@@ -206,7 +227,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     _measure_flags(p)
     p.set_defaults(func=cmd_spec)
 
-    p = sub.add_parser("push", help="upload the model, register it, deploy it to a managed online endpoint",
+    p = sub.add_parser("push", help="upload, register, deploy to a managed endpoint",
+                       description="Upload the model, register it, deploy it to a managed online endpoint and "
+                                   "give that deployment all the traffic.",
                        epilog=MEASURE_EPILOG + " Run with --dry-run first: it writes the spec and prints the plan.")
     p.add_argument("onnx_dir", help="folder `phi3local export` wrote")
     p.add_argument("--out", help="folder for the spec (default: ONNX_DIR.azure beside the export)")
@@ -219,7 +242,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     _workspace_flags(p)
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("invoke", help="send one test chat request to the endpoint; print the answer and latency",
+    p = sub.add_parser("invoke", help="send a test chat request; print answer, latency",
+                       description="Send one test chat request to the endpoint; print the answer and the latency.",
                        epilog="Errors are explained: 424 (the container answered an error: its real status is in "
                               "ms-azureml-model-error-statuscode), 408 (request_timeout_ms exceeded), 429 (too many "
                               "concurrent requests). Managed endpoints are reported not to stream through this "
@@ -230,12 +254,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--system", help="a system message")
     p.add_argument("--max-tokens", type=positive_int, help="max_tokens of the request (default: the served cap)")
     p.add_argument("--timeout", type=positive_float, default=200.0,
-                   help="seconds to wait here (default 200: above Azure's 180 s limit, so its 408 shows)")
+                   help="seconds to wait here (above Azure's 180 s limit, so its 408 shows)")
     _recipe_flags(p)
     _workspace_flags(p)
     p.set_defaults(func=cmd_invoke)
 
-    p = sub.add_parser("train", help="submit the recipe as an Azure ML command job on a compute cluster",
+    p = sub.add_parser("train", help="submit the recipe as a command job on a cluster",
+                       description="Submit the recipe as an Azure ML command job on a compute cluster.",
                        epilog="The data files become uri_file inputs, the run folder a uri_folder output; the job "
                               "runs `python -m phi3local train recipe.yaml data.train_file=${{inputs.train}} "
                               "output_dir=${{outputs.run}}`. With --instance-count or --gpus-per-node above 1 the job "
@@ -244,14 +269,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                               "global batch = processes x micro_batch_size x grad_accum.")
     _recipe_flags(p, positional=True)
     p.add_argument("--compute", help="compute cluster name (default: azure.compute)")
-    p.add_argument("--instance-count", type=positive_int, default=1, help="nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=positive_int, default=1, help="processes per node (default 1)")
+    p.add_argument("--instance-count", type=positive_int, default=1, help="nodes")
+    p.add_argument("--gpus-per-node", type=positive_int, default=1, help="processes per node")
     p.add_argument("--dry-run", action="store_true", help="stage and print the job; send nothing")
     _workspace_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
-        "finetune", help="hand chat data to Azure's hosted (serverless) fine-tuning",
+        "finetune", help="hand chat data to Azure's hosted fine-tuning",
+        description="Check a chat JSONL against the hosted service's rules and submit it to Azure's hosted "
+                    "(serverless) fine-tuning.",
         epilog="Models the service lists today for Microsoft serverless fine-tuning: Phi-4, Phi-4-mini-instruct, "
                "Phi-4-multimodal-instruct (East US 2, East US, North/South Central US, West US, West US 3; hub-based "
                "projects); Phi-3/3.5 are no longer listed. The data (chat `messages` JSONL, UTF-8, BOM allowed, under "

@@ -6,11 +6,14 @@ its code folder, every value derived from the export and from measurements, chec
     <out>/conda-<t>.yml     that conda file (phi3local/serve/environment-<t>.yml)
     <out>/endpoint.yml      managed online endpoint, key auth
     <out>/deployment.yml    request settings, probes, WORKER_COUNT, the serving limits
-    <out>/code/             score.py and the phi3local modules it imports (phi3local.serve.bundle.CODE_FILES)
+    <out>/code/             the serving runtime, phi3local/serve/ whole (score.py and all it imports;
+                            phi3local.serve.bundle)
     <out>/spec.json         the derived values and the reasons for them (also the folder's marker)
 
 Every YAML starts with its $schema line as Azure ML's own examples do, so `az ml ... create -f` takes them
-as they are. Derivations (see `derive_serving`):
+as they are. Unset names and sizes are derived: the endpoint's name from the export folder's name
+(`endpoint_name_for`), the VM size from the export's target (`instance_type_for`). Derivations (see
+`derive_serving`):
   request_timeout_ms = timeout_factor x (first-token ms + max_tokens x per-token ms), clamped to the
       service's [5 s default, 180 s maximum] with a note;
   probe initial delays from the measured model load time x load_factor, and failure thresholds that outlast
@@ -59,13 +62,21 @@ SERVICE_PROBE_FAILURES = 30
 THREADS_PER_WORKER = 2
 ENV_WORKER_COUNT = "WORKER_COUNT"
 
+# Endpoint and deployment names, as azure-ai-ml 1.35.2 validates them before sending
+# (azure/ai/ml/entities/_endpoint/_endpoint_helpers.py, validate_endpoint_or_deployment_name): 3 to 32
+# characters, a letter first, then letters, digits or '-', a letter or digit last. READ (Microsoft's docs):
+# an endpoint's name is also unique within its Azure region (it is the scoring URI's host name).
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
+NAME_MAX = 32
+NAME_PREFIX = "phi3local-"  # in front of a derived name that would not start with a letter, or be too short
+# The VM size when azure.instance_type is unset: the export's target decides (see AzureConfig.instance_type).
+DEFAULT_INSTANCE_TYPES = {"cpu": "Standard_F8s_v2", "cuda": "Standard_NC24ads_A100_v4"}
 # GPU VM families of managed online endpoints: NC (T4, V100, A100, H100), ND, NV.
 GPU_SIZE = re.compile(r"^Standard_N[CDV]", re.IGNORECASE)
 
 # phi3local modules the copied files import only inside functions that the scoring path never calls:
-# not shipped on purpose (the check below refuses any other missing import). None at present: the tokenizer
-# loader (imports transformers) and the export versions live in files the bundle does not copy.
+# not shipped on purpose (the check below refuses any other missing import). None at present: the serving
+# runtime imports nothing of phi3local outside itself but phi3local.errors.
 LAZY_NOT_SHIPPED: dict[str, str] = {}
 
 
@@ -200,19 +211,56 @@ def export_target(onnx_dir: Path) -> str:
     return "cpu"
 
 
-def derive_serving(azure: Any, measurements: Measurements, target: str) -> ServingPlan:
+def instance_type_for(azure: Any, target: str) -> tuple[str, str | None]:
+    """The deployment's VM size and, when it was not set, the note saying where it came from.
+
+    azure.instance_type when set (refused when the export cannot run on it), else the export's target's
+    default (DEFAULT_INSTANCE_TYPES: a CPU export gets a CPU VM, a CUDA export a GPU one)."""
+    chosen = azure.instance_type
+    if not chosen:
+        chosen = DEFAULT_INSTANCE_TYPES[target]
+        return chosen, (f"instance type {chosen}: the default for a {target.upper()} export "
+                        "(set azure.instance_type to choose another)")
+    gpu = is_gpu_instance(chosen)
+    other = DEFAULT_INSTANCE_TYPES["cpu"]
+    if gpu and target != "cuda":
+        raise SpecError(f"azure.instance_type {chosen} is a GPU VM but the export targets CPU: export with "
+                        f"--target cuda for it, or choose a CPU size (e.g. azure.instance_type={other}, or leave "
+                        "it unset)")
+    if not gpu and target == "cuda":
+        raise SpecError(f"the export targets CUDA but azure.instance_type {chosen} has no GPU: choose a "
+                        "Standard_NC* size (or leave it unset), or export with --target cpu")
+    return chosen, None
+
+
+def endpoint_name_for(azure: Any, onnx_dir: Path) -> tuple[str, str | None]:
+    """The endpoint's name and, when it was derived, the note saying from what.
+
+    azure.endpoint_name when set (checked against NAME_RULE), else the export folder's name made valid:
+    lower case, each run of other characters one '-', NAME_PREFIX in front when it would not start with a
+    letter or be under 3 characters, cut to 32."""
+    if azure.endpoint_name:
+        return azure.endpoint_name, None
+    folder = Path(onnx_dir).resolve().name
+    name = re.sub(r"[^a-z0-9]+", "-", folder.lower()).strip("-")
+    if not name[:1].isalpha() or len(name) < 3:
+        name = (NAME_PREFIX + name).strip("-")
+    name = name[:NAME_MAX].rstrip("-")
+    return name, (f"endpoint name {name}: derived from the folder name {folder!r} (endpoint names are unique in "
+                  "an Azure region: set azure.endpoint_name=NAME to choose it)")
+
+
+def derive_serving(azure: Any, measurements: Measurements, target: str,
+                   instance_type: str | None = None) -> ServingPlan:
     """Request settings, probes and worker environment of the deployment, from the recipe's azure section and
-    the measurements. Raises SpecError when the export cannot run on the chosen VM size."""
+    the measurements. instance_type: the VM size (default: instance_type_for). Raises SpecError when the
+    export cannot run on the chosen VM size."""
     from phi3local.serve.settings import ServeSettings
 
-    gpu = is_gpu_instance(azure.instance_type)
-    if gpu and target != "cuda":
-        raise SpecError(f"azure.instance_type {azure.instance_type} is a GPU VM but the export targets CPU: export "
-                        "with --target cuda for it, or choose a CPU size (e.g. azure.instance_type=Standard_F8s_v2)")
-    if not gpu and target == "cuda":
-        raise SpecError(f"the export targets CUDA but azure.instance_type {azure.instance_type} has no GPU: choose a "
-                        "Standard_NC* size, or export with --target cpu")
     notes: list[str] = []
+    if instance_type is None:
+        instance_type, said = instance_type_for(azure, target)
+        notes += [said] if said else []
     m = measurements
     first = m.first_token_ms or 0.0
     if m.first_token_ms is None:
@@ -251,7 +299,7 @@ def derive_serving(azure: Any, measurements: Measurements, target: str) -> Servi
     env = {**settings.to_env(), "GUNICORN_CMD_ARGS": f"--threads {THREADS_PER_WORKER}", ENV_WORKER_COUNT: str(workers)}
     if m.measured_on:
         notes.append(f"latencies measured on {m.measured_on}; the Azure VM may differ")
-    return ServingPlan(target, azure.instance_type, azure.instance_count, workers, timeout_ms, workers,
+    return ServingPlan(target, instance_type, azure.instance_count, workers, timeout_ms, workers,
                        THREADS_PER_WORKER, azure.max_tokens, liveness, readiness, env, notes)
 
 
@@ -328,13 +376,14 @@ def check_code_folder(code_dir: Path, source_root: Path) -> None:
                     missing.setdefault(name, str(path.relative_to(code_dir)))
     if missing:
         listed = "; ".join(f"{m} (imported by {f})" for m, f in sorted(missing.items()))
-        raise SpecError(f"the deployment's code folder {code_dir} lacks modules its files import: {listed}. Add them "
-                        "to phi3local.serve.bundle.CODE_FILES (or, for an import only inside a function the scoring "
-                        "path never calls, to phi3local.azure.spec.LAZY_NOT_SHIPPED)")
+        raise SpecError(f"the deployment's code folder {code_dir} lacks modules its files import: {listed}. The "
+                        "serving runtime (phi3local/serve/) ships whole and may import only itself and "
+                        "phi3local.errors: move the module into phi3local/serve/ (or, for an import only inside a "
+                        "function the scoring path never calls, list it in phi3local.azure.spec.LAZY_NOT_SHIPPED)")
 
 
 def write_code(code_dir: Path) -> str:
-    """Copy the scoring code (phi3local.serve.bundle) into code_dir, check it, and return the scoring script."""
+    """Copy the serving runtime (phi3local.serve.bundle) into code_dir, check it, return the scoring script."""
     from phi3local.serve import bundle
 
     if code_dir.exists():
@@ -473,17 +522,16 @@ def write_spec(onnx_dir: str | Path, out_dir: str | Path, azure: Any, measuremen
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     if not (onnx_dir / "genai_config.json").is_file():
         raise SpecError(f"{onnx_dir} is not an ONNX export (no genai_config.json): run `phi3local export` first")
-    endpoint = azure.endpoint_name
-    if not endpoint:
-        raise SpecError("no endpoint name: set azure.endpoint_name=NAME (3-32 letters, digits or '-', starting with a "
-                        "letter; unique within the Azure region)")
+    endpoint, endpoint_note = endpoint_name_for(azure, onnx_dir)
     for what, name in (("azure.endpoint_name", endpoint), ("azure.deployment_name", azure.deployment_name)):
         if not NAME_RULE.match(name):
-            raise SpecError(f"{what}={name!r}: must be 3-32 letters, digits or '-', start with a letter and not end "
-                            "with '-'")
+            raise SpecError(f"{what}={name!r}: must be 3-32 letters, digits or '-', start with a letter and end "
+                            "with a letter or digit")
     _check_out_dir(out_dir, onnx_dir)
     target = export_target(onnx_dir)
     plan = derive_serving(azure, measurements, target)
+    if endpoint_note:
+        plan.notes.insert(0, endpoint_note)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (*FILES.values(), MARKER, "conda-cpu.yml", "conda-cuda.yml"):
         (out_dir / name).unlink(missing_ok=True)
@@ -514,7 +562,7 @@ def write_spec(onnx_dir: str | Path, out_dir: str | Path, azure: Any, measuremen
         "image": image,
         "conda_file": conda_name,
         "description": f"azmlinfsrv + onnxruntime-genai{'-cuda' if target == 'cuda' else ''} for phi3local's score.py",
-    }, f"{'GPU' if target == 'cuda' else 'CPU'} serving environment for {azure.instance_type}")
+    }, f"{'GPU' if target == 'cuda' else 'CPU'} serving environment for {plan.instance_type}")
     _dump(out_dir / FILES["endpoint"], "endpoint", {
         "name": endpoint,
         "auth_mode": "key",

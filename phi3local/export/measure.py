@@ -19,7 +19,7 @@ PROMPT = [{"role": "user", "content": "Tell me a short story about a cat who fin
 
 def measure_serving(onnx_dir: Path, new_tokens: int = 32, execution_provider: str | None = None) -> dict:
     """Load time, time to first token and decode ms per token (a second, warm run; stop tokens ignored)."""
-    from phi3local.export.chat import OnnxChatModel
+    from phi3local.serve.chat import OnnxChatModel
 
     t0 = time.perf_counter()
     model = OnnxChatModel(Path(onnx_dir))

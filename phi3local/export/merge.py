@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from phi3local.errors import Phi3LocalError
-from phi3local.export.json_files import as_id_list, read_json, write_json
 from phi3local.export.tokenizer_files import collect_stop_ids, copy_tokenizer_files, find_tokenizer_dir, load_hf_tokenizer
 from phi3local.folders import check_output_dir, dir_size, publish_dir, staging_dir
+from phi3local.serve.json_files import as_id_list, read_json, write_json
 from phi3local.versions import export_versions
 
 log = logging.getLogger(__name__)

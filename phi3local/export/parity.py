@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phi3local.export.chat import longrope_switch, reprefill_at_switch
-from phi3local.export.json_files import as_id_list, read_json, write_json
 from phi3local.export.tokenizer_files import load_hf_tokenizer
+from phi3local.serve.chat import longrope_switch, reprefill_at_switch
+from phi3local.serve.json_files import as_id_list, read_json, write_json
 
 DEFAULT_PROMPTS = (
     "Once upon a time",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from phi3local.export.json_files import as_id_list, read_json, write_json
+from phi3local.serve.json_files import as_id_list, read_json, write_json
 
 # Files that make up a tokenizer folder. onnxruntime-genai (onnxruntime-extensions) needs tokenizer.json
 # AND tokenizer_config.json: without the config it fails with "Failed to open a json file".

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phi3local.errors import Phi3LocalError
-from phi3local.model.tiny import _special_ids, _vocab_of, build_once, build_tiny_tokenizer, texts_digest
+from phi3local.model.tiny import _special_ids, _vocab_of, build_once, build_tiny_tokenizer, seeded, texts_digest
 from phi3local.model.tokenizer import PHI4_CHAT_TEMPLATE, PHI4_SPECIAL_TOKENS
 
 FAMILY_VERSION = 1  # bump when a built member changes, so cached builds are rebuilt
@@ -145,7 +145,6 @@ def vocab_rows(n_tokens: int, m: TinyMember) -> int:
 def build_member_model(out_dir: Path, m: TinyMember, vocab_size: int, seed: int = 0) -> Path:
     """A randomly initialised Phi3ForCausalLM with m's features, saved (as transformers 5 writes it) in out_dir,
     where the tokenizer was built first (its special tokens give bos/eos/pad and the stop ids)."""
-    import torch
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
     ids = _special_ids(out_dir)
@@ -165,8 +164,8 @@ def build_member_model(out_dir: Path, m: TinyMember, vocab_size: int, seed: int 
     )
     if longrope:
         config.original_max_position_embeddings = m.original_max_position_embeddings
-    torch.manual_seed(seed)
-    model = Phi3ForCausalLM(config)
+    with seeded(seed):
+        model = Phi3ForCausalLM(config)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=stops, pad_token_id=pad).save_pretrained(out_dir)

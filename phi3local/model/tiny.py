@@ -8,12 +8,13 @@ export behave as they do for Phi-3-mini. Everything is a pure function of the te
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,20 @@ def _special_ids(folder: Path) -> dict[str, int]:
     return {t["content"]: t["id"] for t in json.loads(path.read_text(encoding="utf-8"))["added_tokens"]}
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Random weights drawn from `seed` alone, leaving the caller's random state as it was.
+
+    A run seeds torch, then may build its model here or read it from the cache: either way what it draws next
+    (the LoRA init, dropout) must be the same, or the same recipe gives another run depending on the cache.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_tiny_model(
     out_dir: Path,
     vocab_size: int,
@@ -120,7 +135,6 @@ def build_tiny_model(
     Build the tokenizer into out_dir first: its Phi-3 special tokens give bos/eos/pad and the stop ids
     (`<|end|>`, `<|endoftext|>`) written to generation_config.json.
     """
-    import torch
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
     head_dim = hidden_size // num_attention_heads
@@ -140,8 +154,8 @@ def build_tiny_model(
         tie_word_embeddings=False,  # as Phi-3-mini
         bos_token_id=ids.get("<s>"), eos_token_id=eos, pad_token_id=pad,
     )
-    torch.manual_seed(seed)
-    model = Phi3ForCausalLM(config)
+    with seeded(seed):
+        model = Phi3ForCausalLM(config)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=stops or eos, pad_token_id=pad

@@ -47,8 +47,8 @@ def cmd_safety(args) -> int:
     from rich.console import Console
 
     from phi3local.config import load_recipe
-    from phi3local.safety.content_safety import ContentSafetyClient
     from phi3local.safety.evaluate import run_safety
+    from phi3local.serve.content_safety import ContentSafetyClient
 
     recipe = load_recipe(args.recipe, list(args.overrides or []))
     client = ContentSafetyClient.from_env(os.environ)

@@ -25,8 +25,8 @@ from typing import Any
 from phi3local import folders
 from phi3local.errors import Phi3LocalError
 from phi3local.safety import scorer
-from phi3local.safety.content_safety import ContentSafetyClient
 from phi3local.safety.gate import REPORT_NAME, default_report_dir, model_checksum
+from phi3local.serve.content_safety import ContentSafetyClient
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "assets" / "safety_prompts.jsonl"
 KINDS = ("harmful", "jailbreak", "benign")

@@ -1,8 +1,13 @@
-"""Serve an exported model through the Azure ML inference server (azmlinfsrv), locally and on Azure.
+"""The serving runtime: an exported model through the Azure ML inference server (azmlinfsrv), locally and on
+Azure, and `phi3local chat`.
 
     server.serve(onnx_dir, host="127.0.0.1", port=5001, workers=1, threads=4, ...)   # `phi3local serve`
-    score.py     the scoring script (init / run) a deployment ships; bundle.py lists its files
+    score.py     the scoring script (init / run): HTTP glue over protocol -> service -> engine
     protocol.py  the chat-completions request rules and response shapes (pure Python)
+    service.py   a request through an engine: stops, streaming, the Content Safety guard, monitoring
+    engine.py    the ONNX generation backend over chat.py's OnnxChatModel (onnxruntime-genai)
+    bundle.py    what a deployment ships: this package, whole, and its conda environment
 
-Kept import-free: score.py's path must not pull in torch or transformers.
+Torch-free by rule: its modules import only each other and phi3local.errors (tests/test_serve.py checks
+it), so the package itself is an Azure deployment's code folder, with nothing to list.
 """

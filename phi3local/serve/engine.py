@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from phi3local.export.chat import OnnxChatModel
 from phi3local.serve import protocol
+from phi3local.serve.chat import OnnxChatModel
 
 
 @dataclass

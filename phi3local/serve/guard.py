@@ -1,7 +1,7 @@
 """score.py's optional guardrail: Azure AI Content Safety screens the prompt and the answer when configured.
 
 On when CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY are set in the deployment's environment
-(phi3local.safety.content_safety); PHI3LOCAL_CONTENT_SAFETY_THRESHOLD (default 4 of 0/2/4/6) is the
+(phi3local.serve.content_safety); PHI3LOCAL_CONTENT_SAFETY_THRESHOLD (default 4 of 0/2/4/6) is the
 severity that blocks, PHI3LOCAL_CONTENT_SAFETY_WINDOW (default 200) the characters a streamed answer
 is screened by. Like Azure OpenAI's content filter:
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-from phi3local.safety.content_safety import MAX_TEXT_CHARS, ContentSafetyClient, ContentSafetyError
 from phi3local.serve import protocol
+from phi3local.serve.content_safety import MAX_TEXT_CHARS, ContentSafetyClient, ContentSafetyError
 from phi3local.serve.errors import ServeError
 
 ENV_THRESHOLD = "PHI3LOCAL_CONTENT_SAFETY_THRESHOLD"

@@ -2,8 +2,8 @@
 
 azmlinfsrv (azureml-inference-server-http) calls `init()` once in each worker process, then `run()` for
 each POST /score. Everything but the HTTP glue lives in phi3local.serve (protocol, service, engine), and
-nothing on this path imports torch or transformers: a deployment's code folder holds only the files
-`phi3local.serve.bundle.CODE_FILES` lists.
+nothing on this path imports torch or transformers: a deployment's code folder is the phi3local.serve
+package itself (phi3local.serve.bundle).
 
 Environment: AZUREML_MODEL_DIR (the export folder, or a managed endpoint's model root holding it),
 PHI3LOCAL_MAX_TOKENS, PHI3LOCAL_MAX_BODY_BYTES, PHI3LOCAL_MODEL_NAME, and the opt-in monitoring

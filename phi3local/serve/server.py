@@ -13,14 +13,21 @@ workers = N x the model's memory); threads share their worker's copy. A worker w
 server's default, gunicorn's sync worker) answers nothing else, liveness included, while it generates;
 with threads (gunicorn's gthread worker) GET / is answered during a generation. The price: the server's
 SCORING_TIMEOUT_MS (SIGALRM) only works on a worker's main thread, so max_tokens cap bounds a request's time.
+
+The model reaches the server as a managed endpoint has it (`served_model_root`): AZUREML_MODEL_DIR is
+<tmp>/<name>/1 holding the export folder by its own name (a symbolic link), which is what the server's
+own model-id scan expects.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -100,8 +107,36 @@ def serve(onnx_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
 
     print(f"phi3local serve: {model_dir} on {_where(host)}, port {port}; {workers} worker(s) x {threads} "
           f"thread(s), max_tokens cap {max_tokens_cap}", flush=True)
-    run_server(SCORE_SCRIPT, Path(onnx_dir).resolve(), host=host, port=port, workers=workers, threads=threads,
-               settings=settings, health_port=health_port)
+    run_server(SCORE_SCRIPT, served_model_root(model_dir, model_name), host=host, port=port, workers=workers,
+               threads=threads, settings=settings, health_port=health_port)
+
+
+def served_model_root(model_dir: Path, name: str | None = None, version: str = "1") -> Path:
+    """AZUREML_MODEL_DIR for the export in model_dir, laid out as on a managed endpoint: <tmp>/<name>/<version>
+    holding the export folder under its own name (a symbolic link to it; removed when this process exits).
+
+    azmlinfsrv lists AZUREML_MODEL_DIR for the model ids it reports: a folder named by a number is read as
+    <name>/<version>, any other as a root of <name>/<version> folders. Given an export folder itself, it took
+    the export's files (parity.json, ...) for model folders and logged a traceback at every worker's start.
+    score.py finds the model the same way in both layouts (phi3local.serve.model_dir).
+    """
+    model_dir = Path(model_dir).resolve()
+    root = Path(tempfile.mkdtemp(prefix="phi3local-serve-"))
+    # Only this process (the server's master) cleans up: its forked workers exit through atexit too.
+    atexit.register(_remove_from, root, os.getpid())
+    version_dir = root / _path_name(name or model_dir.name) / version
+    version_dir.mkdir(parents=True)
+    (version_dir / model_dir.name).symlink_to(model_dir, target_is_directory=True)
+    return version_dir
+
+
+def _path_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "model"
+
+
+def _remove_from(root: Path, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def run_server(entry_script: Path, model_dir: Path, *, host: str, port: int, workers: int, threads: int,

@@ -6,11 +6,16 @@ so a crash or kill during a save leaves the previous checkpoint as the latest co
 back to the previous intact checkpoint when the latest was damaged. Nothing is unpickled on load:
 optimizer, scheduler and RNG states hold only tensors and plain values, read with `weights_only=True`,
 so a checkpoint handed over from elsewhere cannot run code.
+
+A full disk (or quota) while writing is one CheckpointError naming the file, never a traceback: torch's
+zip writer only says "iostream error" / "unexpected pos" when it writes to a path itself, so tensors are
+written through a Python file object, whose OSError(ENOSPC) torch keeps in the exception's context.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -146,7 +151,7 @@ def save_checkpoint(
         for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
                           ("rng.pt", rng_state())):
             writing = tmp / name
-            torch.save(obj, writing)
+            save_tensors(obj, writing)
         for name, text in (("trainer_state.json", json.dumps(asdict(state), indent=2)), ("recipe.yaml", recipe_yaml),
                            ("versions.json", json.dumps(package_versions(), indent=2))):
             writing = tmp / name
@@ -155,10 +160,10 @@ def save_checkpoint(
         write_checksums(tmp)
         _fsync_tree(tmp)
     except BaseException as e:
+        full = _is_disk_full(e, root)  # before the half-written folder is removed and frees its space
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(e):
-            raise CheckpointError(f"no space left on device while writing {writing}; the previous checkpoint "
-                                  "is intact: free some space and resume with --resume") from e
+        if full:
+            raise CheckpointError(disk_full_message(writing, run_dir)) from e
         raise
     if final.exists():  # a re-save of the same step (e.g. the final step after a signal)
         shutil.rmtree(final)
@@ -166,15 +171,87 @@ def save_checkpoint(
     return final
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    # safetensors and torch wrap the OSError; look down the chain and at the message.
-    while e is not None:
+def save_tensors(obj, path: Path) -> None:
+    """torch.save through a Python file object: a failed write raises (in the exception's context) the OSError
+    that says why, e.g. ENOSPC, where torch's own file writer raises only RuntimeError("iostream error")."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+# Below this much free space, a write that failed without saying why (torch's zip writer given a path)
+# failed because the disk is full.
+NEARLY_FULL_BYTES = 1 << 20
+DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded")
+
+
+def _is_disk_full(e: BaseException, folder: Path | None = None) -> bool:
+    """Whether e (or an exception it wraps) is a full disk or quota: an OSError with errno ENOSPC or EDQUOT,
+    a message that says so (safetensors, tokenizers and pyarrow wrap it in their own errors), or an I/O
+    RuntimeError or OSError without errno while folder's filesystem has (nearly) no space left."""
+    unexplained = False
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(e):
+        if any(m in str(e) for m in DISK_FULL_MESSAGES):
             return True
+        unexplained = unexplained or isinstance(e, RuntimeError) or (isinstance(e, OSError) and e.errno is None)
         e = e.__cause__ or e.__context__
-    return False
+    return unexplained and folder is not None and _free_bytes(folder) < NEARLY_FULL_BYTES
+
+
+def _free_bytes(folder: Path) -> float:
+    """Bytes an unprivileged process may still write on folder's filesystem (infinite when unknown)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs (Windows) or no such folder
+        return float("inf")
+    if st.f_blocks == 0:  # a filesystem that reports no sizes (some FUSE and network mounts)
+        return float("inf")
+    return st.f_bavail * st.f_frsize
+
+
+def _written_file(e: BaseException) -> str | None:
+    """The file named by the first OSError in e's chain that names one."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.filename:
+            return str(e.filename)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def disk_full_is_one_error(run):
+    """Decorate run(recipe, ...), which writes into recipe.output_dir: a full disk anywhere in it (data
+    preparation, metrics.jsonl, a checkpoint, the final adapter, summary.json, loss.png) becomes one
+    CheckpointError naming the file, instead of whatever OSError or RuntimeError the writer raised."""
+
+    @functools.wraps(run)
+    def wrapper(recipe, *args, **kwargs):
+        try:
+            return run(recipe, *args, **kwargs)
+        except Phi3LocalError:
+            raise
+        except Exception as e:
+            run_dir = Path(recipe.output_dir)
+            if not _is_disk_full(e, run_dir):
+                raise
+            raise CheckpointError(disk_full_message(_written_file(e) or f"a file in {run_dir}", run_dir)) from e
+
+    return wrapper
+
+
+def disk_full_message(written, run_dir: Path) -> str:
+    """The one line for a full disk: the file being written, what is still intact, what to do."""
+    done = list_checkpoints(run_dir)
+    kept = f"the last complete checkpoint {done[-1]} is intact" if done else "no checkpoint was written yet"
+    return f"no space left on device while writing {written}; {kept}: free some space and run the same command " \
+           "with --resume"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -23,6 +23,14 @@ labels-wide logits of which the loss takes each row's last real token (`phi3loca
 Checked against torch's own accounting of a real CPU step in tests/test_memory_plan.py (within 15%).
 The device side: CUDA's free memory (`torch.cuda.mem_get_info`) less a reserve for the CUDA context and
 allocator slack; on CPU the available RAM (MemAvailable).
+
+The plan's peak counts the step's tensors only. A run's summary reports, on CUDA, the allocator's peak of
+tensors (`torch.cuda.max_memory_allocated`, comparable with the plan) and, on CPU, the process's peak
+resident memory (RSS), which also holds the Python runtime, torch and the other libraries, the tokenizer
+and the data: hundreds of MiB more than the plan for a tiny model.
+
+The longest sequence is searched up to the model's positions (max_position_embeddings): a longer row is
+not one the model can take, however much memory there is.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from phi3local.model.shapes import ModelShape, known_shape, shape_from_config
 from phi3local.train.batching import padded_width, resolved_pad_to_multiple_of
 
 GIB = 1024**3
-LONGEST_SEARCHED = 262144  # the longest sequence the plan searches for (memory-wise; see model_positions)
+LONGEST_SEARCHED = 262144  # the longest sequence searched when the model's positions are unknown
 # CUDA: the context, cuBLAS workspace and allocator fragmentation that tensor accounting does not see.
 CUDA_RESERVE_BYTES = int(0.75 * GIB)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -319,13 +327,23 @@ def parse_memory(text: str) -> float:
 class PlanReport:
     plan: MemoryPlan
     largest_micro_batch: int  # at plan.max_seq_len; 0: not even one row fits
-    longest_seq_len: int  # at plan.micro_batch_size, multiples of 128 up to LONGEST_SEARCHED; 0: none fits
+    # At longest_at_micro_batch, multiples of 128 up to the model's positions (LONGEST_SEARCHED when they are
+    # unknown), never above them; 0: none fits.
+    longest_seq_len: int
     longest_at_micro_batch: int = 1  # the micro-batch longest_seq_len is for
-    model_positions: int = 0  # the model's max_position_embeddings: training longer rows is not meaningful
+    model_positions: int = 0  # the model's max_position_embeddings (0: unknown); no row may be longer
+
+    @property
+    def longest_limited_by(self) -> str:
+        """What stops longest_seq_len: "model positions" (memory would allow more), "memory", or "search"
+        (the model's positions unknown and LONGEST_SEARCHED fits)."""
+        if self.model_positions and self.longest_seq_len >= self.model_positions:
+            return "model positions"
+        return "search" if self.longest_seq_len >= LONGEST_SEARCHED else "memory"
 
     def to_dict(self) -> dict:
         return {"plan": self.plan.to_dict(), "largest_micro_batch": self.largest_micro_batch,
-                "longest_seq_len": self.longest_seq_len,
+                "longest_seq_len": self.longest_seq_len, "longest_limited_by": self.longest_limited_by,
                 "longest_at_micro_batch": self.longest_at_micro_batch, "model_positions": self.model_positions}
 
 
@@ -349,8 +367,9 @@ def make_plan(recipe: Recipe, device: str | None = None, available: int | None =
 
     largest = largest_fitting(lambda n: plan(n, seq).fits, 1, 4096)
     at = mbs if largest >= 1 else 1  # nothing fits at this length: how long a row of one may be
-    return PlanReport(plan(mbs, seq), largest, _longest(lambda n: plan(at, n).fits, LONGEST_SEARCHED),
-                      at, shape.max_position_embeddings)
+    positions = shape.max_position_embeddings or 0
+    longest = _longest(lambda n: plan(at, n).fits, positions or LONGEST_SEARCHED)
+    return PlanReport(plan(mbs, seq), largest, longest, at, positions)
 
 
 def largest_fitting(fits, low: int, high: int) -> int:
@@ -371,8 +390,13 @@ def _longest(fits, limit: int) -> int:
 
 # --------------------------------------------------------------------------------------------- summary
 
+LIMITED_BY = {"model positions": "model positions", "memory": "memory",
+              "search": f"search ({LONGEST_SEARCHED})"}
+
+
 def plan_table(report: PlanReport, title: str = "memory plan"):
-    """Two columns (part, bytes) that fit 80 terminal columns, then the verdict and what fits."""
+    """Two columns (part, bytes) that fit 80 terminal columns, then the verdict and what fits; every memory
+    figure says what it counts (the step's tensors, not the process: see the module's docstring)."""
     from rich.table import Table
 
     from phi3local.units import format_bytes
@@ -392,16 +416,22 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
     ]
     for name, value in rows:
         table.add_row(name, format_bytes(value))
-    table.add_row("[bold]peak[/]", f"[bold]{format_bytes(p.total)}[/]")
+    table.add_row("[bold]peak (step's tensors)[/]", f"[bold]{format_bytes(p.total)}[/]")
     if p.available is not None:
         table.add_row(f"available ({p.device})", format_bytes(p.available))
         verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
         table.add_row("verdict", verdict)
     table.add_row("largest micro-batch", f"{report.largest_micro_batch} at {p.max_seq_len} tokens")
     table.add_row("longest sequence", f"{report.longest_seq_len} at micro-batch {report.longest_at_micro_batch}")
-    if report.model_positions:
-        table.add_row("model positions", str(report.model_positions))
-    table.caption = "peak: the parts above, of the last two only the larger (they never overlap)"
+    table.add_row("  limited by", LIMITED_BY[report.longest_limited_by])
+    table.add_row("model positions", str(report.model_positions) if report.model_positions else "unknown")
+    peak = "peak: the step's tensors (of the last two parts only the larger: they never overlap)"
+    if p.device == "cpu":
+        table.caption = (f"{peak}. A run's summary shows the process's peak RSS: that plus Python, torch, the "
+                         "other libraries and the data. available: the RAM free now.")
+    else:
+        table.caption = (f"{peak}, as a run's summary counts them on CUDA. available: the card's free memory less "
+                         f"{format_bytes(CUDA_RESERVE_BYTES)} for the CUDA context and allocator slack.")
     table.caption_justify = "left"
     return table
 

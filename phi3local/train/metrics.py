@@ -23,6 +23,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, trackers: list[str] = (), params: dict | None = None,
                  recipe_file: Path | None = None, run_name: str | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        drop_partial_record(self.path)
         self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run, closed in close())
         self._tb = None
         self._mlflow = None
@@ -53,6 +54,23 @@ class MetricsLog:
             self._tb.close()
         if self._mlflow is not None:
             self._mlflow.end_run(status="FAILED" if failed else "FINISHED")
+
+
+def drop_partial_record(path: Path) -> None:
+    """Cut a last line without its newline: half a record, left by a run killed or out of disk mid-write, so
+    a resumed run appends whole lines and the file stays one JSON object per line."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, 2)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1
+        f.truncate(keep)
 
 
 def _start_mlflow(run_name: str, params: dict, recipe_file: Path | None):

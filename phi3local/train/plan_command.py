@@ -10,7 +10,8 @@ import argparse
 import json
 from typing import Any
 
-from phi3local.train.memory_plan import card_bytes, parse_memory
+# Nothing heavy at module level: the CLI calls register() while it builds its parser, also in a venv without
+# torch (the Azure venv); phi3local.train.memory_plan imports torch through phi3local.train.batching.
 
 
 def cmd_plan(args) -> int:
@@ -18,7 +19,7 @@ def cmd_plan(args) -> int:
 
     from phi3local.config import load_recipe
     from phi3local.train.auto_settings import resolve
-    from phi3local.train.memory_plan import MemoryPlanError, make_plan, plan_table
+    from phi3local.train.memory_plan import MemoryPlanError, card_bytes, make_plan, parse_memory, plan_table
 
     console = Console()
     recipe = load_recipe(args.recipe, args.overrides)

@@ -64,8 +64,14 @@ class TrainingInterrupted(TrainingError):
     def __init__(self, signum: int, checkpoint: Path):
         self.signum = signum
         self.checkpoint = checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved in {checkpoint}; "
-                         "continue with: phi3local train RECIPE --resume")
+        # The command to continue is the CLI's to print: it knows how the user started this run.
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved in {checkpoint}")
+
+
+class RunAlreadyFinished(TrainingError):
+    """--resume on a run that has finished: nothing to continue, and its adapter is left as it is."""
+
+    exit_code = 0
 
 
 # A share of trained tokens below this almost always means a broken template or mask.
@@ -154,7 +160,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         finished = state_file.is_file() and json.loads(state_file.read_text()).get("finished")
     except (ValueError, AttributeError):  # damaged: its checkpoints decide what the run is
         finished = False
-    if finished and not resume:
+    if finished and resume:
+        raise RunAlreadyFinished(f"{run_dir} holds a finished run: nothing to resume (its adapter is in "
+                                 f"{run_dir / 'adapter'}); --overwrite trains it again")
+    if finished:
         raise TrainingError(f"{run_dir} holds a finished run; pass --overwrite to replace it, "
                             "or choose another output_dir=...")
     if ckpt.list_checkpoints(run_dir) and not resume:
@@ -764,7 +773,11 @@ def print_summary(run: Run, summary: dict) -> None:
         ("trained tokens", f"{summary['trained_tokens']:,}"),
         ("trained tokens/s", f"{summary['tokens_per_second']:.1f}"),
         ("padding share", f"{100 * summary['padding_share']:.1f}%"),
-        ("peak memory", format_bytes(summary["peak_memory_bytes"])),
+        # What peak_memory_bytes counts: CUDA's allocated tensors (the plan's "peak (step's tensors)" counts the
+        # same), else the process's peak RSS, which adds the Python runtime, torch and the data to the tensors.
+        ("peak memory, CUDA tensors", f"{format_bytes(summary['peak_memory_bytes'])} (the plan's count)")
+        if run.device.type == "cuda" else
+        ("peak memory, process RSS", f"{format_bytes(summary['peak_memory_bytes'])} (Python, libraries, tensors)"),
         ("first → final val loss", f"{_round(summary['first_val_loss'])} → {_round(final.get('val_loss'))}"),
         ("best val loss (step)", f"{_round(summary['best_val_loss'])} ({summary['best_step']})"),
     ]
@@ -796,6 +809,7 @@ def cleanup(run: Run, failed: bool = False) -> None:
         run.held.close()
 
 
+@ckpt.disk_full_is_one_error
 def run_training(recipe: Recipe, resume: bool = False, overwrite: bool = False,
                  console: Console | None = None) -> dict:
     run = setup(recipe, resume=resume, overwrite=overwrite, console=console)

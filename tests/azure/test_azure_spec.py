@@ -166,8 +166,8 @@ def test_bad_names_and_folders_are_refused(tmp_path):
     onnx = make_export(tmp_path / "onnx")
     with pytest.raises(SpecError, match="azure.endpoint_name"):
         write_spec(onnx, tmp_path / "s1", azure_cfg("azure.endpoint_name=9-starts-with-digit"), measured())
-    with pytest.raises(SpecError, match="no endpoint name"):
-        write_spec(onnx, tmp_path / "s2", load_recipe(None).azure, measured())
+    with pytest.raises(SpecError, match="azure.deployment_name='b_'"):
+        write_spec(onnx, tmp_path / "s2", azure_cfg("azure.deployment_name=b_"), measured())
     with pytest.raises(SpecError, match="inside the ONNX folder"):
         write_spec(onnx, onnx / "spec", azure_cfg(), measured())
     theirs = tmp_path / "theirs"
@@ -191,12 +191,47 @@ def test_model_version_follows_the_files(tmp_path):
     assert write_spec(onnx, tmp_path / "spec", azure_cfg(), measured()).model_version != v1
 
 
-def test_code_folder_holds_every_phi3local_module_it_imports(tmp_path):
+@pytest.mark.parametrize("folder, derived", [
+    ("onnx", "onnx"),
+    ("Phi-3 mini_ONNX (int4)", "phi-3-mini-onnx-int4"),
+    ("3b-onnx", "phi3local-3b-onnx"),  # must start with a letter
+    ("x", "phi3local-x"),  # at least 3 characters
+    ("___", "phi3local"),
+    ("a" * 40, "a" * 32),  # at most 32
+    ("phi3-mini-4k-instruct-onnx-int4-cpu-v2", "phi3-mini-4k-instruct-onnx-int4"),  # cut, no "-" last
+])
+def test_an_unset_endpoint_name_is_derived_from_the_folder_and_valid(tmp_path, folder, derived):
+    onnx = make_export(tmp_path / folder)
+    spec = write_spec(onnx, tmp_path / "spec", load_recipe(None).azure, measured())
+    assert spec.endpoint_name == derived
+    assert spec_mod.NAME_RULE.match(derived)
+    assert spec.entities["endpoint"].name == derived  # the SDK's loader took it
+    said = spec_mod.plan_lines(spec)
+    assert any(f"endpoint name {derived}: derived from the folder name" in line for line in said)
+    # A name that is set is used as it is, and said nowhere as derived.
+    named = write_spec(onnx, tmp_path / "spec", azure_cfg(), measured())
+    assert named.endpoint_name == "phi3-chat" and not any("derived" in n for n in named.plan.notes)
+
+
+def test_an_unset_instance_type_follows_the_export_target(tmp_path):
+    for target, instance in (("cpu", "Standard_F8s_v2"), ("cuda", "Standard_NC24ads_A100_v4")):
+        spec = write_spec(make_export(tmp_path / target, target), tmp_path / f"spec-{target}", azure_cfg(), measured())
+        assert spec.plan.instance_type == instance == spec.entities["deployment"].instance_type
+        assert spec_mod.is_gpu_instance(instance) == (target == "cuda")
+        assert any(f"instance type {instance}: the default for a {target.upper()} export" in n
+                   for n in spec.plan.notes)
+    assert load_recipe(None).azure.instance_type is None
+
+
+def test_code_folder_is_the_serving_package_whole(tmp_path):
     spec = write_spec(make_export(tmp_path / "onnx"), tmp_path / "spec", azure_cfg(), measured())
     code = spec.code_dir
     from phi3local.serve import bundle
 
-    assert sorted(p.relative_to(code).as_posix() for p in code.rglob("*.py")) == sorted(bundle.CODE_FILES)
+    shipped = sorted(p.relative_to(code).as_posix() for p in code.rglob("*.py"))
+    package = sorted(p.relative_to(bundle.PACKAGE_PARENT).as_posix() for p in bundle.PACKAGE_DIR.glob("*.py"))
+    assert shipped == sorted([*package, *bundle.PARENT_FILES])
+    assert not list(code.rglob("__pycache__"))
     check_code_folder(code, bundle.PACKAGE_PARENT)  # passes as written
     # A module the copy lacks is named, with the file that imports it.
     (code / "phi3local" / "serve" / "stops.py").unlink()

@@ -1,7 +1,7 @@
 """Azure AI Content Safety's text analysis over its REST API (urllib only: no SDK, no torch).
 
-Used by `phi3local safety` (an answer's harm severity beside the rule verdict) and, when configured, by
-score.py's guardrail. Off unless an endpoint is configured:
+Part of the serving runtime (phi3local.serve): score.py's guardrail (guard.py) when configured, and
+`phi3local safety` (an answer's harm severity beside the rule verdict). Off unless an endpoint is configured:
 
     CONTENT_SAFETY_ENDPOINT   https://<resource>.cognitiveservices.azure.com (the names the SDK's samples use)
     CONTENT_SAFETY_KEY        the resource's key (sent as Ocp-Apim-Subscription-Key; never stored by phi3local)

@@ -1,5 +1,7 @@
 """Chat with an exported onnxruntime-genai model: one-shot or an interactive REPL, streaming tokens.
 
+Part of the serving runtime (phi3local.serve: torch-free, shipped whole as an Azure deployment's code).
+
 The prompt is rendered with the model's own chat template (tokenizer_config.json `chat_template`, or
 chat_template.jinja) with jinja2 the way transformers renders it (sandboxed, trim_blocks, lstrip_blocks),
 then tokenized by onnxruntime-genai's tokenizer. Generation stops at any of genai_config.json's
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3local.errors import Phi3LocalError
-from phi3local.export.json_files import as_id_list, read_json
+from phi3local.serve.json_files import as_id_list, read_json
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 

@@ -1,7 +1,8 @@
 """The JSON files of model folders (config.json, genai_config.json, tokenizer files, reports): read, written.
 
 read_json names the file (and the line of a syntax error) in a BadFileError, which the CLI prints as one line.
-Imported by the Azure scoring code (export/chat.py): no torch, no transformers.
+Part of the serving runtime (phi3local.serve: no torch, no transformers); the export stage uses the same
+functions.
 """
 
 from __future__ import annotations
