@@ -13,7 +13,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 TORCH_SPEC ?= $(if $(HAS_CUDA),torch,torch==2.13.0)
 SIZE ?= small
 
-.PHONY: install install-azure azurite demo test lint bench bench-kernels bench-train bench-serve bench-gpu bench-gpu-train bench-ddp clean
+.PHONY: install install-azure install-gguf azurite demo test lint bench bench-kernels bench-train bench-serve bench-gpu bench-gpu-train bench-ddp clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,31 @@ $(VENV_AZURE)/.installed: pyproject.toml
 
 install-azure: $(VENV_AZURE)/.installed
 
+# GGUF/Ollama export: llama-cpp-python built from its sdist (PyPI has no Linux wheel; 13.6 min measured on 2 busy cores, then
+# pip's wheel cache makes it seconds: keep ~/.cache/pip between CI runs), and llama.cpp's converter
+# (convert_hf_to_gguf.py, conversion/, gguf-py/), which the wheel does not ship, taken from the same sdist.
+# Not part of `install`, so never in `make demo`'s path.
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+GGUF_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
+LLAMA_CPP_DIR := $(VENV)/share/phi3local/llama.cpp
+LLAMA_CPP_SDIST := llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)
+
+$(VENV)/.installed-gguf: $(VENV)/.installed
+	CMAKE_ARGS="$(GGUF_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install -q "llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)" "gguf==0.19.0"
+	rm -rf $(VENV)/share/phi3local/sdist $(LLAMA_CPP_DIR) && mkdir -p $(LLAMA_CPP_DIR)
+	$(PIP) download -q --no-deps --no-binary :all: -d $(VENV)/share/phi3local/sdist \
+		"llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)"
+	tar -xzf $(VENV)/share/phi3local/sdist/$(LLAMA_CPP_SDIST).tar.gz -C $(LLAMA_CPP_DIR) --strip-components=3 \
+		$(LLAMA_CPP_SDIST)/vendor/llama.cpp/convert_hf_to_gguf.py $(LLAMA_CPP_SDIST)/vendor/llama.cpp/conversion \
+		$(LLAMA_CPP_SDIST)/vendor/llama.cpp/gguf-py $(LLAMA_CPP_SDIST)/vendor/llama.cpp/LICENSE
+	rm -rf $(VENV)/share/phi3local/sdist
+	$(PY) -c "import llama_cpp, gguf; print('llama-cpp-python', llama_cpp.__version__)"
+	touch $@
+
+install-gguf: $(VENV)/.installed-gguf
+
 # Azurite, the Azure Storage emulator the upload tests run against (pinned: the last release for Node 20).
 $(AZURITE): tools/install-azurite.sh
 	AZURITE_VERSION=$(AZURITE_VERSION) tools/install-azurite.sh
@@ -52,7 +77,7 @@ demo: install
 	$(DEMO_ENV) $(PY) -m phi3local.demo_report .demo/run .demo/onnx
 
 # Every test runs (no -x): both suites run and the target fails if either did, so CI reports every failure.
-test: install install-azure azurite
+test: install install-azure azurite install-gguf
 	@status=0; \
 	$(PY) -m pytest tests --ignore=tests/azure -q --durations=15 || status=1; \
 	$(VENV_AZURE)/bin/python -m pytest tests/azure -q --durations=5 || status=1; \

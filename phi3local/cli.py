@@ -118,6 +118,19 @@ def cmd_merge(args) -> int:
 
 def cmd_export(args) -> int:
     from phi3local import summaries
+
+    if args.format in ("gguf", "ollama"):
+        from phi3local.export.gguf import export_gguf, gguf_table
+
+        if args.adapter:
+            raise Phi3LocalError(f"--adapter is for --format onnx; merge first for --format {args.format}: "
+                                 + hints.command("merge", args.adapter, "--out", "MERGED"))
+        report = export_gguf(Path(args.model), Path(args.out), quant=args.quant, fmt=args.format,
+                             overwrite=args.overwrite, show=False)
+        _print_report(args, report, gguf_table(report, Path(args.out)))
+        return 0
+    if args.quant:
+        raise Phi3LocalError("--quant is for --format gguf or ollama; ONNX takes --precision")
     from phi3local.export.onnx import export_onnx
 
     report = export_onnx(Path(args.model), Path(args.out), precision=args.precision, target=args.target,
@@ -131,7 +144,7 @@ def cmd_chat(args) -> int:
     from phi3local.serve.chat import chat
 
     chat(Path(args.model), prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, top_p=args.top_p)
+         temperature=args.temperature, top_p=args.top_p, show_reasoning=args.show_reasoning)
     return 0
 
 
@@ -239,11 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report (merge_report.json) instead of a table")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="export a merged model to ONNX (onnxruntime-genai) and check parity")
+    p = sub.add_parser("export", help="export a merged model to ONNX (onnxruntime-genai) or GGUF/Ollama and check parity")
     p.add_argument("model", help="merged model folder")
-    p.add_argument("--out", required=True, help="folder for the ONNX model (onnxruntime-genai)")
+    p.add_argument("--out", required=True, help="folder for the exported model")
+    p.add_argument("--format", default="onnx", choices=["onnx", "gguf", "ollama"],
+                   help="onnx: onnxruntime-genai; gguf: llama.cpp; ollama: the GGUF plus a Modelfile")
+    p.add_argument("--quant", type=str.lower, metavar="TYPE",
+                   help="GGUF type: f32, f16, bf16, q8_0 (llama.cpp's converter) or q4_k_m, q5_k_m, q6_k, q4_0, ... "
+                        "(its quantizer); default f16 for gguf, q4_k_m for ollama")
     p.add_argument("--precision", default="int4", choices=["int4", "fp16", "bf16", "fp32"],
-                   help="weight precision of the export")
+                   help="weight precision of the ONNX export")
     p.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="execution provider it runs on")
     p.add_argument("--adapter", help="export an unmerged LoRA adapter into the graph instead of merging first")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
@@ -257,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer, in tokens")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--show-reasoning", action="store_true",
+                   help="print a reasoning model's <think> trace (dimmed) before the answer; hidden without")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve an exported model through the Azure ML inference server (score.py)")

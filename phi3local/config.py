@@ -106,6 +106,9 @@ class DataConfig:
     dedupe: bool = True
     normalize_whitespace: bool = True
     system_prompt: str | None = None
+    # Reasoning data (an assistant turn's `reasoning` field, or `<think>...</think>` opening its content): true
+    # trains the trace with the answer; false masks the trace, so only the answer and the end of turn are trained.
+    train_on_reasoning: bool = True
     # true: several documents per row; false: length-grouped padding; auto: the cheaper of the two for this
     # data (a packed row pays L x L attention over its whole length, padding pays for its pad tokens).
     packing: bool | Literal["auto"] = "auto"
@@ -195,6 +198,9 @@ class TrainingConfig:
     # Under torchrun/accelerate/Azure ML: how long a rank waits in a collective (for rank 0's data preparation, a
     # hung peer) before the job fails; a rank that dies is noticed at once.
     distributed_timeout_seconds: int = num(600, ge=10)
+    # Several ranks: ddp, every rank holds the whole 4-bit base and the adapter, and torch's DistributedDataParallel
+    # sums the adapter's gradients; fsdp (shard a base that does not fit one GPU) is not built yet (issue 26).
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
@@ -284,8 +290,33 @@ class SafetyConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """task=preference: learn from pairs of a preferred and a rejected answer to the same prompt."""
+
+    # dpo: Rafailov et al. 2023 (arXiv:2305.18290), -log sigmoid(beta * margin of log-ratios to the reference);
+    # ipo: Azar et al. 2023 (arXiv:2310.12036), squared distance of the per-token log-ratio margin to 1/(2 beta);
+    # orpo: Hong et al. 2024 (arXiv:2403.07691), NLL of the preferred answer + beta * odds-ratio term, no reference;
+    # simpo: Meng et al. 2024 (arXiv:2405.14734), -log sigmoid(beta * margin of mean token log-probs - simpo_gamma),
+    # no reference. Formulas: phi3local/train/preference_loss.py.
+    loss: Literal["dpo", "ipo", "orpo", "simpo"] = "dpo"
+    # dpo: the KL strength (TRL's default 0.1; 0.01-0.5 in use); ipo: tau, the target margin is 1/(2 beta);
+    # orpo: lambda, the weight of the odds-ratio term (paper: 0.1-0.25); simpo: the reward scale (paper: 2-10).
+    beta: float = num(0.1, gt=0)
+    # Weight of the preferred answer's token-mean NLL (the SFT term) added to the loss: ORPO's own NLL term and
+    # CPO's cpo_alpha; with dpo it is RPO's. null: 1.0 for orpo (as the paper and TRL), 0 for the others.
+    sft_weight: float | None = num(None, ge=0)
+    # simpo: the target reward margin gamma, subtracted inside the sigmoid (TRL's default 0.5; paper: 0.3-1.6 with
+    # its beta of 2-10). Ignored by the other losses.
+    simpo_gamma: float = num(0.5, ge=0)
+    # dpo/ipo: compute the reference log-probs (the model with the adapter disabled) of every pair once before
+    # training instead of a second forward pass each step: faster per step, one extra pass over the data.
+    precompute_reference: bool = False
+
+
+@dataclass
 class Recipe:
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    # preference: pairs of a preferred and a rejected answer (data: Azure preference JSONL, prompt/chosen/rejected).
+    task: Literal["causal_lm", "classification", "preference"] = "causal_lm"
     output_dir: str = "runs/default"
     # Seeds Python, NumPy (hence the 2**32 - 1 limit) and torch, and the batch order.
     seed: int = num(0, ge=0, le=2**32 - 1)
@@ -298,6 +329,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     azure: AzureConfig = field(default_factory=AzureConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     # Where the recipe came from (not a recipe key): used to resolve relative data paths and in errors.
     source: str = field(default="<defaults>", metadata={"internal": True})
 

@@ -18,7 +18,9 @@ KNOWN_WARNINGS = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
 )
 # bitsandbytes looks for an optional faster CPU kernel package on AVX512-BF16 CPUs; we don't use that path.
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# The Hub `kernels` package (pulled in by transformers for bitsandbytes kernels) warns on every load in offline
+# mode that it skipped a publisher check for a kernel we do not download.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
 
 
 def silence_known_noise() -> None:

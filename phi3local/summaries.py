@@ -76,8 +76,10 @@ def export_table(report: dict, out_dir: Path) -> Summary:
 
 def eval_table(result: dict, model: Path, data: Path) -> Summary:
     rows = [("model", str(model)), ("data", f"{data} ({result.get('rows', '?')} rows)"),
-            ("loss", f"{result['val_loss']:.4f}"), ("perplexity", f"{result['val_perplexity']:.3f}"),
-            ("accuracy", f"{result['val_accuracy']:.3f}")]
-    if "val_macro_f1" in result:
-        rows.append(("macro-F1", f"{result['val_macro_f1']:.3f}"))
+            ("loss", f"{result['val_loss']:.4f}")]
+    # Each task reports its own figures: perplexity and token accuracy (causal LM), accuracy and macro-F1
+    # (classification), reward accuracy and margin (preference).
+    shown = (("perplexity", "val_perplexity"), ("accuracy", "val_accuracy"), ("macro-F1", "val_macro_f1"),
+             ("reward accuracy", "val_rewards/accuracies"), ("reward margin", "val_rewards/margins"))
+    rows += [(label, f"{result[key]:.3f}") for label, key in shown if key in result]
     return _table("eval", rows)

@@ -260,6 +260,107 @@ def test_a_two_rank_checkpoint_does_not_resume_on_one_process(two_rank_run, tmp_
         loop.setup(recipe, resume=True)
 
 
+# ------------------------------------------------------------------------------------------ the DDP engine
+
+def test_the_two_rank_run_trains_under_distributed_data_parallel_not_an_own_all_reduce(two_rank_run):
+    run_dir, done = two_rank_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    engine = summary["data_parallel"]  # from DDP's own logging data, on rank 0
+    assert engine["engine"] == "torch.nn.parallel.distributed.DistributedDataParallel", engine
+    assert engine["world_size"] == 2 and engine["backend_name"] == "gloo"
+    assert "_sum_hook" in engine["comm_hook"] and engine["gradient_as_bucket_view"] == 1, engine
+    assert "data parallel: 2 ranks (gloo), torch.nn.parallel.DistributedDataParallel" in done.stdout
+    # The project's own bucketed all-reduce of gradients is gone: DDP's reducer is the only one.
+    assert not hasattr(distributed.World, "sum_gradients") and not hasattr(distributed, "_buckets")
+
+
+class _Toy(torch.nn.Module):
+    """A frozen base and a trainable adapter, the adapter's layer under non-reentrant checkpointing (as the
+    recipe's gradient checkpointing)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.base = torch.nn.Linear(6, 8).requires_grad_(False)
+        self.lora = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(lambda h: self.lora(torch.tanh(h)), self.base(x), use_reentrant=False)
+
+
+class _ToyBatch(SimpleNamespace):
+    def to(self, device):
+        return self
+
+
+class _ToyTask:
+    def units(self, batch):
+        return len(batch.x)
+
+    def loss(self, model, batch, *, chunk_size):
+        return (model(batch.x).squeeze(-1) - batch.y).pow(2).sum(), {}
+
+
+def _toy_steps():
+    """The global micro-batches of three optimizer steps: 3 (uneven over 2 ranks), 1 (rank 1 has none), 2."""
+    g = torch.Generator().manual_seed(1)
+    batches = [_ToyBatch(x=torch.randn(3, 6, generator=g), y=torch.randn(3, generator=g), doc_ids=[i])
+               for i in range(6)]
+    return [batches[0:3], batches[3:4], batches[4:6]]
+
+
+def _toy_train(world: distributed.World, out: Path) -> None:
+    model = _Toy()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    engine = world.wrap(model) or model
+    losses = []
+    for step in _toy_steps():
+        result = loop.optimizer_step(_ToyTask(), engine, world.share(step), optimizer, scheduler, world,
+                                     device=torch.device("cpu"), max_grad_norm=0.0, chunk_size=0)
+        losses.append(float(result.loss))
+    described = engine.describe() if world.distributed else None
+    torch.save({"losses": losses, "lora": {k: v.clone() for k, v in model.lora.state_dict().items()},
+                "engine": described}, out)
+
+
+def _toy_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        world = distributed.World(rank=rank, size=2, local_rank=rank, backend="gloo", timeout_seconds=60)
+        _toy_train(world, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_sums_uneven_and_missing_micro_batches_as_one_process(tmp_path):
+    """2 gloo ranks through optimizer_step's DDP path: a step dealt 2 + 1 micro-batches (no_sync on rank 0's
+    first), a step where rank 1 has none (its zero-gradient pass joins the synced backward), then 1 + 1: the
+    same losses and adapter as one process, and no hang."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_toy_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    _toy_train(distributed.World(), tmp_path / "one.pt")
+    one, ranks = torch.load(tmp_path / "one.pt"), [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for got in ranks:
+        assert got["losses"] == pytest.approx(one["losses"], rel=1e-6)
+        for name, value in one["lora"].items():
+            torch.testing.assert_close(got["lora"][name], value, rtol=1e-6, atol=1e-7)
+    assert ranks[0]["engine"]["engine"].endswith("DistributedDataParallel")
+    assert ranks[0]["engine"]["static_graph"] is False and ranks[0]["engine"]["find_unused_parameters"] == 0
+
+
+def test_fsdp_is_refused_at_start_naming_the_issue(tmp_path):
+    recipe = load_recipe(TINY, [f"output_dir={tmp_path / 'fsdp'}", "training.parallelism=fsdp"])
+    with pytest.raises(loop.TrainingError, match=r"^training.parallelism=fsdp is not built yet \(issue 26\): use ddp$"):
+        loop.setup(recipe)
+    assert not (tmp_path / "fsdp").exists()  # refused before anything was claimed or written
+
+
 # ------------------------------------------------------------------------------------------ data sharding
 
 def fake_run(world: distributed.World, lengths: list[int], packing: bool, grad_accum: int):

@@ -1,10 +1,13 @@
 """Each tiny family member through the whole chain: train (QLoRA, loss falls) -> merge (equals base+adapter,
 tied embeddings stay tied) -> export fp32 (parity at every position, greedy identical; for LongRoPE members
-prompts past the switch and a decode across it) -> export int4 (error and agreement reported).
+prompts past the switch and a decode across it) -> chat on the export (greedy = PyTorch's) -> export int4
+(error and agreement reported).
 
 The members (phi3local/model/family.py) carry the real members' config features: LongRoPE with a switch at
-64 tokens (Phi-3-128k / Phi-3.5), GQA (Phi-3-medium), partial rotary + tied embeddings + Phi-4's tokens
-(Phi-4-mini). Each member is built, trained and exported once for this module (module-scoped fixtures).
+64 tokens (Phi-3-128k / Phi-3.5), GQA (Phi-3-medium), partial rotary + tied embeddings + Phi-4-mini's tokens
+(Phi-4-mini), GQA 4:1 + untied + Phi-4's <|im_start|> tokens and template (Phi-4). Each member is built,
+trained and exported once for this module (module-scoped fixtures); on the 2-core CPU the Phi-4 member adds
+about 30 s to the module's two minutes.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def test_training_lowers_the_validation_loss(chain):
 def test_merge_equals_base_plus_adapter_and_keeps_the_config_sound(chain):
     merge, merged = chain["merge"], chain["folder"] / "merged"
     assert merge["passed"] and merge["max_abs_diff"] <= 1e-4 * merge["logit_scale"]
+    assert merge["relative_diff"] <= 1e-6  # measured 2.2e-7 to 3.5e-7 (fp32 merge of an fp32 base)
     assert merge["adapter_effect_max_abs"] > 0  # the adapter was trained, so the check compared something
     config = json.loads((merged / "config.json").read_text())
     base_config = json.loads((chain["base"] / "config.json").read_text())
@@ -112,6 +116,34 @@ def test_fp32_export_matches_at_every_position_with_identical_greedy(chain):
         assert any(p["decode_crosses_switch"] for p in parity["prompts"])
     else:
         assert all("longrope_switch" not in p for p in parity["prompts"])
+
+
+def test_chat_on_the_export_answers_as_pytorch_greedy(chain):
+    """`chat`'s model (the one `serve` runs too) renders the member's own template as transformers does and
+    answers token for token as greedy fresh forwards of the merged model (Phi-4: the <|im_start|> format)."""
+    from transformers import AutoModelForCausalLM
+
+    from phi3local.model.tokenizer import load_tokenizer
+    from phi3local.serve.chat import OnnxChatModel
+
+    messages = [{"role": "system", "content": "Answer who and what."},
+                {"role": "user", "content": "Tom liked a funny mug at school. Who and what?"}]
+    merged = chain["folder"] / "merged"
+    tokenizer = load_tokenizer(merged)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    onnx = OnnxChatModel(chain["folder"] / "fp32")
+    result = onnx.generate(messages, max_new_tokens=NEW_TOKENS)
+    assert result.prompt == prompt
+    stops = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+    stops = set(stops if isinstance(stops, list) else [stops])
+    assert stops <= onnx.stop_ids
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    expected: list[int] = []
+    with torch.no_grad():
+        while len(expected) < NEW_TOKENS and not (expected and expected[-1] in onnx.stop_ids):
+            expected.append(int(model(input_ids=torch.tensor([ids + expected])).logits[0, -1].argmax()))
+    assert result.tokens == expected
 
 
 def test_int4_export_reports_error_and_agreement(chain):

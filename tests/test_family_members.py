@@ -14,11 +14,15 @@ from phi3local.data.template import IGNORE, encode_conversation
 from phi3local.export.onnx import export_onnx, hub_rope_config
 from phi3local.model.family import MEMBERS, ensure_tiny_member
 from phi3local.model.shapes import known_shape, shape_from_config
-from phi3local.model.tokenizer import load_tokenizer
+from phi3local.model.tokenizer import load_tokenizer, phi4_im_special_tokens
 from phi3local.train.batching import collate
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"},
                 {"role": "assistant", "content": "Hi, how can I help?"}]
+
+
+def end_of_turn(name: str) -> str:
+    return "<|im_end|>" if MEMBERS[name].tokenizer == "phi4-im" else "<|end|>"
 
 
 @pytest.mark.parametrize("name", sorted(MEMBERS))
@@ -37,7 +41,7 @@ def test_member_carries_the_real_models_features(name, tmp_path_factory):
     tokenizer = load_tokenizer(folder)
     assert tiny.vocab_size >= len(tokenizer)  # rows padded to a multiple of 64, as Phi-3's 32064
     stops = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
-    assert tokenizer.convert_tokens_to_ids("<|end|>") in stops
+    assert tokenizer.convert_tokens_to_ids(end_of_turn(name)) in stops
     if name == "phi4mini":
         # Phi-4-mini: <|end|> ends a turn (eos), <|endoftext|> pads and is not the end of a turn.
         assert tiny.eos_token_ids == (tokenizer.convert_tokens_to_ids("<|end|>"),)
@@ -45,6 +49,22 @@ def test_member_carries_the_real_models_features(name, tmp_path_factory):
         assert tiny.rotary_dims == 48 and (tiny.rotary_dims // 2) % 8 == 0  # onnxruntime-genai's CPU rule
         assert tokenizer.apply_chat_template(CONVERSATION[1:2], tokenize=False, add_generation_prompt=True) == (
             "<|user|>Hello there!<|end|><|assistant|>")
+    if name == "phi4":
+        # Phi-4: <|im_end|> ends a turn (eos), the pad <|dummy_85|> ends nothing; untied, full rotary, GQA 4:1.
+        end, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|dummy_85|>")
+        assert tiny.eos_token_ids == (end,) and tiny.pad_token_id == tokenizer.pad_token_id == pad
+        assert pad not in stops and tiny.rotary_dims == tiny.dims_per_head
+        # Its 96 added tokens close the vocabulary in Phi-4's order, and every embedding row is a token (as
+        # Phi-4's 100352 rows are); each strips the whitespace on both sides, as there.
+        added = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+        assert [t["content"] for t in added[-96:]] == phi4_im_special_tokens()
+        assert added[-1]["id"] == tiny.vocab_size - 1 == len(tokenizer) - 1
+        assert all(t["lstrip"] and t["rstrip"] for t in added[-96:])
+        assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=False) == (
+            "<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hello there!<|im_end|>"
+            "<|im_start|>assistant<|im_sep|>Hi, how can I help?<|im_end|>")
+        assert tokenizer.apply_chat_template(CONVERSATION[1:2], tokenize=False, add_generation_prompt=True) == (
+            "<|im_start|>user<|im_sep|>Hello there!<|im_end|><|im_start|>assistant<|im_sep|>")
 
 
 def test_member_build_is_deterministic_and_cached(tmp_path, tmp_path_factory):
@@ -57,12 +77,13 @@ def test_member_build_is_deterministic_and_cached(tmp_path, tmp_path_factory):
     assert (again / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
-@pytest.mark.parametrize("name", ["longrope", "phi4mini"])
+@pytest.mark.parametrize("name", ["longrope", "phi4mini", "phi4"])
 def test_end_of_turn_is_trained_and_padding_is_not(name, tmp_path_factory):
-    """Phi-3's pad (<|endoftext|>) is also a stop id, Phi-4-mini's is not: either way the <|end|> that
-    closes the assistant turn is a target, and only the pads are masked (by position, never by id)."""
+    """Phi-3's pad (<|endoftext|>) is also a stop id, Phi-4-mini's and Phi-4's are not: either way the end of
+    turn (<|end|>, Phi-4's <|im_end|>) that closes the assistant turn is a target, and only the pads are masked
+    (by position, never by id)."""
     tokenizer = load_tokenizer(H.family_member(tmp_path_factory, name))
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    end = tokenizer.convert_tokens_to_ids(end_of_turn(name))
     encoded = encode_conversation(tokenizer, CONVERSATION, 128)
     assert end in [t for t in encoded.labels if t != IGNORE]
     short = encode_conversation(tokenizer, CONVERSATION[1:], 128)

@@ -11,6 +11,9 @@ from phi3local.model.shapes import KNOWN_SHAPES, known_shape, shape_from_config
 @pytest.mark.parametrize("model_id, billions", [
     ("microsoft/Phi-3-mini-4k-instruct", 3.82), ("microsoft/Phi-3.5-mini-instruct", 3.82),
     ("microsoft/Phi-3-medium-4k-instruct", 13.96), ("microsoft/Phi-4-mini-instruct", 3.84),
+    # Phi-4 and its reasoning variants: 14.66B (published as 14.7B); Phi-4-mini-reasoning: the Phi-4-mini body.
+    ("microsoft/phi-4", 14.66), ("microsoft/Phi-4-reasoning", 14.66), ("microsoft/Phi-4-reasoning-plus", 14.66),
+    ("microsoft/Phi-4-mini-reasoning", 3.84),
 ])
 def test_parameter_counts_match_the_published_sizes(model_id, billions):
     assert known_shape(model_id).parameter_count / 1e9 == pytest.approx(billions, abs=0.01)
@@ -32,3 +35,15 @@ def test_shape_from_config_reads_hub_and_transformers5_configs(tmp_path, rope_ke
               "eos_token_id": 200020, "_name_or_path": "microsoft/Phi-4-mini-instruct"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert replace(shape_from_config(tmp_path), notes=phi4.notes) == phi4
+
+
+def test_phi4_shape():
+    phi4 = known_shape("microsoft/phi-4")
+    assert (phi4.num_hidden_layers, phi4.hidden_size, phi4.num_attention_heads, phi4.num_key_value_heads) == (
+        40, 5120, 40, 10)
+    assert (phi4.vocab_size, phi4.max_position_embeddings, phi4.rope_type, phi4.tie_word_embeddings) == (
+        100352, 16384, "default", False)
+    assert phi4.eos_token_ids == (100265,) and phi4.pad_token_id == 100349  # <|im_end|>; <|dummy_85|>, not a stop
+    assert known_shape("microsoft/Phi-4-reasoning-plus").max_position_embeddings == 32768
+    mini = known_shape("microsoft/Phi-4-mini-reasoning")
+    assert (mini.rotary_dims, mini.original_max_position_embeddings, mini.tie_word_embeddings) == (96, 4096, True)

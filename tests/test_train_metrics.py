@@ -27,7 +27,7 @@ def test_an_mlflow_run_holds_the_params_every_logged_step_and_the_recipe(tmp_pat
     client = MlflowClient(store)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    assert run.data.params["training.lr"] == "0.003" and run.data.params["model.name_or_path"] == "tiny"
+    assert run.data.params["training.lr"] == "0.005" and run.data.params["model.name_or_path"] == "tiny"
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "loss" in r]
     history = client.get_metric_history(run.info.run_id, "loss")

@@ -12,9 +12,11 @@ A file that cannot be read at all (missing, unreadable, not the format its name 
 FormatError naming it; a row that cannot be read is a RowProblem naming its line (or row index).
 
 Row formats (`data.format`, or guessed from the first row's keys):
-- `messages`: Azure AI Studio / OpenAI chat `{"messages": [{"role", "content"}, ...]}`
-- `alpaca`: `instruction`, optional `input`, `output` (optional `system`, `history` as in LLaMA-Factory)
-- `prompt_completion`: `prompt`, `completion`
+- `messages`: Azure AI Studio / OpenAI chat `{"messages": [{"role", "content"}, ...]}`; an assistant turn may
+  carry its reasoning trace in `reasoning` (or `reasoning_content`)
+- `alpaca`: `instruction`, optional `input`, `output` (optional `system`, `history` as in LLaMA-Factory,
+  `reasoning` for the output's trace)
+- `prompt_completion`: `prompt`, `completion` (optional `system`, `reasoning` for the completion's trace)
 - `text`: `text`, all of it trained (task causal_lm)
 - `classification`: `text`, `label` (task classification)
 
@@ -462,6 +464,22 @@ def alpaca_user_text(instruction: str, input_text: str | None) -> str:
     return instruction
 
 
+def _fold_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Write each assistant turn's reasoning trace into its content (`<think>...</think>` first), so that cleaning,
+    deduplication and the safety screen see it; a bad trace is left in place for encoding to report as the row's
+    problem."""
+    from phi3local.data.template import TemplateRejected, with_reasoning
+
+    try:
+        return with_reasoning(messages)
+    except TemplateRejected:
+        return messages
+
+
+def _reasoning_of(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: data[key] for key in ("reasoning", "reasoning_content") if data.get(key) is not None}
+
+
 def to_example(record: RawRecord, fmt: str) -> Example:
     """Convert a record that passed `validate.check_record` into a Conversation or TextExample."""
     data, loc = record.data, record.loc
@@ -472,8 +490,8 @@ def to_example(record: RawRecord, fmt: str) -> Example:
             msg = {"role": m["role"], "content": m["content"]}
             if m.get("weight") is not None:
                 msg["weight"] = int(m["weight"])
-            messages.append(msg)
-        return Conversation(messages, source, loc)
+            messages.append({**msg, **_reasoning_of(m)})
+        return Conversation(_fold_reasoning(messages), source, loc)
     if fmt == "alpaca":
         messages = []
         if isinstance(data.get("system"), str) and data["system"].strip():
@@ -482,15 +500,15 @@ def to_example(record: RawRecord, fmt: str) -> Example:
             messages.append({"role": "user", "content": turn[0]})
             messages.append({"role": "assistant", "content": turn[1]})
         messages.append({"role": "user", "content": alpaca_user_text(data["instruction"], data.get("input"))})
-        messages.append({"role": "assistant", "content": data["output"]})
-        return Conversation(messages, source, loc)
+        messages.append({"role": "assistant", "content": data["output"], **_reasoning_of(data)})
+        return Conversation(_fold_reasoning(messages), source, loc)
     if fmt == "prompt_completion":
         messages = []
         if isinstance(data.get("system"), str) and data["system"].strip():
             messages.append({"role": "system", "content": data["system"]})
         messages.append({"role": "user", "content": data["prompt"]})
-        messages.append({"role": "assistant", "content": data["completion"]})
-        return Conversation(messages, source, loc)
+        messages.append({"role": "assistant", "content": data["completion"], **_reasoning_of(data)})
+        return Conversation(_fold_reasoning(messages), source, loc)
     if fmt == "text":
         return TextExample(data["text"], source, None, loc)
     if fmt == "classification":

@@ -5,6 +5,8 @@ Output folder (default `data.prepared_dir`, else `<output_dir>/prepared`):
   `input_ids` list[int32], `labels` list[int32] (aligned with input_ids, -100 where not trained),
   `doc_id` int64 (unique across both splits), `source` str ("file:line" / "file:row N"),
   and for task=classification `label` int64 (index into model.labels).
+  task=preference writes one row per pair instead: `prompt_ids`, `chosen_ids`, `rejected_ids` list[int32],
+  `doc_id`, `source` (see phi3local.data.preference), and stats.json adds a `preference` section.
 - `stats.json`: counts per step, skipped and filtered rows with reasons, token statistics, the cache key
   (validation rows that are also in the training data are counted there and warned about on the console).
 The folder is written under a temporary name and renamed into place, so a crash never leaves half of it.
@@ -23,12 +25,13 @@ import random
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from phi3local import folders
-from phi3local.config import Recipe, RecipeError
+from phi3local.config import DataConfig, Recipe, RecipeError
 from phi3local.data import clean
 from phi3local.data.formats import CHAT_FORMATS, detect_format, read_records, require_file, to_example
 from phi3local.data.records import (
@@ -55,8 +58,11 @@ from phi3local.data.validate import check_record, collect_or_raise, invalid_unic
 PIPELINE_VERSION = 2
 # DataConfig fields that change what prepare writes (prepared_dir, packing and max_errors_shown do not).
 CACHE_FIELDS = ("format", "columns", "val_fraction", "split_seed", "on_error", "max_seq_len", "truncation",
-                "min_tokens", "max_tokens", "dedupe", "normalize_whitespace", "system_prompt")
+                "min_tokens", "max_tokens", "dedupe", "normalize_whitespace", "system_prompt", "train_on_reasoning")
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+Row = TypeVar("Row")  # a cleaned row: an Example, or for task=preference a Pair
+Enc = TypeVar("Enc")  # its encoding: an Encoded, or an EncodedPair
 
 
 @dataclass
@@ -69,12 +75,12 @@ class PrepareResult:
 
 
 @dataclass
-class FileResult:
-    """What one input file gave: the kept (example, encoding) pairs and the account of every other row."""
+class FileResult(Generic[Row, Enc]):
+    """What one input file gave: the kept (row, encoding) pairs and the account of every other row."""
 
     shown: str
     fmt: str
-    rows: list[tuple[Example, Encoded]] = field(default_factory=list)
+    rows: list[tuple[Row, Enc]] = field(default_factory=list)
     counts: StepCounts = field(default_factory=StepCounts)
     problems: list[RowProblem] = field(default_factory=list)
     filtered: list[dict[str, Any]] = field(default_factory=list)
@@ -98,6 +104,8 @@ def resolve_data_path(value: str, recipe: Recipe) -> Path:
 
 
 def demo_file(task: str) -> Path:
+    if task == "preference":
+        return ASSETS / "demo_preference.jsonl"
     return ASSETS / ("demo_classification.jsonl" if task == "classification" else "demo_chat.jsonl")
 
 
@@ -185,14 +193,60 @@ def encode_example(ex: Example, tokenizer, recipe: Recipe) -> Encoded:
     """Token ids and labels of one cleaned example, by its kind (chat, classification, plain text)."""
     cfg = recipe.data
     if isinstance(ex, Conversation):
-        return encode_conversation(tokenizer, ex.messages, cfg.max_seq_len, cfg.truncation)
+        return encode_conversation(tokenizer, ex.messages, cfg.max_seq_len, cfg.truncation, cfg.train_on_reasoning)
     if ex.label is not None:
         label = resolve_label(ex.label, list(recipe.model.labels))
         return encode_text(tokenizer, ex.text, cfg.max_seq_len, label=label, truncation=cfg.truncation)
     return encode_text(tokenizer, ex.text, cfg.max_seq_len, train_all=True, truncation=cfg.truncation)
 
 
-def process_file(path: Path, shown: str, recipe: Recipe, tokenizer) -> FileResult:
+def encode_rows(result: FileResult[Row, Enc], rows: Iterable[Row], encode: Callable[[Row], Enc], cfg: DataConfig, *,
+                field_of: Callable[[Row], str], length_of: Callable[[Enc], int],
+                over_length: type[Exception] = OverLength, measured: str = "") -> None:
+    """Encode a file's cleaned rows into result.rows (its last step), then count what was kept and sort its problems.
+
+    A row that cannot be encoded becomes a RowProblem on field_of(row), or for an over_length error on the error's
+    `field_name` when it names one. A row outside data.min_tokens / max_tokens (counted before truncation; measured
+    says what the count covers) is filtered, a truncated one listed; length_of gives an encoding's kept tokens.
+    """
+    counts = result.counts
+    for row in rows:
+        try:
+            enc = encode(row)
+        except over_length as e:
+            result.problems.append(RowProblem(row.loc, getattr(e, "field_name", field_of(row)), f"over-length: {e}"))
+            counts.over_length += 1
+            continue
+        except TemplateRejected as e:
+            result.problems.append(RowProblem(row.loc, field_of(row), str(e)))
+            counts.invalid += 1
+            continue
+        except ChatTemplateError:
+            raise  # the template itself cannot be used: not one row's problem
+        except (TypeError, ValueError, UnicodeError) as e:
+            # What the tokenizer raises for text it cannot take; validation should have caught it, but one
+            # odd row must not end the run with a library traceback.
+            result.problems.append(RowProblem(row.loc, field_of(row), f"cannot be tokenised: {type(e).__name__}: {e}"))
+            counts.invalid += 1
+            continue
+        reason = clean.length_filter(enc.full_length, cfg.min_tokens, cfg.max_tokens)
+        if reason:
+            setattr(counts, reason, getattr(counts, reason) + 1)
+            limit = f"min_tokens {cfg.min_tokens}" if reason == "too_short" else f"max_tokens {cfg.max_tokens}"
+            result.filtered.append({"where": row.source, "step": reason,
+                                    "reason": f"{enc.full_length} tokens{measured}, {limit}"})
+            continue
+        kept = length_of(enc)
+        if kept < enc.full_length:
+            counts.truncated += 1
+            result.truncated.append({"where": row.source, "truncated_turns": enc.truncated_turns,
+                                     "tokens_before": enc.full_length, "tokens_after": kept})
+        result.rows.append((row, enc))
+    counts.kept = len(result.rows)
+    result.problems.sort(key=_sort_key)
+
+
+def process_file(path: Path, shown: str, recipe: Recipe, tokenizer) -> FileResult[Example, Encoded]:
     """Read, validate, clean and encode one file. Row problems are collected, not raised."""
     cfg = recipe.data
     labels = list(recipe.model.labels)
@@ -208,7 +262,7 @@ def process_file(path: Path, shown: str, recipe: Recipe, tokenizer) -> FileResul
             f"classifier's outputs); the labels in the data are {found}"
         )
     check_max_seq_len(recipe, tokenizer, fmt)
-    result = FileResult(shown, fmt)
+    result: FileResult[Example, Encoded] = FileResult(shown, fmt, problems=problems)
     counts = result.counts
     counts.read = len(records) + len(problems)
     examples: list[Example] = []
@@ -241,40 +295,9 @@ def process_file(path: Path, shown: str, recipe: Recipe, tokenizer) -> FileResul
             result.filtered.append({"where": dup.source, "step": "duplicates",
                                     "reason": f"exact duplicate of {first.source}"})
 
-    for ex in examples:
-        field_name = "messages" if isinstance(ex, Conversation) else "text"
-        try:
-            enc = encode_example(ex, tokenizer, recipe)
-        except OverLength as e:
-            problems.append(RowProblem(ex.loc, field_name, f"over-length: {e}"))
-            counts.over_length += 1
-            continue
-        except TemplateRejected as e:
-            problems.append(RowProblem(ex.loc, field_name, str(e)))
-            counts.invalid += 1
-            continue
-        except ChatTemplateError:
-            raise  # the template itself cannot be used: not one row's problem
-        except (TypeError, ValueError, UnicodeError) as e:
-            # What the tokenizer raises for text it cannot take; validation should have caught it, but one
-            # odd row must not end the run with a library traceback.
-            problems.append(RowProblem(ex.loc, field_name, f"cannot be tokenised: {type(e).__name__}: {e}"))
-            counts.invalid += 1
-            continue
-        reason = clean.length_filter(enc.full_length, cfg.min_tokens, cfg.max_tokens)
-        if reason:
-            setattr(counts, reason, getattr(counts, reason) + 1)
-            limit = f"min_tokens {cfg.min_tokens}" if reason == "too_short" else f"max_tokens {cfg.max_tokens}"
-            result.filtered.append({"where": ex.source, "step": reason,
-                                    "reason": f"{enc.full_length} tokens, {limit}"})
-            continue
-        if enc.truncated:
-            counts.truncated += 1
-            result.truncated.append({"where": ex.source, "truncated_turns": enc.truncated_turns,
-                                     "tokens_before": enc.full_length, "tokens_after": len(enc.input_ids)})
-        result.rows.append((ex, enc))
-    counts.kept = len(result.rows)
-    result.problems = sorted(problems, key=_sort_key)
+    encode_rows(result, examples, lambda ex: encode_example(ex, tokenizer, recipe), cfg,
+                field_of=lambda ex: "messages" if isinstance(ex, Conversation) else "text",
+                length_of=lambda enc: len(enc.input_ids))
     return result
 
 
@@ -292,6 +315,68 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     random.Random(seed).shuffle(order)
     val = set(order[:n_val])
     return [i for i in range(n) if i not in val], sorted(val)
+
+
+class Split(NamedTuple):
+    """The kept rows of both splits, each (doc_id, row, encoding) with doc_ids unique across them, and how."""
+
+    train: list[tuple[int, Any, Any]]
+    validation: list[tuple[int, Any, Any]]
+    info: dict[str, Any]  # stats.json's `split`
+
+
+def split_results(results: dict[str, FileResult], cfg: DataConfig, row_key: Callable[[Any], str],
+                  unit: str = "rows") -> Split:
+    """Apply data.on_error to the files' problems, then split the kept rows: the validation file's, else a seeded
+    share of the training file's. row_key finds validation rows that are also training rows (they are counted).
+    Raises DataError when no training row is left (unit names them in the message)."""
+    problems = [p for r in results.values() for p in r.problems]
+    collect_or_raise(problems, cfg.on_error, cfg.max_errors_shown)
+    train_res = results["train"]
+    if "validation" in results:
+        train_rows = [(i, *row) for i, row in enumerate(train_res.rows)]
+        offset = len(train_rows)
+        val_rows = [(offset + i, *row) for i, row in enumerate(results["validation"].rows)]
+        train_keys = {row_key(row) for _, row, _ in train_rows}
+        overlap = sum(row_key(row) in train_keys for _, row, _ in val_rows)
+        info: dict[str, Any] = {"method": "file", "validation_rows_also_in_train": overlap}
+    else:
+        tr, va = split_indices(len(train_res.rows), cfg.val_fraction, cfg.split_seed)
+        train_rows = [(i, *train_res.rows[i]) for i in tr]
+        val_rows = [(i, *train_res.rows[i]) for i in va]
+        info = {"method": "seeded", "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
+    if not train_rows:
+        raise DataError(problems, cfg.max_errors_shown,
+                        header=f"no training {unit} left after validation and cleaning of {train_res.shown}")
+    info.update({"train_rows": len(train_rows), "validation_rows": len(val_rows)})
+    return Split(train_rows, val_rows, info)
+
+
+def prepare_stats(recipe: Recipe, key: dict[str, Any], inputs: dict[str, dict[str, Any]],
+                  results: dict[str, FileResult], split: Split, summary: Callable[[list[tuple]], dict[str, Any]],
+                  length_of: Callable[[Any], int]) -> dict[str, Any]:
+    """The stats.json sections of every task: inputs, step counts, split, skipped/filtered/truncated rows, the
+    token summary of each split (summary of its rows) and the histogram of length_of(encoding)."""
+    all_rows = split.train + split.validation
+    return {
+        "version": PIPELINE_VERSION,
+        "task": recipe.task,
+        "cache_key": key,
+        "inputs": {name: {**inputs[name], "format": results[name].fmt} for name in results},
+        "steps": {name: {k: v for k, v in dataclasses.asdict(r.counts).items() if k != "extra"}
+                  for name, r in results.items()},
+        "split": split.info,
+        "skipped_rows": [{"split": name, **p.to_dict()} for name, r in results.items() for p in r.problems],
+        "filtered_rows": [{"split": name, **f} for name, r in results.items() for f in r.filtered],
+        "tokens": {"train": summary(split.train), "validation": summary(split.validation), "all": summary(all_rows)},
+        "histogram": histogram([length_of(enc) for _, _, enc in all_rows]),
+        "truncated": {
+            "rows": sum(len(r.truncated) for r in results.values()),
+            "turns_dropped": sum(t["truncated_turns"] for r in results.values() for t in r.truncated),
+            "max_seq_len": recipe.data.max_seq_len,
+            "list": [{"split": name, **t} for name, r in results.items() for t in r.truncated],
+        },
+    }
 
 
 def features(task: str):
@@ -415,55 +500,22 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
                 console.print(f"{out_dir}: stats.json matches but the data cannot be loaded ({e}); preparing again")
             else:
                 shown_stats = {**old, "reused": True, "out_dir": str(out_dir)}
-                print_summary(shown_stats, console, cfg.max_errors_shown)
+                _print_summary(shown_stats, console, cfg.max_errors_shown)
                 return PrepareResult(out_dir, train, validation, shown_stats, reused=True)
 
-    results = {name: process_file(path, shown, recipe, tokenizer) for name, (path, shown) in files.items()}
-    all_problems = [p for r in results.values() for p in r.problems]
-    collect_or_raise(all_problems, cfg.on_error, cfg.max_errors_shown)
+    if recipe.task == "preference":  # pairs: phi3local.data.preference reads, encodes and counts them
+        from phi3local.data.preference import prepare_pairs
 
-    train_res = results["train"]
-    if "validation" in results:
-        val_res = results["validation"]
-        train_rows = [(i, ex, enc) for i, (ex, enc) in enumerate(train_res.rows)]
-        offset = len(train_rows)
-        val_rows = [(offset + i, ex, enc) for i, (ex, enc) in enumerate(val_res.rows)]
-        train_keys = {clean.example_key(ex) for _, ex, _ in train_rows}
-        overlap = sum(clean.example_key(ex) in train_keys for _, ex, _ in val_rows)
-        split_info = {"method": "file", "validation_rows_also_in_train": overlap}
-    else:
-        tr, va = split_indices(len(train_res.rows), cfg.val_fraction, cfg.split_seed)
-        train_rows = [(i, *train_res.rows[i]) for i in tr]
-        val_rows = [(i, *train_res.rows[i]) for i in va]
-        split_info = {"method": "seeded", "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
-    if not train_rows:
-        raise DataError(all_problems, cfg.max_errors_shown,
-                        header=f"no training rows left after validation and cleaning of {train_res.shown}")
-    split_info.update({"train_rows": len(train_rows), "validation_rows": len(val_rows)})
+        stats, train_ds, validation_ds = prepare_pairs(files, inputs, key, recipe, tokenizer, console)
+        return _publish(out_dir, stats, train_ds, validation_ds, started, console, cfg.max_errors_shown)
+
+    results = {name: process_file(path, shown, recipe, tokenizer) for name, (path, shown) in files.items()}
+    split = split_results(results, cfg, clean.example_key)
 
     def summary(rows):
         return length_summary([len(enc.input_ids) for _, _, enc in rows], [enc.n_trained for _, _, enc in rows])
 
-    all_rows = train_rows + val_rows
-    stats: dict[str, Any] = {
-        "version": PIPELINE_VERSION,
-        "task": recipe.task,
-        "cache_key": key,
-        "inputs": {name: {**inputs[name], "format": results[name].fmt} for name in results},
-        "steps": {name: {k: v for k, v in dataclasses.asdict(r.counts).items() if k != "extra"}
-                  for name, r in results.items()},
-        "split": split_info,
-        "skipped_rows": [{"split": name, **p.to_dict()} for name, r in results.items() for p in r.problems],
-        "filtered_rows": [{"split": name, **f} for name, r in results.items() for f in r.filtered],
-        "tokens": {"train": summary(train_rows), "validation": summary(val_rows), "all": summary(all_rows)},
-        "histogram": histogram([len(enc.input_ids) for _, _, enc in all_rows]),
-        "truncated": {
-            "rows": sum(len(r.truncated) for r in results.values()),
-            "turns_dropped": sum(t["truncated_turns"] for r in results.values() for t in r.truncated),
-            "max_seq_len": cfg.max_seq_len,
-            "list": [{"split": name, **t} for name, r in results.items() for t in r.truncated],
-        },
-    }
+    stats = prepare_stats(recipe, key, inputs, results, split, summary, lambda enc: len(enc.input_ids))
     if cfg.safety_screen:  # opt-in; the rules and the report live in phi3local.safety.screen
         from phi3local.safety.screen import screen_examples, screen_lines
 
@@ -479,8 +531,23 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
                 counts[names[enc.label]] += 1
             return counts
 
-        stats["labels"] = {"names": names, "train": label_counts(train_rows), "validation": label_counts(val_rows)}
+        stats["labels"] = {"names": names, "train": label_counts(split.train),
+                           "validation": label_counts(split.validation)}
+    return _publish(out_dir, stats, _to_dataset(split.train, recipe.task), _to_dataset(split.validation, recipe.task),
+                    started, console, cfg.max_errors_shown)
 
+
+def _print_summary(stats: dict[str, Any], console, max_rows_shown: int) -> None:
+    print_summary(stats, console, max_rows_shown)
+    if stats.get("task") == "preference":
+        from phi3local.data.preference import print_preference_summary
+
+        print_preference_summary(stats, console)
+
+
+def _publish(out_dir: Path, stats: dict[str, Any], train_ds, validation_ds, started: float, console,
+             max_rows_shown: int) -> PrepareResult:
+    """Write the two splits and stats.json under a temporary name, rename into place, print the summary."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     import datasets
@@ -489,8 +556,8 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
     datasets.disable_progress_bars()
     try:
         tmp.mkdir()
-        _save(_to_dataset(train_rows, recipe.task), tmp / "train")
-        _save(_to_dataset(val_rows, recipe.task), tmp / "validation")
+        _save(train_ds, tmp / "train")
+        _save(validation_ds, tmp / "validation")
         stats["seconds"] = round(time.time() - started, 2)
         # backslashreplace: a file name that is not UTF-8 (decoded by Python into surrogates) must not crash here.
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n", encoding="utf-8",
@@ -504,7 +571,7 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
             datasets.enable_progress_bars()
     train, validation = load_prepared(out_dir)
     shown_stats = {**stats, "reused": False, "out_dir": str(out_dir)}
-    print_summary(shown_stats, console, cfg.max_errors_shown)
+    _print_summary(shown_stats, console, max_rows_shown)
     return PrepareResult(out_dir, train, validation, shown_stats, reused=False)
 
 
@@ -512,20 +579,24 @@ __all__ = [
     "PIPELINE_VERSION",
     "FileResult",
     "PrepareResult",
+    "Split",
     "cache_key",
     "check_max_seq_len",
     "check_system_prompt",
     "clean_stale_temporaries",
     "demo_file",
     "encode_example",
+    "encode_rows",
     "features",
     "file_digest",
     "input_digest",
     "load_prepared",
     "prepare",
+    "prepare_stats",
     "process_file",
     "read_stats",
     "resolve_data_path",
     "split_indices",
+    "split_results",
     "tokenizer_fingerprint",
 ]

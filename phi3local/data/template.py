@@ -9,8 +9,15 @@ How the mask is found, for any template that renders a conversation as a growing
 - a token is trained when its character span overlaps a trained span (a token that straddles the start
   only through whitespace, e.g. a chat tag with rstrip that swallowed the content's leading space, is not).
 For Phi-3 this trains exactly the assistant content and its `<|end|>`; tags, system and user turns and the
-final `<|endoftext|>` get label -100. If a template does not render prefixes as prefixes (some templates
-rewrite earlier turns), a ChatTemplateError says so instead of training on a wrong mask.
+final `<|endoftext|>` get label -100 (Phi-4: the content and its `<|im_end|>`). If a template does not render
+prefixes as prefixes (some templates rewrite earlier turns), a ChatTemplateError says so instead of training on
+a wrong mask.
+
+Reasoning traces (Phi-4-reasoning, Phi-4-mini-reasoning): an assistant turn's `reasoning` field is written into
+its content as `<think>\n{reasoning}\n</think>\n\n{content}` (`join_reasoning`), and content that opens with
+`<think>...</think>` is taken as it is. With train_on_reasoning (the default) the trace is trained with the
+answer; without, the trace and the whitespace after it are masked and only the answer and the end of the turn
+are trained (the model still reads the trace). `split_reasoning` splits generated text into trace and answer.
 
 Labels are aligned with input_ids (not shifted): labels[i] is input_ids[i] when token i is a target.
 """
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from phi3local.errors import Phi3LocalError
+from phi3local.serve.reasoning import THINK_CLOSE, THINK_OPEN, split_reasoning  # noqa: F401  (re-exported)
 
 IGNORE = -100
 
@@ -58,6 +66,62 @@ class Encoded:
     @property
     def truncated(self) -> bool:
         return len(self.input_ids) < self.full_length
+
+
+# --------------------------------------------------------------------------------------------- reasoning
+
+# THINK_OPEN, THINK_CLOSE and split_reasoning: phi3local.serve.reasoning (imported above), shared with chat/serve.
+# Message keys that hold an assistant turn's trace: ours, and the name OpenAI-style APIs answer with.
+REASONING_KEYS = ("reasoning", "reasoning_content")
+
+
+def join_reasoning(reasoning: str, content: str) -> str:
+    """An assistant turn's content with its trace written first, the way reasoning models answer."""
+    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{content}"
+
+
+def reasoning_span(content: str) -> tuple[int, int] | None:
+    """Where the trace of an assistant content is: from its `<think>` (only leading whitespace before it) through
+    `</think>` and the whitespace after it; None without one. A `<think>` that is never closed is a ValueError."""
+    start = len(content) - len(content.lstrip())
+    if not content.startswith(THINK_OPEN, start):
+        return None
+    close = content.find(THINK_CLOSE, start + len(THINK_OPEN))
+    if close < 0:
+        raise ValueError(f"the content opens a reasoning trace with {THINK_OPEN} and never closes it with {THINK_CLOSE}")
+    end = close + len(THINK_CLOSE)
+    return start, end + len(content[end:]) - len(content[end:].lstrip())
+
+
+def with_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with each `reasoning` (or `reasoning_content`) field written into its assistant content.
+
+    An empty trace adds nothing. A trace that is not text, sits on a non-assistant turn, comes with content that
+    already opens one with `<think>`, or is given under both names is a TemplateRejected (that row's problem).
+    """
+    if not any(k in m for m in messages for k in REASONING_KEYS):
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        keys = [k for k in REASONING_KEYS if m.get(k) is not None]
+        m = {k: v for k, v in m.items() if k not in REASONING_KEYS}
+        if not keys:
+            out.append(m)
+            continue
+        where = f"messages[{i}].{keys[0]}"
+        if len(keys) > 1:
+            raise TemplateRejected(f"messages[{i}] has both reasoning and reasoning_content: keep one")
+        trace = messages[i][keys[0]]
+        if not isinstance(trace, str):
+            raise TemplateRejected(f"{where} must be a string, got {type(trace).__name__}")
+        if m["role"] != "assistant":
+            raise TemplateRejected(f"{where}: only assistant turns can have a reasoning trace, this one is {m['role']}")
+        if trace.strip():
+            if m["content"].lstrip().startswith(THINK_OPEN):
+                raise TemplateRejected(f"{where}: the content already opens a trace with {THINK_OPEN}: give it once")
+            m["content"] = join_reasoning(trace, m["content"])
+        out.append(m)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- render
@@ -157,7 +221,27 @@ def end_suffix(tokenizer) -> str:
 # --------------------------------------------------------------------------------------------- encode
 
 
-def _assistant_spans(tokenizer, messages: list[dict[str, Any]], full: str) -> list[tuple[int, int]]:
+def _answer_spans(full: str, start: int, end: int, content: str, k: int) -> list[tuple[int, int]]:
+    """The parts of assistant turn k's rendered span [start, end) that are not its reasoning trace."""
+    try:
+        span = reasoning_span(content)
+    except ValueError as e:
+        raise TemplateRejected(f"assistant message {k}: {e}") from None
+    if span is None:
+        return [(start, end)]
+    trace = content[span[0]:span[1]].rstrip()  # through </think>; the whitespace after it may be rendered otherwise
+    at = full.find(trace, start, end)
+    if at < 0:
+        raise ChatTemplateError(
+            f"the chat template does not write assistant message {k}'s reasoning trace as it is, so it cannot be "
+            "masked; use data.train_on_reasoning=true (the trace is then trained with the answer)")
+    after = at + len(trace)
+    after += len(full[after:end]) - len(full[after:end].lstrip())
+    return [(a, b) for a, b in ((start, at), (after, end)) if full[a:b].strip()]
+
+
+def _assistant_spans(tokenizer, messages: list[dict[str, Any]], full: str, train_on_reasoning: bool = True
+                     ) -> list[tuple[int, int]]:
     suffix = end_suffix(tokenizer)
     spans = []
     for k, m in enumerate(messages):
@@ -179,8 +263,12 @@ def _assistant_spans(tokenizer, messages: list[dict[str, Any]], full: str) -> li
             )
         if end <= len(prompt):
             raise ChatTemplateError(f"assistant message {k} renders to no text after the generation prompt")
-        if m.get("weight", 1) != 0:
+        if m.get("weight", 1) == 0:
+            continue
+        if train_on_reasoning:
             spans.append((len(prompt), end))
+        else:
+            spans += _answer_spans(full, len(prompt), end, m["content"], k)
     return spans
 
 
@@ -216,7 +304,7 @@ def supports_system(tokenizer) -> bool:
     return _SYSTEM_CACHE[key]
 
 
-def _encode_full(tokenizer, messages: list[dict[str, Any]]
+def _encode_full(tokenizer, messages: list[dict[str, Any]], train_on_reasoning: bool = True
                  ) -> tuple[list[int], list[int], list[tuple[int, int]], str]:
     if messages and messages[0]["role"] == "system" and not supports_system(tokenizer):
         raise ChatTemplateError(
@@ -225,7 +313,7 @@ def _encode_full(tokenizer, messages: list[dict[str, Any]]
         )
     full = render(tokenizer, messages)
     ids, offsets = _offsets(tokenizer, full)
-    labels = _mask(ids, offsets, _assistant_spans(tokenizer, messages, full), full)
+    labels = _mask(ids, offsets, _assistant_spans(tokenizer, messages, full, train_on_reasoning), full)
     return ids, labels, offsets, full
 
 
@@ -263,14 +351,16 @@ def _first_guess(tokenizer, system: list[dict], pairs: list[list[dict]], offsets
 
 
 def encode_conversation(tokenizer, messages: list[dict[str, Any]], max_seq_len: int,
-                        truncation: str = "turns") -> Encoded:
+                        truncation: str = "turns", train_on_reasoning: bool = True) -> Encoded:
     """Token ids and labels of a conversation; with truncation=turns, drop the fewest oldest exchanges to fit.
 
     The system message is always kept; whole (user, assistant) pairs are dropped, oldest first. Raises
     OverLength if the row does not fit (truncation=error, or the last exchange alone is too long) or if
-    the exchanges that fit have nothing to train (only weight-0 assistant turns).
+    the exchanges that fit have nothing to train (only weight-0 assistant turns). train_on_reasoning=False
+    masks each assistant turn's reasoning trace (see the module's docstring).
     """
-    ids, labels, offsets, _ = _encode_full(tokenizer, messages)
+    messages = with_reasoning(messages)
+    ids, labels, offsets, _ = _encode_full(tokenizer, messages, train_on_reasoning)
     full_length = len(ids)
     if full_length <= max_seq_len:
         return Encoded(ids, labels, 0, full_length)
@@ -282,7 +372,7 @@ def encode_conversation(tokenizer, messages: list[dict[str, Any]], max_seq_len: 
         raise OverLength(full_length, max_seq_len, f"{over}, and it has a single exchange that cannot be dropped")
 
     def encode_dropping(drop: int) -> tuple[list[int], list[int]]:
-        kept_ids, kept_labels, _, _ = _encode_full(tokenizer, _joined(system, pairs[drop:]))
+        kept_ids, kept_labels, _, _ = _encode_full(tokenizer, _joined(system, pairs[drop:]), train_on_reasoning)
         return kept_ids, kept_labels
 
     drop = _first_guess(tokenizer, system, pairs, offsets, full_length, max_seq_len)

@@ -145,6 +145,68 @@ def _hf_greedy(model, ids: list[int], n: int, stop_ids: list[int], through_stops
     return [int(t) for t in out[0, len(ids):]]
 
 
+def logit_diffs(ref: np.ndarray, prompt_len: int, prompt_logits: np.ndarray, step_logits: list[np.ndarray],
+                ignored_ids: list[int] | None = None) -> dict:
+    """A prompt's logit measurements against PyTorch's (ref, every position of prompt + generated tokens): max |diff|
+    per prompt position and per decode step, their maxima, the logit scale and the relative error.
+
+    ignored_ids: ids left out of the decode steps' diffs (a runtime that may not pick them writes its own floor
+    there, e.g. while decoding through stop tokens).
+    """
+    p = prompt_len
+    prompt_diff = np.abs(prompt_logits - ref[:p]).max(axis=-1)
+    if step_logits:
+        decode_delta = np.abs(np.stack(step_logits) - ref[p:p + len(step_logits)])
+        if ignored_ids:
+            decode_delta[:, ignored_ids] = 0.0
+        decode_diff = decode_delta.max(axis=-1)
+    else:
+        decode_diff = np.zeros(0, dtype=np.float32)
+    scale = float(np.abs(ref[:p + len(step_logits)]).max())
+    max_diff = float(max(prompt_diff.max(initial=0.0), decode_diff.max(initial=0.0)))
+    return {
+        "prompt_max_abs_diff_per_position": [float(x) for x in prompt_diff],
+        "decode_max_abs_diff_per_position": [float(x) for x in decode_diff],
+        "prompt_max_abs_diff": float(prompt_diff.max(initial=0.0)),
+        "decode_max_abs_diff": float(decode_diff.max(initial=0.0)),
+        "max_abs_diff": max_diff,
+        "logit_scale": scale,
+        "relative_error": max_diff / scale if scale else 0.0,
+    }
+
+
+def greedy_agreement(torch_tokens: list[int], tokens: list[int]) -> dict:
+    """How far a runtime's greedy tokens follow PyTorch's: tokens compared, identical, the first divergence
+    (None when they agree; a shorter run diverges where it ends)."""
+    first_div = next((i for i, (a, b) in enumerate(zip(torch_tokens, tokens)) if a != b), None)
+    if first_div is None and len(torch_tokens) != len(tokens):
+        first_div = min(len(torch_tokens), len(tokens))
+    return {
+        "greedy_compared": max(len(torch_tokens), len(tokens)),
+        "greedy_identical": sum(a == b for a, b in zip(torch_tokens, tokens)),
+        "greedy_first_divergence": first_div,
+    }
+
+
+def overall(results: list[dict]) -> dict:
+    """A report's worst and summed measurements over its prompts (relative_error: the worst position relative to
+    its own prompt's scale, the check export_onnx applies for fp32)."""
+    return {
+        "max_abs_diff": max((r["max_abs_diff"] for r in results), default=0.0),
+        "logit_scale": max((r["logit_scale"] for r in results), default=0.0),
+        "relative_error": max((r["relative_error"] for r in results), default=0.0),
+        "greedy_identical": sum(r["greedy_identical"] for r in results),
+        "greedy_compared": sum(r["greedy_compared"] for r in results),
+        "greedy_all_agree": all(r["greedy_first_divergence"] is None for r in results),
+        "tokenizer_match": all(r["tokenizer_match"] for r in results),
+    }
+
+
+def within_tolerance(results: list[dict], tolerance: float) -> bool:
+    """Every prompt's worst position within tolerance x its logit scale (a NaN never is)."""
+    return all(r["max_abs_diff"] <= tolerance * r["logit_scale"] and not math.isnan(r["max_abs_diff"]) for r in results)
+
+
 def _og_run(og_model, ids: list[int], new_tokens: int, context_length: int, switch: int | None = None,
             stop_ids: list[int] | None = None):
     """Prompt logits, per-step decode logits and the greedy tokens from onnxruntime-genai.
@@ -247,40 +309,17 @@ def check_parity(
         full = ids + og_tokens
         ref = reference_logits(model, ids, full, switch)
         p = len(ids)
-        prompt_diff = np.abs(prompt_logits - ref[:p]).max(axis=-1)
-        decode_ref = ref[p:p + len(step_logits)]
-        if step_logits:
-            decode_delta = np.abs(np.stack(step_logits) - decode_ref)
-            if through_stops:  # onnxruntime-genai's min_length writes the lowest float into those logits
-                decode_delta[:, stop_ids] = 0.0
-            decode_diff = decode_delta.max(axis=-1)
-        else:
-            decode_diff = np.zeros(0, dtype=np.float32)
-        scale = float(np.abs(ref[:p + len(step_logits)]).max())
-        max_diff = float(max(prompt_diff.max(initial=0.0), decode_diff.max(initial=0.0)))
-
+        # Through stop tokens, onnxruntime-genai's min_length writes the lowest float into their logits.
+        diffs = logit_diffs(ref, p, prompt_logits, step_logits, stop_ids if through_stops else None)
         hf_tokens = _hf_greedy(model, ids, new_tokens, stop_ids, through_stops)
-        compared = max(len(hf_tokens), len(og_tokens))
-        identical = sum(a == b for a, b in zip(hf_tokens, og_tokens))
-        first_div = next((i for i, (a, b) in enumerate(zip(hf_tokens, og_tokens)) if a != b), None)
-        if first_div is None and len(hf_tokens) != len(og_tokens):
-            first_div = min(len(hf_tokens), len(og_tokens))
         entry = {
             "prompt": text,
             "prompt_tokens": p,
             "tokenizer_match": og_ids == ids,
-            "prompt_max_abs_diff_per_position": [float(x) for x in prompt_diff],
-            "decode_max_abs_diff_per_position": [float(x) for x in decode_diff],
-            "prompt_max_abs_diff": float(prompt_diff.max(initial=0.0)),
-            "decode_max_abs_diff": float(decode_diff.max(initial=0.0)),
-            "max_abs_diff": max_diff,
-            "logit_scale": scale,
-            "relative_error": max_diff / scale if scale else 0.0,
+            **diffs,
             "greedy_tokens_onnx": og_tokens,
             "greedy_tokens_torch": hf_tokens,
-            "greedy_compared": compared,
-            "greedy_identical": identical,
-            "greedy_first_divergence": first_div,
+            **greedy_agreement(hf_tokens, og_tokens),
             "greedy_text_onnx": og_tok.decode(np.asarray(og_tokens, dtype=np.int32)) if og_tokens else "",
             "logits_alignment_ok": aligned,
         }
@@ -293,10 +332,6 @@ def check_parity(
         results.append(entry)
     del og_model
 
-    max_diff = max((r["max_abs_diff"] for r in results), default=0.0)
-    scale = max((r["logit_scale"] for r in results), default=0.0)
-    # Worst position relative to its own prompt's scale (the check export_onnx applies for fp32).
-    worst_rel = max((r["relative_error"] for r in results), default=0.0)
     report = {
         "onnx_dir": str(onnx_dir),
         "hf_model_dir": str(hf_model_dir),
@@ -304,22 +339,14 @@ def check_parity(
         "execution_provider": execution_provider or "as configured",
         "new_tokens": new_tokens,
         "stop_token_ids": stop_ids,
-        "max_abs_diff": max_diff,
-        "logit_scale": scale,
-        "relative_error": worst_rel,
-        "greedy_identical": sum(r["greedy_identical"] for r in results),
-        "greedy_compared": sum(r["greedy_compared"] for r in results),
-        "greedy_all_agree": all(r["greedy_first_divergence"] is None for r in results),
-        "tokenizer_match": all(r["tokenizer_match"] for r in results),
+        **overall(results),
         "logits_alignment_ok": all(r["logits_alignment_ok"] for r in results),
         "seconds": round(time.perf_counter() - t0, 3),
         "prompts": results,
     }
     if tolerance is not None:
         report["tolerance_relative"] = tolerance
-        report["passed"] = all(
-            r["max_abs_diff"] <= tolerance * r["logit_scale"] and not math.isnan(r["max_abs_diff"]) for r in results
-        )
+        report["passed"] = within_tolerance(results, tolerance)
     if out_path is not False:
         write_json(Path(out_path) if out_path else onnx_dir / "parity.json", report)
     if show:

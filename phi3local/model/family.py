@@ -7,6 +7,11 @@
               rotary_dims / 2 <= head_size / 2 and a multiple of 8, which Phi-4-mini's 96 of 128 pass),
               GQA 3:1, tied embeddings, a byte-level vocabulary 3.5 times the tiny Phi-3's (2112 rows), Phi-4's chat
               template and special tokens, and a pad token (`<|endoftext|>`) that is not the end of a turn
+    phi4      Phi-4 (also the body of Phi-4-reasoning and -reasoning-plus): GQA 4:1 (as 40 query heads share 10),
+              plain RoPE over the whole head, untied embeddings, a byte-level vocabulary whose last 96 rows are
+              Phi-4's added tokens in their order (`<|im_start|>`, `<|im_sep|>`, `<|im_end|>`, reserved
+              `<|dummy_i|>`, all with lstrip/rstrip as there), the `<|im_start|>role<|im_sep|>...<|im_end|>` template,
+              eos `<|im_end|>` and pad `<|dummy_85|>`, which is not the end of a turn
 
 The small sizes keep every test fast; the features are the ones that broke or could break something
 (the export's rope config, the switch point, tied weights, the KV-head count). Each member is a pure
@@ -22,7 +27,13 @@ from pathlib import Path
 
 from phi3local.errors import Phi3LocalError
 from phi3local.model.tiny import _special_ids, _vocab_of, build_once, build_tiny_tokenizer, seeded, texts_digest
-from phi3local.model.tokenizer import PHI4_CHAT_TEMPLATE, PHI4_SPECIAL_TOKENS
+from phi3local.model.tokenizer import (
+    PHI4_CHAT_TEMPLATE,
+    PHI4_IM_CHAT_TEMPLATE,
+    PHI4_IM_PAD_TOKEN,
+    PHI4_SPECIAL_TOKENS,
+    phi4_im_special_tokens,
+)
 
 FAMILY_VERSION = 1  # bump when a built member changes, so cached builds are rebuilt
 
@@ -42,8 +53,10 @@ class TinyMember:
     original_max_position_embeddings: int | None = None  # the LongRoPE switch; None: plain RoPE
     partial_rotary_factor: float = 1.0
     tie_word_embeddings: bool = False
-    tokenizer: str = "phi3"  # "phi3" (SentencePiece-style, tiny.py) or "phi4" (byte-level, Phi-4's tokens)
-    vocab_pieces: int = 512  # tokenizer entries before the chat tokens (phi3: base pieces; phi4: learned)
+    # "phi3" (SentencePiece-style, tiny.py), "phi4" (byte-level, Phi-4-mini's tokens) or "phi4-im" (byte-level,
+    # Phi-4's <|im_start|> tokens)
+    tokenizer: str = "phi3"
+    vocab_pieces: int = 512  # tokenizer entries before the chat tokens (phi3: base pieces; phi4*: learned)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -63,6 +76,10 @@ MEMBERS: dict[str, TinyMember] = {m.name: m for m in (
                num_key_value_heads=1, intermediate_size=256, max_position_embeddings=256,
                original_max_position_embeddings=64, partial_rotary_factor=0.75, tie_word_embeddings=True,
                tokenizer="phi4", vocab_pieces=2048),
+    # 1056 byte-level entries + Phi-4's 96 added tokens = 1152 rows, a multiple of 64 as Phi-4's 100352 are, so
+    # (as there) every embedding row is a token.
+    TinyMember("phi4", "microsoft/phi-4", hidden_size=128, num_attention_heads=4, num_key_value_heads=1,
+               intermediate_size=256, tokenizer="phi4-im", vocab_pieces=1056),
 )}
 
 
@@ -97,10 +114,9 @@ def rope_parameters(m: TinyMember) -> dict:
 # ----------------------------------------------------------------------------------------- Phi-4 tokenizer
 
 
-def build_phi4_tokenizer(out_dir: Path, texts: Sequence[str], n_pieces: int) -> Path:
-    """A byte-level BPE (GPT-style, as Phi-4-mini's o200k-based tokenizer) with Phi-4's special tokens after
-    the learned pieces, and Phi-4-mini's chat template; `<|endoftext|>` is bos, eos and pad, as there."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+def _byte_level_bpe(texts: Sequence[str], n_pieces: int):
+    """A byte-level BPE (GPT-style, as both Phi-4 tokenizers are) trained on texts up to n_pieces entries."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -108,23 +124,55 @@ def build_phi4_tokenizer(out_dir: Path, texts: Sequence[str], n_pieces: int) -> 
     trainer = trainers.BpeTrainer(vocab_size=n_pieces, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, special_tokens=[])
     tok.train_from_iterator(list(texts), trainer)
+    return tok
+
+
+def _save_tokenizer(tok, out_dir: Path, config: dict) -> Path:
+    """tokenizer.json and a tokenizer_config.json of `config` in out_dir, as a Hugging Face folder has them."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "TokenizersBackend", **config}  # AutoTokenizer then uses tokenizer.json as written
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def build_phi4_tokenizer(out_dir: Path, texts: Sequence[str], n_pieces: int) -> Path:
+    """A byte-level BPE (GPT-style, as Phi-4-mini's o200k-based tokenizer) with Phi-4's special tokens after
+    the learned pieces, and Phi-4-mini's chat template; `<|endoftext|>` is bos, eos and pad, as there."""
+    from tokenizers import AddedToken
+
+    tok = _byte_level_bpe(texts, n_pieces)
     # As in Phi-4-mini: <|endoftext|>, reserved <|dummy_i|> tokens (here they fill the vocabulary up to
     # n_pieces, so its size is not set by how many merges the texts allow), then the chat and tool tokens.
     dummies = [f"<|dummy_{i}|>" for i in range(max(n_pieces - tok.get_vocab_size() - 1, 0))]
     specials = PHI4_SPECIAL_TOKENS[:1] + dummies + PHI4_SPECIAL_TOKENS[1:]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "TokenizersBackend",  # AutoTokenizer then uses tokenizer.json as written
+    return _save_tokenizer(tok, out_dir, {
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
         "model_max_length": 256, "padding_side": "left", "clean_up_tokenization_spaces": False,
         "chat_template": PHI4_CHAT_TEMPLATE,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return out_dir
+    })
+
+
+def build_phi4_im_tokenizer(out_dir: Path, texts: Sequence[str], n_pieces: int) -> Path:
+    """A byte-level BPE (Phi-4's is tiktoken cl100k-based) with Phi-4's 96 added tokens after n_pieces entries
+    (reserved `<|unused_i|>` fill what the texts' merges leave, as Phi-4-mini's stand-in does), Phi-4's chat
+    template, bos `<|endoftext|>`, eos `<|im_end|>` and pad `<|dummy_85|>`, as in Phi-4's tokenizer_config.json."""
+    from tokenizers import AddedToken
+
+    tok = _byte_level_bpe(texts, n_pieces)
+    unused = [f"<|unused_{i}|>" for i in range(max(n_pieces - tok.get_vocab_size(), 0))]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in unused])
+    # Phi-4's own tokens strip the whitespace on both sides into themselves (lstrip and rstrip true).
+    tok.add_special_tokens([AddedToken(t, lstrip=True, rstrip=True, normalized=False, special=True)
+                            for t in phi4_im_special_tokens()])
+    return _save_tokenizer(tok, out_dir, {
+        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": PHI4_IM_PAD_TOKEN,
+        "add_bos_token": False, "add_eos_token": False, "model_max_length": 512,
+        "clean_up_tokenization_spaces": False, "chat_template": PHI4_IM_CHAT_TEMPLATE,
+    })
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -151,7 +199,11 @@ def build_member_model(out_dir: Path, m: TinyMember, vocab_size: int, seed: int 
     pad = ids["<|endoftext|>"]
     # Phi-4-mini ends a turn with <|end|> (its eos); its pad <|endoftext|> ends only a whole text.
     eos = ids["<|end|>"] if m.tokenizer == "phi4" else ids["<|endoftext|>"]
-    stops = sorted({ids["<|end|>"], ids["<|endoftext|>"]})
+    stops = sorted({ids["<|end|>"], ids["<|endoftext|>"]}) if "<|end|>" in ids else []
+    if m.tokenizer == "phi4-im":
+        # Phi-4 ends a turn with <|im_end|> (its eos) and pads with a reserved token that ends nothing.
+        pad, eos = ids[PHI4_IM_PAD_TOKEN], ids["<|im_end|>"]
+        stops = sorted({eos, ids["<|endoftext|>"]})
     longrope = m.original_max_position_embeddings is not None
     config = Phi3Config(
         vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -159,7 +211,7 @@ def build_member_model(out_dir: Path, m: TinyMember, vocab_size: int, seed: int 
         num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
         original_max_position_embeddings=m.original_max_position_embeddings or m.max_position_embeddings,
         partial_rotary_factor=m.partial_rotary_factor, rope_parameters=rope_parameters(m), rms_norm_eps=1e-5,
-        tie_word_embeddings=m.tie_word_embeddings, bos_token_id=ids.get("<s>", pad), eos_token_id=eos,
+        tie_word_embeddings=m.tie_word_embeddings, bos_token_id=ids.get("<s>", ids["<|endoftext|>"]), eos_token_id=eos,
         pad_token_id=pad, sliding_window=None,
     )
     if longrope:
@@ -180,6 +232,8 @@ def ensure_tiny_member(name: str, cache_dir: Path, texts: Sequence[str], seed: i
     def build(folder: Path) -> None:
         if m.tokenizer == "phi4":
             build_phi4_tokenizer(folder, texts, m.vocab_pieces)
+        elif m.tokenizer == "phi4-im":
+            build_phi4_im_tokenizer(folder, texts, m.vocab_pieces)
         else:
             build_tiny_tokenizer(folder, texts, m.vocab_pieces, split_punctuation=True)
         build_member_model(folder, m, vocab_rows(len(_vocab_of(folder)), m), seed=seed)

@@ -26,7 +26,7 @@ class ModelShape:
     max_position_embeddings: int
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     original_max_position_embeddings: int | None = None  # the LongRoPE switch point; None without LongRoPE
-    rope_type: str = "default"  # "longrope" for the 128k / 3.5 / Phi-4-mini members
+    rope_type: str = "default"  # "longrope" for the 128k / 3.5 / Phi-4-mini(-reasoning) members
     partial_rotary_factor: float = 1.0  # Phi-4-mini rotates 0.75 of each head
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
@@ -64,6 +64,20 @@ _PHI3_MINI = ModelShape(
 
 _LONGROPE = dict(max_position_embeddings=131072, original_max_position_embeddings=4096, rope_type="longrope")
 
+# Phi-4 (microsoft/phi-4, 14B): Phi-3-medium's body (40 layers, 5120 wide, 40 heads on 10 key/value heads) with
+# a 100352-row tiktoken-style vocabulary (every row a token: 100256 byte-level pieces, then <|dummy_i|>,
+# <|endoftext|> 100257, <|im_start|> 100264, <|im_end|> 100265, <|im_sep|> 100266, <|endofprompt|> 100276),
+# untied embeddings, plain RoPE over the whole head, 16k positions. Ids from its tokenizer_config.json (Microsoft's
+# test copy in onnxruntime-extensions, test/data/phi-4-base): eos <|im_end|>, pad <|dummy_85|> = 100349.
+_PHI4 = ModelShape(
+    hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10, intermediate_size=17920,
+    vocab_size=100352, max_position_embeddings=16384, pad_token_id=100349, eos_token_ids=(100265,),
+    model_id="microsoft/phi-4",
+    notes=("chat format <|im_start|>role<|im_sep|>...<|im_end|>; pad <|dummy_85|> is not the end of a turn",
+           "untied: the input and output embeddings are 0.5B parameters each, kept in 16 bits by QLoRA"),
+)
+_PHI4_REASONING = ("the Phi-4 body fine-tuned to answer with a <think>...</think> trace, 32k positions",)
+
 KNOWN_SHAPES: dict[str, ModelShape] = {
     s.model_id.lower(): s
     for s in (
@@ -80,6 +94,15 @@ KNOWN_SHAPES: dict[str, ModelShape] = {
                    intermediate_size=8192, vocab_size=200064, partial_rotary_factor=0.75, tie_word_embeddings=True,
                    pad_token_id=199999, eos_token_ids=(200020,), model_id="microsoft/Phi-4-mini-instruct",
                    notes=("full-vocabulary fp32 logits of 4096 tokens are 3.3 GB",), **_LONGROPE),
+        _PHI4,
+        replace(_PHI4, model_id="microsoft/Phi-4-reasoning", max_position_embeddings=32768, notes=_PHI4_REASONING),
+        replace(_PHI4, model_id="microsoft/Phi-4-reasoning-plus", max_position_embeddings=32768,
+                notes=_PHI4_REASONING),
+        ModelShape(hidden_size=3072, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                   intermediate_size=8192, vocab_size=200064, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                   pad_token_id=199999, eos_token_ids=(200020,), model_id="microsoft/Phi-4-mini-reasoning",
+                   notes=("the Phi-4-mini body; answers with a <think>...</think> trace (plain text, not a token)",
+                          "full-vocabulary fp32 logits of 4096 tokens are 3.3 GB"), **_LONGROPE),
     )
 }
 

@@ -46,6 +46,52 @@ PHI4_CHAT_TEMPLATE = (
 PHI4_SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>", "<|tool|>", "<|/tool|>",
                        "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>", "<|tag|>"]
 
+# Phi-4-mini-reasoning's chat template (Microsoft's test copy in onnxruntime-extensions,
+# test/data/phi-4-mini-reasoning/chat_template.jinja at c1946f94901bf0a612d6bd15a6b9363687f52dd2): a fixed system
+# turn that any system message is appended to, then Phi-4-mini's tags. Its answers open with a `<think>` trace in
+# plain text (the tokenizer has no such token).
+PHI4_MINI_REASONING_CHAT_TEMPLATE = (
+    "{{ '<|system|>Your name is Phi, an AI math expert developed by Microsoft.' }}"
+    "{% for message in messages %}{% if message['role'] == 'system' %} {{ message['content'] }}"
+    "{% if 'tools' in message and message['tools'] is not none %}{{ '<|tool|>' + message['tools'] + '<|/tool|>' }}"
+    "{% endif %}{% endif %}{% endfor %}{{ '<|end|>' }}"
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# Phi-4's (microsoft/phi-4) chat template: `<|im_start|>role<|im_sep|>content<|im_end|>`, no newlines, no text
+# after the last turn. From its tokenizer_config.json (Microsoft's test copy in onnxruntime-extensions,
+# test/data/phi-4-base/tokenizer_config.json at 52e1ef5dd14ea5ca0892522acec802f6836f03ef).
+PHI4_IM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'assistant') %}"
+    "{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
+
+def phi4_im_special_tokens() -> list[str]:
+    """Phi-4's 96 added tokens in the order of their ids, 100256-100351 (same source as PHI4_IM_CHAT_TEMPLATE):
+    <|endoftext|> 100257, <|im_start|> 100264, <|im_end|> 100265 (eos), <|im_sep|> 100266, <|endofprompt|> 100276,
+    and reserved <|dummy_i|> tokens around them; the pad is <|dummy_85|> (100349). All have lstrip and rstrip."""
+    named = {1: "<|endoftext|>", 2: "<|fim_prefix|>", 3: "<|fim_middle|>", 4: "<|fim_suffix|>", 8: "<|im_start|>",
+             9: "<|im_end|>", 10: "<|im_sep|>", 20: "<|endofprompt|>"}
+    tokens, dummy = [], 0
+    for i in range(96):
+        if i in named:
+            tokens.append(named[i])
+        else:
+            tokens.append(f"<|dummy_{dummy}|>")
+            dummy += 1
+    return tokens
+
+
+PHI4_IM_PAD_TOKEN = "<|dummy_85|>"
+
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # Plain settings copied from tokenizer_config.json when present.
 _PLAIN_KEYS = ("model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces")

@@ -63,6 +63,12 @@ def cmd_safety(args) -> int:
     scorer = "rules" if client is None else "rules + Azure AI Content Safety"
     say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     say(f"scorer: {scorer}; {report['prompt_set']['count']} prompts, {report['max_new_tokens']} new tokens each")
+    for name, part in (("model", report), ("baseline", report["baseline"])):
+        unfinished = (part or {}).get("unfinished_traces") or 0
+        if unfinished:
+            say(f"warning: {unfinished} of the {name}'s answers stopped inside the reasoning trace, before any "
+                f"answer: counted as not refused. Raise --max-new-tokens (now {report['max_new_tokens']}) so "
+                "traces finish")
     if report["baseline"] is None:
         say("no --baseline: the deploy gate (azure push) needs the change against the base model")
     say(f"wrote {report['out_dir']}/safety.json and safety.png")

@@ -10,13 +10,18 @@ decode that grows past the switch point is re-prefilled once (`reprefill_at_swit
 those of fresh forwards.
 
 `OnnxChatModel` loads a model once and serves many requests (for a server); `generate_onnx` is the
-one-call form; `chat` is the command-line front end.
+one-call form; `chat` is the command-line front end. A reasoning model's `<think>...</think>` trace is hidden
+by `chat` (on a terminal "(thinking…)" stands in for it while it streams) or shown before the answer with
+show_reasoning (`--show-reasoning`: dimmed on a colour terminal, between `<think>` lines otherwise); the REPL's
+history keeps the answer only, as an API client sends back `content`.
 """
 
 from __future__ import annotations
 
 import builtins
 import json
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +31,14 @@ import numpy as np
 
 from phi3local.errors import Phi3LocalError
 from phi3local.serve.json_files import as_id_list, read_json
+from phi3local.serve.reasoning import (
+    REASONING,
+    THINK_CLOSE,
+    THINK_OPEN,
+    ReasoningSplitter,
+    prompt_opens_trace,
+    split_reasoning,
+)
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -99,6 +112,12 @@ def _special_tokens(model_dir: Path) -> dict[str, str]:
 def render_chat_template(template: str, messages: Sequence[Message], add_generation_prompt: bool = True,
                          **variables) -> str:
     """Render a Hugging Face chat template the way transformers does."""
+    return compile_chat_template(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                  **variables)
+
+
+def compile_chat_template(template: str):
+    """A chat template compiled the way transformers compiles it (a jinja2 Template: `.render(messages=...)`)."""
     from datetime import datetime
 
     from jinja2.exceptions import TemplateError
@@ -114,8 +133,7 @@ def render_chat_template(template: str, messages: Sequence[Message], add_generat
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                            **variables)
+    return env.from_string(template)
 
 
 @dataclass
@@ -162,13 +180,14 @@ class OnnxChatModel:
         self.context_length = int(model_cfg.get("context_length", 4096))
         self.template = load_chat_template(self.model_dir)
         self.special_tokens = _special_tokens(self.model_dir)
+        self.longrope_switch = longrope_switch(self.model_dir)
+        self._compiled = None
         try:
             self.model = og.Model(str(self.model_dir))
         except RuntimeError as e:  # onnxruntime's own message: a damaged or cut-short model file
             raise ChatError(f"{self.model_dir}: onnxruntime-genai cannot load this export "
                             f"({str(e).splitlines()[0][:300]}); re-export it") from None
         self.tokenizer = og.Tokenizer(self.model)
-        self.longrope_switch = longrope_switch(self.model_dir)
 
     @staticmethod
     def _piece(decoder, token: int, first: bool) -> str:
@@ -194,7 +213,8 @@ class OnnxChatModel:
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         if self.template is None:  # no template: plain concatenation of the contents
             return "\n".join(m["content"] for m in messages)
-        return render_chat_template(self.template, messages, add_generation_prompt, **self.special_tokens)
+        return self.compile_template().render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                              **self.special_tokens)
 
     def iter_tokens(self, ids: np.ndarray, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int | None = None, seed: int | None = None) -> Iterator[tuple[int, str]]:
@@ -202,39 +222,42 @@ class OnnxChatModel:
 
         Greedy at temperature 0, else sampling. A generator of its own per call (requests stay independent);
         closing it early (a stop sequence, a client gone) frees the onnxruntime-genai Generator at once.
+        The server's decode loop (phi3local.serve.batching) runs the same `Decode` steps on its own thread.
         """
-        import onnxruntime_genai as og
-
-        options = {"max_length": min(len(ids) + max_new_tokens, self.context_length)}
-        if temperature and temperature > 0:
-            options.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
-            if top_k is not None:
-                options["top_k"] = int(top_k)
-            if seed is not None:
-                options["random_seed"] = int(seed)
-        else:
-            options["do_sample"] = False
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(**options)
-        generator = og.Generator(self.model, params)
+        decode = Decode(self, ids, max_new_tokens, temperature, top_p, top_k, seed)
         try:
-            decoder = self.tokenizer.create_stream()
-            generator.append_tokens(ids)
-            emitted = produced = 0
-            while not generator.is_done() and produced < max_new_tokens:
-                generator.generate_next_token()
-                tok = int(generator.get_next_tokens()[0])
-                produced += 1
-                if tok in self.stop_ids:
-                    yield tok, ""
-                    return
-                if produced < max_new_tokens:
-                    reprefill_at_switch(generator, len(ids), self.longrope_switch)
-                piece = self._piece(decoder, tok, first=not emitted)
-                emitted += bool(piece)
-                yield tok, piece
+            yield from self.pieces(decode.tokens(), ids)
         finally:
-            del generator
+            decode.close()
+
+    def pieces(self, tokens: Iterator[int], ids: np.ndarray) -> Iterator[tuple[int, str]]:
+        """(token id, text piece) of generated token ids: a stop id ends it, with piece ""."""
+        texts = self.texts()
+        for tok in tokens:
+            yield tok, texts(tok)
+            if tok in self.stop_ids:
+                return
+
+    def texts(self) -> Callable[[int], str]:
+        """A function from one sequence's generated token ids, in order, to their text pieces (a stop id: "")."""
+        decoder = self.tokenizer.create_stream()
+        emitted = 0
+
+        def text(tok: int) -> str:
+            nonlocal emitted
+            if tok in self.stop_ids:
+                return ""
+            piece = self._piece(decoder, tok, first=not emitted)
+            emitted += bool(piece)
+            return piece
+
+        return text
+
+    def compile_template(self):
+        """The chat template compiled once (rendering a request then takes microseconds, not milliseconds)."""
+        if self._compiled is None and self.template is not None:
+            self._compiled = compile_chat_template(self.template)
+        return self._compiled
 
     def generate(
         self,
@@ -280,6 +303,68 @@ class OnnxChatModel:
         )
 
 
+class Decode:
+    """One sequence's decoding: its own onnxruntime-genai Generator (its own KV cache) and search options.
+
+    `step()` generates one token (the prompt is prefilled by the first call) and applies the LongRoPE
+    re-prefill rule; `done` says whether the sequence has ended (a stop id, max_new_tokens, or the context).
+    `iter_tokens` steps it in the caller's thread; the server's decode loop steps many of them in turn on one
+    thread (phi3local.serve.batching). Either way a sequence's tokens come from the same calls in the same
+    order, so they do not depend on what else is running.
+    """
+
+    def __init__(self, model: OnnxChatModel, ids: np.ndarray, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int | None = None, seed: int | None = None):
+        self.model, self.ids, self.max_new_tokens = model, ids, max_new_tokens
+        self.options = search_options(len(ids), max_new_tokens, model.context_length, temperature, top_p, top_k,
+                                      seed)
+        self.generator = None
+        self.produced = 0
+        self.done = max_new_tokens < 1
+
+    def step(self) -> int:
+        import onnxruntime_genai as og
+
+        if self.generator is None:
+            params = og.GeneratorParams(self.model.model)
+            params.set_search_options(**self.options)
+            self.generator = og.Generator(self.model.model, params)
+            self.generator.append_tokens(self.ids)
+        generator = self.generator
+        generator.generate_next_token()
+        tok = int(generator.get_next_tokens()[0])
+        self.produced += 1
+        if tok in self.model.stop_ids or self.produced >= self.max_new_tokens:
+            self.done = True
+        else:
+            reprefill_at_switch(generator, len(self.ids), self.model.longrope_switch)
+            self.done = generator.is_done()
+        return tok
+
+    def tokens(self) -> Iterator[int]:
+        while not self.done:
+            yield self.step()
+
+    def close(self) -> None:
+        """Free the Generator (its KV cache) now."""
+        self.generator = None
+        self.done = True
+
+
+def search_options(prompt_tokens: int, max_new_tokens: int, context_length: int, temperature: float = 0.0,
+                   top_p: float = 1.0, top_k: int | None = None, seed: int | None = None) -> dict:
+    options = {"max_length": min(prompt_tokens + max_new_tokens, context_length)}
+    if temperature and temperature > 0:
+        options.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
+        if top_k is not None:
+            options["top_k"] = int(top_k)
+        if seed is not None:
+            options["random_seed"] = int(seed)
+    else:
+        options["do_sample"] = False
+    return options
+
+
 def generate_onnx(
     model_dir: Path | OnnxChatModel,
     messages: Sequence[Message],
@@ -301,6 +386,58 @@ def generate_onnx(
                           top_k=top_k, seed=seed, stream=stream).to_dict()
 
 
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+THINKING = "(thinking…)"
+CLEAR_LINE = "\r\x1b[K"
+NO_ANSWER = "(no answer: generation stopped inside the reasoning trace; raise --max-new-tokens)"
+
+
+def _colour_terminal() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+class _AnswerPrinter:
+    """One streamed answer for `chat`: a reasoning trace shown (dimmed, or between `<think>` lines) or hidden
+    ("(thinking…)" on a terminal while it streams, erased when the answer starts), then the answer."""
+
+    def __init__(self, emit: Callable[[str], None], opened: bool, show: bool, terminal: bool):
+        self.emit, self.show, self.terminal = emit, show, terminal
+        self.splitter = ReasoningSplitter(opened)
+        self.in_trace = False  # a shown trace whose end is not written yet
+        self.waiting = False  # THINKING is on the screen
+
+    def feed(self, piece: str) -> None:
+        self._write(self.splitter.feed(piece))
+
+    def finish(self) -> None:
+        self._write(self.splitter.flush())
+        self._end_trace()
+        if self.splitter.had_trace and not self.splitter.closed:
+            self.emit(NO_ANSWER)
+
+    def _write(self, parts: list[tuple[str, str]]) -> None:
+        for kind, text in parts:
+            if kind != REASONING:
+                self._end_trace()
+                self.emit(text)
+            elif self.show:
+                if not self.in_trace:
+                    self.emit(DIM if self.terminal else f"{THINK_OPEN}\n")
+                    self.in_trace = True
+                self.emit(text)
+            elif self.terminal and not self.waiting:
+                self.emit(THINKING)
+                self.waiting = True
+
+    def _end_trace(self) -> None:
+        if self.in_trace:
+            self.emit(f"{RESET}\n\n" if self.terminal else f"\n{THINK_CLOSE}\n\n")
+            self.in_trace = False
+        if self.waiting:
+            self.emit(CLEAR_LINE)
+            self.waiting = False
+
+
 def chat(
     model_dir: Path,
     prompt: str | None = None,
@@ -310,23 +447,35 @@ def chat(
     top_p: float = 1.0,
     stream: Callable | None = print,
     input_fn: Callable[[str], str] = input,
+    show_reasoning: bool = False,
 ) -> dict | None:
     """Chat with the ONNX model in model_dir.
 
     With `prompt`: one turn; streams the answer to `stream` and returns the generate_onnx dict (text,
-    tokens, tokens_per_second, ...). Without: a REPL (`/reset` forgets the conversation, `/exit` or
-    end of input quits); returns None.
+    tokens, tokens_per_second, ...) with `answer` and `reasoning` (split_reasoning of text: the answer after
+    a reasoning trace, and the trace or None). Without: a REPL (`/reset` forgets the conversation, `/exit` or
+    end of input quits); returns None. A reasoning trace is streamed only with show_reasoning.
     """
     model = OnnxChatModel(Path(model_dir))
     emit = _stream_fn(stream)
+    terminal = stream is builtins.print and _colour_terminal()
     base: list[Message] = [{"role": "system", "content": system}] if system else []
 
+    def answer(messages: list[Message]) -> tuple[GenerationResult, str | None, str]:
+        opened = prompt_opens_trace(model.render(messages))
+        printer = _AnswerPrinter(emit, opened, show_reasoning, terminal) if emit is not None else None
+        result = model.generate(messages, max_new_tokens, temperature, top_p,
+                                stream=printer.feed if printer is not None else None)
+        if printer is not None:
+            printer.finish()
+        trace, text = split_reasoning(result.text, opened=opened)
+        return result, trace, text
+
     if prompt is not None:
-        result = model.generate(base + [{"role": "user", "content": prompt}], max_new_tokens, temperature, top_p,
-                                stream=emit)
+        result, trace, text = answer(base + [{"role": "user", "content": prompt}])
         if emit is not None and stream is builtins.print:
             print(flush=True)
-        return result.to_dict()
+        return {**result.to_dict(), "answer": text, "reasoning": trace}
 
     history = list(base)
     say = emit or (lambda s: None)
@@ -346,6 +495,6 @@ def chat(
             history = list(base)
             continue
         history.append({"role": "user", "content": line})
-        result = model.generate(history, max_new_tokens, temperature, top_p, stream=emit)
-        history.append({"role": "assistant", "content": result.text})
+        result, _, text = answer(history)
+        history.append({"role": "assistant", "content": text})  # without the trace, as API clients send it back
         say(f"\n[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s]\n")

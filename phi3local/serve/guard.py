@@ -13,6 +13,9 @@ is screened by. Like Azure OpenAI's content filter:
                             once screened. Blocked: the window is not sent, generation stops,
                             REFUSAL_TEXT is the last delta, finish_reason content_filter
     a long answer           screened in pieces of the service's 10,000-character limit, every piece
+    a reasoning trace       screened with the answer, as generated (`<think>...</think>` then the answer):
+                            it reaches the caller too (reasoning_content), so it is never sent unscreened;
+                            a harmful trace blocks the answer as harmful answer text does
     the service unreachable 503 content_safety_unavailable (it fails closed: an unscreened answer is not
                             sent); mid-stream, the 200 is sent already: an error event with that code
                             ends the stream and the unscreened window is not sent

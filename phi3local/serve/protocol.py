@@ -28,6 +28,7 @@ MAX_STOP_SEQUENCES = 4  # as OpenAI's API
 TEMPERATURE_RANGE = (0.0, 2.0)
 MAX_SEED = 2**31 - 1  # onnxruntime-genai takes a 32-bit seed
 SSE_DONE = "data: [DONE]\n\n"
+OWNER = "phi3local"  # `owned_by` of the model list, `model_provider_name` of /info
 
 
 class RequestError(ServeError):
@@ -165,16 +166,25 @@ def _is_number(value) -> bool:
 
 
 def _max_tokens(data: dict, cap: int) -> int:
+    # OpenAI's newer name for the same limit (its client sends whichever the caller used): both are honoured,
+    # and a request giving both must agree with itself.
+    name = "max_tokens"
     value = data.get("max_tokens")
+    newer = data.get("max_completion_tokens")
+    if newer is not None:
+        if value is not None and value != newer:
+            raise RequestError(400, f"`max_tokens` ({_shown(value)}) and `max_completion_tokens` ({_shown(newer)}) "
+                                    "differ: send one of them", param="max_completion_tokens", code="invalid_value")
+        name, value = "max_completion_tokens", newer
     if value is None:
         return cap
     if not _is_number(value) or isinstance(value, float):
-        raise RequestError(400, f"`max_tokens` must be a whole number, got {_shown(value)}", param="max_tokens",
+        raise RequestError(400, f"`{name}` must be a whole number, got {_shown(value)}", param=name,
                            code="invalid_type")
     if value < 1:
-        raise RequestError(400, f"`max_tokens` must be >= 1, got {value}", param="max_tokens", code="out_of_range")
+        raise RequestError(400, f"`{name}` must be >= 1, got {value}", param=name, code="out_of_range")
     if value > cap:
-        raise RequestError(422, f"`max_tokens` is {value}, over this server's cap of {cap}", param="max_tokens",
+        raise RequestError(422, f"`{name}` is {value}, over this server's cap of {cap}", param=name,
                            code="max_tokens_over_cap")
     return int(value)
 
@@ -275,10 +285,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_body(*, completion_id: str, created: int, model: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
+                    prompt_tokens: int, completion_tokens: int, reasoning: str | None = None) -> dict:
+    """The chat.completion body; with a reasoning model's trace (`reasoning`, not None), the message also has
+    `reasoning_content`, the field reasoning APIs (vLLM, DeepSeek's) answer with, and `content` is the answer."""
+    message = {"role": "assistant", "content": text}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -293,6 +308,16 @@ def chunk_body(*, completion_id: str, created: int, model: str, delta: dict, fin
     else:
         body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
     return body
+
+
+def models_body(model: str, created: int) -> dict:
+    """GET /v1/models: the one served model, as OpenAI's model list."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": OWNER}]}
+
+
+def info_body(model: str) -> dict:
+    """GET /info: the model information azure-ai-inference's get_model_info() reads."""
+    return {"model_name": model, "model_type": "chat-completion", "model_provider_name": OWNER}
 
 
 def sse_event(payload: dict) -> str:

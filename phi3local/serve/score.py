@@ -1,14 +1,16 @@
 """Azure ML scoring script: the file a deployment ships, and what `phi3local serve` runs locally.
 
 azmlinfsrv (azureml-inference-server-http) calls `init()` once in each worker process, then `run()` for
-each POST /score. Everything but the HTTP glue lives in phi3local.serve (protocol, service, engine), and
+each request to /score and, under `phi3local serve`, to OpenAI's paths (/v1/chat/completions, /v1/models,
+...: phi3local.serve.openai_routes gives them the same scoring view); respond() answers by the path.
+Everything but the HTTP glue lives in phi3local.serve (protocol, service, engine), and
 nothing on this path imports torch or transformers: a deployment's code folder is the phi3local.serve
 package itself (phi3local.serve.bundle).
 
 Environment: AZUREML_MODEL_DIR (the export folder, or a managed endpoint's model root holding it),
 PHI3LOCAL_MAX_TOKENS, PHI3LOCAL_MAX_BODY_BYTES, PHI3LOCAL_MODEL_NAME, and the opt-in monitoring
 PHI3LOCAL_MONITOR_LOG / PHI3LOCAL_COLLECT (phi3local.serve.settings, phi3local.serve.monitoring): one
-redacted record per POST, under the caller's x-request-id (echoed in the response) or a new one; the
+redacted record per chat request, under the caller's x-request-id (echoed in the response) or a new one; the
 opt-in guardrail's CONTENT_SAFETY_ENDPOINT / CONTENT_SAFETY_KEY and PHI3LOCAL_CONTENT_SAFETY_THRESHOLD /
 PHI3LOCAL_CONTENT_SAFETY_WINDOW (phi3local.serve.guard: prompts, answers and streamed answers screened).
 """
@@ -30,7 +32,7 @@ if _CODE_ROOT not in sys.path:
 from azureml_inference_server_http.api.aml_request import rawhttp  # noqa: E402
 from azureml_inference_server_http.api.aml_response import AMLResponse  # noqa: E402
 
-from phi3local.serve import protocol  # noqa: E402
+from phi3local.serve import openai_routes, protocol  # noqa: E402
 from phi3local.serve.monitoring import RequestMonitor, correlation_id  # noqa: E402
 from phi3local.serve.service import ChatService, StreamOutcome  # noqa: E402
 
@@ -54,9 +56,15 @@ def run(request):
 
 def respond(request, chat_service: ChatService, monitor: RequestMonitor | None = None) -> AMLResponse:
     """Answer one flask request; every refusal is a 4xx with an OpenAI-style error body. With a monitor,
-    every POST (answered, refused or failed) leaves one record."""
+    every chat request (answered, refused or failed) leaves one record.
+
+    The path says what is asked (openai_routes.route_of): a chat request on /score and OpenAI's chat paths,
+    the model list on /v1/models, the model information on /info."""
     if request.method == "OPTIONS":  # a CORS preflight: the server's flask-cors (AML_CORS_ORIGINS) adds the headers
         return AMLResponse("", 200)
+    route = openai_routes.route_of(request.path)
+    if route != openai_routes.CHAT:
+        return _describe(request, route, chat_service)
     started = time.perf_counter()
     correlation = correlation_id(request.headers)
     headers = {"x-request-id": correlation}
@@ -68,7 +76,7 @@ def respond(request, chat_service: ChatService, monitor: RequestMonitor | None =
 
     try:
         if request.method != "POST":
-            raise protocol.RequestError(405, f"{request.method} /score is not supported: POST a chat request",
+            raise protocol.RequestError(405, f"{request.method} {request.path} is not supported: POST a chat request",
                                         code="method_not_allowed")
         body = _read_body(request, chat_service.settings.max_body_bytes)
         chat = chat_service.parse(body)
@@ -96,6 +104,17 @@ def respond(request, chat_service: ChatService, monitor: RequestMonitor | None =
         record(status=500, error="server_error")
         return AMLResponse(protocol.error_body("the server failed on this request; see its log", code="server_error",
                                                error_type="server_error"), 500, headers, json_str=True)
+
+
+def _describe(request, route: str, chat_service: ChatService) -> AMLResponse:
+    """GET of the model list (OpenAI's /v1/models) or of the model information (azure-ai-inference's /info)."""
+    headers = {"x-request-id": correlation_id(request.headers)}
+    if request.method != "GET":
+        return _error(protocol.RequestError(405, f"{request.method} {request.path} is not supported: GET it",
+                                            code="method_not_allowed"), headers)
+    name = chat_service.model_name
+    body = protocol.models_body(name, chat_service.created) if route == openai_routes.MODELS else protocol.info_body(name)
+    return AMLResponse(body, 200, headers, json_str=True)
 
 
 def _error(error: protocol.RequestError, headers: dict[str, str] | None = None) -> AMLResponse:

@@ -5,8 +5,10 @@
                                      [--monitor-log FILE]
 
 The same server, scoring script and routes as an Azure deployment (GET / liveness, POST /score), with
-two local differences: it binds 127.0.0.1 unless told otherwise (azmlinfsrv itself always binds
-0.0.0.0 and has no host flag), and each worker runs `threads` request threads.
+three local differences: it binds 127.0.0.1 unless told otherwise (azmlinfsrv itself always binds
+0.0.0.0 and has no host flag), each worker runs `threads` request threads, and each worker also answers
+OpenAI's routes (POST /v1/chat/completions, GET /v1/models: phi3local.serve.openai_routes, added by a gunicorn
+hook) through the same scoring view and score.run() as /score.
 
 Workers and threads: every worker process runs score.init() and holds its own copy of the model (N
 workers = N x the model's memory); threads share their worker's copy. A worker with one thread (the
@@ -40,6 +42,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5001
 # Liveness stays answerable during generation, and a few requests share one model copy.
 DEFAULT_THREADS = 4
+GUNICORN_HOOKS = "python:phi3local.serve.gunicorn_hooks"
 
 
 def deployment_environment(settings: ServeSettings, threads: int = DEFAULT_THREADS) -> dict[str, str]:
@@ -55,6 +58,9 @@ def server_environment(settings: ServeSettings, threads: int, health_port: int |
     env = deployment_environment(settings, threads)
     # The caller's own GUNICORN_CMD_ARGS go first: a later flag wins in gunicorn.
     gunicorn_args = f"{base.get('GUNICORN_CMD_ARGS', '').strip()} {env['GUNICORN_CMD_ARGS']}".strip()
+    # OpenAI's routes (phi3local.serve.openai_routes), added in each worker by a gunicorn hook. Given here, the
+    # config also keeps gunicorn from reading a gunicorn.conf.py in the folder the user serves from.
+    gunicorn_args += f" --config {GUNICORN_HOOKS}"
     if _gunicorn_has_setting("control_socket_disable"):
         # gunicorn >= 24 opens ~/.gunicorn/gunicorn.ctl: one path for every server of the user
         gunicorn_args += " --no-control-socket"
@@ -107,6 +113,9 @@ def serve(onnx_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
 
     print(f"phi3local serve: {model_dir} on {_where(host)}, port {port}; {workers} worker(s) x {threads} "
           f"thread(s), max_tokens cap {max_tokens_cap}", flush=True)
+    base = f"http://{_url_host(host)}:{port}"
+    print(f"phi3local serve: POST {base}/score; OpenAI clients: base URL {base}/v1 (POST /v1/chat/completions, "
+          f"GET /v1/models); azure-ai-inference: endpoint {base}", flush=True)
     run_server(SCORE_SCRIPT, served_model_root(model_dir, model_name), host=host, port=port, workers=workers,
                threads=threads, settings=settings, health_port=health_port)
 
@@ -156,6 +165,15 @@ def run_server(entry_script: Path, model_dir: Path, *, host: str, port: int, wor
 
 def _where(host: str) -> str:
     return "all interfaces" if host in ("0.0.0.0", "::", "") else host
+
+
+def _url_host(host: str) -> str:
+    """The host part of a URL that reaches this server from this machine."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,11 @@
 """A chat request through an engine: parse, generate, apply stop sequences, answer or stream.
 
+A reasoning model's trace (`<think>...</think>` before the answer, or after a prompt that opened it) is split
+off (phi3local.serve.reasoning): the answer is `content`, the trace `reasoning_content` (streamed: the trace's
+`reasoning_content` deltas, then the answer's `content` deltas). Stop sequences apply to the generated text,
+trace included, before the split; the Content Safety guard screens it whole, so the trace a caller receives
+is screened as the answer is. Output without a trace is answered exactly as before.
+
 Independent of the HTTP server (score.py adapts it to azmlinfsrv) and of the engine: anything with
 `prepare(messages, max_tokens) -> Prompt` and `generate(prompt, temperature=, top_p=, seed=) ->
 Generation` (engine.py's OnnxEngine; the benchmark's PyTorch engine) serves the same protocol.
@@ -16,6 +22,7 @@ from typing import Protocol
 from phi3local.serve import protocol
 from phi3local.serve.engine import Generation, Prompt
 from phi3local.serve.guard import REFUSAL_TEXT, ContentGuard
+from phi3local.serve.reasoning import REASONING, ReasoningSplitter, split_reasoning
 from phi3local.serve.settings import ServeSettings
 from phi3local.serve.stops import StopMatcher
 
@@ -36,6 +43,7 @@ class ChatService:
         self.settings = settings or ServeSettings()
         self.model_name = self.settings.model_name or Path(engine.model_dir).name
         self.guard = guard  # Azure AI Content Safety on prompts and answers, when configured
+        self.created = protocol.now()  # the `created` of the model list (GET /v1/models)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> ChatService:
@@ -50,9 +58,10 @@ class ChatService:
                              "ONNX_DIR`)")
         settings = ServeSettings.from_env(environ)
         model_dir = find_model_dir(root)
-        logger.info("loading %s (max_tokens cap %d, body limit %d bytes)", model_dir, settings.max_tokens_cap,
-                    settings.max_body_bytes)
-        return cls(OnnxEngine(model_dir), settings, ContentGuard.from_env(environ))
+        logger.info("loading %s (max_tokens cap %d, body limit %d bytes, %s)", model_dir, settings.max_tokens_cap,
+                    settings.max_body_bytes,
+                    f"decode loop of {settings.max_batch}" if settings.max_batch else "no decode loop")
+        return cls(OnnxEngine(model_dir, max_batch=settings.max_batch), settings, ContentGuard.from_env(environ))
 
     def parse(self, body: bytes) -> protocol.ChatRequest:
         return protocol.parse_chat_request(body, max_tokens_cap=self.settings.max_tokens_cap,
@@ -71,12 +80,14 @@ class ChatService:
         prompt, generation = self._start(request)
         answer = _Answer(generation, request.stop)
         text, finish_reason = "".join(answer), answer.finish_reason
-        if self.guard is not None and self.guard.blocks(text):
-            text, finish_reason = REFUSAL_TEXT, "content_filter"
+        if self.guard is not None and self.guard.blocks(text):  # the trace too: a caller would read it
+            trace, text, finish_reason = None, REFUSAL_TEXT, "content_filter"
+        else:
+            trace, text = split_reasoning(text, opened=prompt.opened)
         return protocol.completion_body(
             completion_id=protocol.new_completion_id(), created=protocol.now(), model=self.model_name, text=text,
             finish_reason=finish_reason, prompt_tokens=prompt.tokens,
-            completion_tokens=generation.completion_tokens)
+            completion_tokens=generation.completion_tokens, reasoning=trace)
 
     def stream(self, request: protocol.ChatRequest, on_done: Callable[[StreamOutcome], None] | None = None
                ) -> Iterator[str]:
@@ -90,13 +101,25 @@ class ChatService:
                 on_done: Callable[[StreamOutcome], None] | None = None) -> Iterator[str]:
         ids = {"completion_id": protocol.new_completion_id(), "created": protocol.now(), "model": self.model_name}
         outcome = StreamOutcome(prompt_tokens=prompt.tokens)
-        # With the guard, text reaches the client only once Content Safety has screened it (guard.py).
+        # With the guard, text reaches the client only once Content Safety has screened it (guard.py), the
+        # trace as the answer: the split comes after the screening.
         screened = self.guard.screen_stream(answer) if self.guard is not None else None
+        splitter = ReasoningSplitter(opened=prompt.opened)
+
+        def deltas(parts: list[tuple[str, str]]) -> Iterator[str]:
+            for kind, text in parts:
+                if kind == REASONING:
+                    outcome.reasoning.append(text)
+                    yield protocol.sse_event(protocol.chunk_body(**ids, delta={"reasoning_content": text}))
+                else:
+                    outcome.pieces.append(text)
+                    yield protocol.sse_event(protocol.chunk_body(**ids, delta={"content": text}))
+
         try:
             yield protocol.sse_event(protocol.chunk_body(**ids, delta={"role": "assistant", "content": ""}))
             for text in screened if screened is not None else answer:
-                outcome.pieces.append(text)
-                yield protocol.sse_event(protocol.chunk_body(**ids, delta={"content": text}))
+                yield from deltas(splitter.feed(text))
+            yield from deltas(splitter.flush())  # held back, and screened already if guarded
             finish_reason = answer.finish_reason
             if screened is not None and screened.blocked:
                 refusal = f"\n\n{REFUSAL_TEXT}" if outcome.pieces else REFUSAL_TEXT
@@ -131,7 +154,8 @@ class StreamOutcome:
     """What a streamed answer turned out to be, for monitoring: its text, tokens, and how it ended."""
 
     prompt_tokens: int
-    pieces: list[str] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)  # the answer's (`content`) deltas
+    reasoning: list[str] = field(default_factory=list)  # a reasoning trace's (`reasoning_content`) deltas
     completion_tokens: int = 0
     finish_reason: str | None = None  # None: it did not finish (failed, or the client went away)
     error: str | None = None

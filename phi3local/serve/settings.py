@@ -17,12 +17,16 @@ ENV_MAX_BODY_BYTES = "PHI3LOCAL_MAX_BODY_BYTES"
 ENV_MODEL_NAME = "PHI3LOCAL_MODEL_NAME"
 ENV_MONITOR_LOG = "PHI3LOCAL_MONITOR_LOG"  # phi3local.serve.monitoring: the local JSONL of request records
 ENV_COLLECT = "PHI3LOCAL_COLLECT"  # "true": Azure ML's data collector (model_inputs, model_outputs)
+ENV_MAX_BATCH = "PHI3LOCAL_MAX_BATCH"  # requests a worker's decode loop runs together (0, the default: no loop)
 
 # Bounds how long one request holds a worker thread (the server's scoring timeout does not apply to
 # threaded workers or to streamed answers).
 DEFAULT_MAX_TOKENS = 512
 # A Phi-3 4k-token context is ~16 KB of text; 1 MiB leaves room for JSON escaping and long histories.
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# Requests a worker's decode loop advances together (phi3local.serve.batching; more wait their turn); 0: no
+# loop, each request thread decodes its own request (measured faster on the 2-core CPU: docs/serving.md).
+DEFAULT_MAX_BATCH = 0
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class ServeSettings:
     model_name: str | None = None  # the `model` field of responses; default: the model folder's name
     monitor_log: str | None = None  # append one redacted record per request to this JSONL file
     collect: bool = False  # send the redacted records to Azure ML's data collector
+    max_batch: int = DEFAULT_MAX_BATCH  # the decode loop's concurrent requests; 0: each request thread decodes its own
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeSettings:
@@ -42,6 +47,7 @@ class ServeSettings:
             model_name=environ.get(ENV_MODEL_NAME) or None,
             monitor_log=environ.get(ENV_MONITOR_LOG) or None,
             collect=_flag(environ, ENV_COLLECT),
+            max_batch=_count(environ, ENV_MAX_BATCH, DEFAULT_MAX_BATCH),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -52,6 +58,8 @@ class ServeSettings:
             env[ENV_MONITOR_LOG] = self.monitor_log
         if self.collect:
             env[ENV_COLLECT] = "true"
+        if self.max_batch != DEFAULT_MAX_BATCH:
+            env[ENV_MAX_BATCH] = str(self.max_batch)
         return env
 
     def __post_init__(self):
@@ -59,6 +67,8 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ServeError(f"{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 0:
+            raise ServeError(f"max_batch must be a whole number >= 0 (0: no decode loop), got {self.max_batch!r}")
 
 
 def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -72,6 +82,15 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
     if value < 1:
         raise ServeError(f"environment variable {name}={raw!r} must be a whole number >= 1")
     return value
+
+
+def _count(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ServeError(f"environment variable {name}={raw!r} must be a whole number >= 0")
+    return int(raw)
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:

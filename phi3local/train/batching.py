@@ -166,3 +166,18 @@ def collate(
         real += at
     cls = torch.as_tensor([class_labels[row[0]] for row in rows]) if class_labels is not None else None
     return MicroBatch(ids, pos, tgt, mask, doc_ids, trained, real, batch * width, cls)
+
+
+def rows_for_attention(batch, attn_implementation: str, *extra: torch.Tensor):
+    """input_ids, position_ids and targets (and any `extra` [B, L] tensors) as the attention kernel needs them to
+    keep documents apart.
+
+    transformers runs flash-attention's variable-length kernel (documents found from position_ids) only for
+    a single row: in a [B, L] batch, packed documents would attend to each other. Rows start at position 0
+    and pads continue a document's positions, so the batch flattened into one row keeps every boundary.
+    SDPA and eager build their block-diagonal mask per row and take the batch as it is.
+    """
+    tensors = (batch.input_ids, batch.position_ids, batch.targets, *extra)
+    if attn_implementation == "flash_attention_2" and batch.input_ids.shape[0] > 1:
+        return tuple(t.reshape(1, -1) for t in tensors)
+    return tensors

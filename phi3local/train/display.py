@@ -69,8 +69,8 @@ class TrainDisplay:
             ("progress", Columns([ProgressBar(total=self.total_steps, completed=step, width=30), f"{100 * done:.0f}%"])),
             ("loss", f"{m['loss']:.4f}" if "loss" in m else "-"),
             ("loss trend", loss_trend(self._losses) or "-"),
-            ("val loss", f"{self._last_val['val_loss']:.4f}  ppl {self._last_val['val_perplexity']:.2f}"
-             if self._last_val else "-"),
+            ("val loss", self._val_text()),
+            *self._preference_rows(m),
             ("lr", f"{m['lr']:.2e}" if "lr" in m else "-"),
             ("grad norm", f"{m['grad_norm']:.3f}" if "grad_norm" in m else "-"),
             ("trained tokens/s", f"{m.get('tokens_per_second', 0):.1f}"),
@@ -82,6 +82,25 @@ class TrainDisplay:
         for k, v in rows:
             table.add_row(k, v)
         return table
+
+    def _val_text(self) -> str:
+        v = self._last_val
+        if not v:
+            return "-"
+        if "val_perplexity" in v:
+            return f"{v['val_loss']:.4f}  ppl {v['val_perplexity']:.2f}"
+        if "val_rewards/accuracies" in v:  # preference: the held-out pairs ranked right
+            return f"{v['val_loss']:.4f}  reward acc {v['val_rewards/accuracies']:.3f}"
+        return f"{v['val_loss']:.4f}"
+
+    @staticmethod
+    def _preference_rows(m: dict) -> list[tuple[str, str]]:
+        """task=preference: the step's rewards (TRL's names) under the loss."""
+        if "rewards/accuracies" not in m:
+            return []
+        return [("reward acc / margin", f"{m['rewards/accuracies']:.3f} / {m['rewards/margins']:+.4f}"),
+                ("rewards chosen / rejected", f"{m['rewards/chosen']:+.4f} / {m['rewards/rejected']:+.4f}"),
+                ("logps chosen / rejected", f"{m['logps/chosen']:.2f} / {m['logps/rejected']:.2f}")]
 
     def update(self, metrics: dict) -> None:
         if "val_loss" in metrics:

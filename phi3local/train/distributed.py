@@ -5,11 +5,14 @@ torchrun, `accelerate launch` and Azure ML's PyTorch distribution all set RANK, 
 MASTER_ADDR and MASTER_PORT. Without them this is one process, and every method below returns at
 once without touching torch.distributed (a single run behaves and costs exactly as before).
 
-Data parallel QLoRA without the DDP wrapper: every rank holds the whole 4-bit base and its own copy of
-the adapter; a step's micro-batches are dealt out over the ranks (`share`); each rank backpropagates
-its share normalised by the step's trained units summed over ranks (`sum_ints`), and the trainable
-gradients are summed once per optimizer step (`sum_gradients`), so the optimizer sees the same gradient
-as one process running all the step's micro-batches. Micro-batches before the last of a step never sync.
+Data parallel QLoRA with torch's DistributedDataParallel (`training.parallelism: ddp`, `World.wrap`): every
+rank holds the whole 4-bit base and its own copy of the adapter; a step's micro-batches are dealt out over the
+ranks (`share`); each rank backpropagates its share normalised by the step's trained units summed over ranks
+(`sum_ints`), under DDP's `no_sync` for all but its last micro-batch, and DDP sums the trainable gradients in
+that last backward, bucket by bucket as they are ready (a comm hook that sums instead of DDP's average: the
+loss is already divided by the units of every rank), so the optimizer sees the same gradient as one process
+running all the step's micro-batches. A rank without a micro-batch (an epoch's uneven end) joins that backward
+with zero gradients (`DataParallel.idle`).
 
 gloo on CPU, NCCL on CUDA (one device per process, cuda:LOCAL_RANK), chosen here. Collectives time out
 after `training.distributed_timeout_seconds`; a rank that dies closes its sockets, so the others fail
@@ -36,8 +39,6 @@ import torch
 from phi3local.errors import Phi3LocalError
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# Gradients are summed in flat buffers of at most this many elements (64 MiB of fp32) each.
-BUCKET_ELEMENTS = 1 << 24
 _PID_KEY = "phi3local/pid/{}"
 log = logging.getLogger(__name__)
 
@@ -120,42 +121,22 @@ class World:
         self._collective("agree to stop", lambda: _dist().all_reduce(t, op=_dist().ReduceOp.MAX))
         return bool(t.item())
 
-    def sum_gradients(self, params: Sequence[torch.nn.Parameter], loss_sum: torch.Tensor) -> torch.Tensor:
-        """Sum the trainable parameters' gradients over the ranks, in place, once per optimizer step; return
-        the step's loss sum over the ranks.
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the ranks, in place, on its device (no host sync: the step's loss sum)."""
+        if self.distributed:
+            self._collective("sum the step's loss", lambda: _dist().all_reduce(t))
+        return t
 
-        A parameter without a gradient on a rank (no micro-batch there) counts as zero; one without a gradient
-        on every rank keeps none, as in one process (AdamW then skips it).
-        """
+    def wrap(self, model: torch.nn.Module, parallelism: str = "ddp") -> DataParallel | None:
+        """The model under torch's DistributedDataParallel when there are several ranks (None for one process);
+        its construction broadcasts rank 0's trainable parameters, so every rank starts from one adapter."""
         if not self.distributed:
-            return loss_sum
-        dist = _dist()
-        # Which parameters got a gradient anywhere, and the loss, in one small collective.
-        head = torch.tensor([float(p.grad is not None) for p in params] + [float(loss_sum)], dtype=torch.float64,
-                            device=self._comm_device)
-        self._collective("sum the step's loss", lambda: dist.all_reduce(head))
-        has_grad = head[:-1].tolist()
-        with_grad = [p for p, flag in zip(params, has_grad) if flag > 0]
-        for bucket in _buckets(with_grad):
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
-            self._collective("sum gradients", lambda flat=flat: dist.all_reduce(flat))
-            at = 0
-            for p in bucket:
-                part = flat[at : at + p.numel()].view_as(p)
-                at += p.numel()
-                if p.grad is None:
-                    p.grad = part.clone()
-                else:
-                    p.grad.copy_(part)
-        return torch.as_tensor(head[-1].item(), dtype=loss_sum.dtype, device=loss_sum.device)
-
-    def broadcast_parameters(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Rank 0's values of the trainable parameters on every rank (the ranks start from one adapter)."""
-        if not self.distributed:
-            return
-        with torch.no_grad():
-            for p in params:
-                self._collective("share the adapter", lambda p=p: _dist().broadcast(p.data, src=0))
+            return None
+        if parallelism != "ddp":
+            raise DistributedError(f"training.parallelism={parallelism} is not built yet (issue 26): use ddp")
+        engine: list[DataParallel] = []
+        self._collective("wrap the model in DistributedDataParallel", lambda: engine.append(DataParallel(model, self)))
+        return engine[0]
 
     def barrier(self) -> None:
         if self.distributed:
@@ -209,12 +190,16 @@ class World:
         try:
             call()
         except (RuntimeError, _dist().DistBackendError) as e:
-            detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0])[:120]  # without gloo's source path
-            timed_out = re.search(r"timed? ?out", str(e), re.IGNORECASE) is not None  # gloo and NCCL's wording
-            error = DistributedError(f"rank {self.rank}: {self.who_failed(timed_out)} ({what}: {detail})")
-            # Said at once: the launcher may end this process (SIGTERM) before the error reaches the CLI.
-            log.error("%s", error)
-            raise error from e
+            raise self.failure(what, e) from e
+
+    def failure(self, what: str, e: BaseException) -> DistributedError:
+        """A failed collective as one line naming the rank to blame, said at once (the launcher may end this
+        process, SIGTERM, before the error reaches the CLI)."""
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
+        timed_out = re.search(r"timed? ?out", str(e), re.IGNORECASE) is not None  # gloo and NCCL's wording
+        error = DistributedError(f"rank {self.rank}: {self.who_failed(timed_out)} ({what}: {detail})")
+        log.error("%s", error)
+        return error
 
     def who_failed(self, timed_out: bool = False) -> str:
         """Which rank failed this one: dead or stopped ranks on this host; after a timeout, the only other
@@ -243,6 +228,152 @@ class World:
         return "another rank stopped answering (it died, hung or was killed; the launcher's log names it)"
 
 
+class _LossModule(torch.nn.Module):
+    """What DistributedDataParallel wraps: the PEFT model, and forward(fn) = fn(model).
+
+    The tasks' losses call the base's decoder directly (a chunked loss over hidden states, not model.forward),
+    and DDP reduces the gradients of a backward only after a pass through its own forward: this makes any
+    task's loss such a pass, with the task unaware of DDP."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn):
+        return fn(self.model)
+
+
+class DataParallel:
+    """The PEFT model under torch.nn.parallel.DistributedDataParallel (`World.wrap`, several ranks).
+
+    - DDP registers only the parameters that require a gradient (the adapter, modules_to_save); the frozen
+      4-bit base and the buffers are left out of its start-up broadcast too (every rank loads the same files).
+    - gradient_as_bucket_view: the gradients live in DDP's buckets (no second copy; optimizer_step zeroes them
+      in place rather than setting them to None, so they stay views).
+    - find_unused_parameters=False: every trainable parameter takes part in every forward (LoRA on the target
+      modules, modules_to_save). static_graph=False: gradient checkpointing is non-reentrant
+      (`model.load.prepare_for_training`), which DDP's hooks support without a static graph, and a static
+      graph does not hold with no_sync accumulation (torch 2.13: an internal assert, expect_autograd_hooks_, in
+      the first step's backward).
+    - forward_sync_buffers=False: no buffer broadcast per forward (rotary tables: the same on every rank), so
+      the ranks may run different numbers of micro-batches in a step; only the last one, the synced backward,
+      meets the other ranks.
+    - The comm hook sums (`_sum_hook`): the loss is already normalised by the units of the whole step over all
+      ranks, so DDP's default average would divide the gradient by the world size once too often. A sum is the
+      same float addition as one process accumulating the ranks' micro-batches (exact for 2 ranks); scaling
+      the loss by the world size instead is exact only for powers of two.
+    """
+
+    engine = "torch.nn.parallel.DistributedDataParallel"
+
+    def __init__(self, model: torch.nn.Module, world: World):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.model = model
+        self.world = world
+        self.failed: DistributedError | None = None  # set by the comm hook when the gradients' all-reduce fails
+        module = _LossModule(model)
+        frozen = [f"model.{n}" for n, p in model.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            module, frozen + [f"model.{n}" for n, _ in model.named_buffers()])
+        self.ddp = DistributedDataParallel(
+            module, device_ids=[world.local_rank] if world.backend == "nccl" else None,
+            gradient_as_bucket_view=True, find_unused_parameters=False, static_graph=False,
+            forward_sync_buffers=False)
+        self.ddp.register_comm_hook(self, _sum_hook)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(self, fn):
+        """fn(model) inside DDP's forward (what lets the next backward reduce the gradients)."""
+        try:
+            return self.ddp(fn)
+        except _dist().DistError as e:  # the one-time bucket rebuild broadcasts in the second step's forward
+            raise self.world.failure("DDP's forward", e) from e
+
+    def backward(self, loss: torch.Tensor) -> None:
+        try:
+            loss.backward()
+        except Exception as e:
+            if self.failed is not None:  # the all-reduce failed (named, said already): that, not autograd's wrapper
+                raise self.failed from e
+            raise
+
+    @contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """DDP's no_sync around the forward and backward of every micro-batch but the step's last."""
+        if last:
+            yield
+        else:
+            with self.ddp.no_sync():
+                yield
+
+    def idle(self) -> None:
+        """A rank without a micro-batch this step (an epoch's uneven end) still joins the step's synced backward,
+        with exact zeros for every trainable gradient (no pass through the model): each rank runs exactly one
+        synced backward per step, whatever its number of micro-batches, as DDP's all-reduce needs."""
+        params = self.trainable
+        zero = self.forward(lambda model: torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0)
+        self.backward(zero)
+
+    def describe(self) -> dict:
+        """What the run's summary records: the engine and its settings, as DDP itself reports them."""
+        data = self.ddp._get_ddp_logging_data()
+        keep = ("backend_name", "world_size", "comm_hook", "gradient_as_bucket_view", "find_unused_parameters",
+                "broadcast_buffers", "can_set_static_graph", "bucket_cap_bytes", "bucket_sizes",
+                "num_parameter_tensors", "total_parameter_size_bytes", "iteration")
+        return {"engine": f"{type(self.ddp).__module__}.{type(self.ddp).__qualname__}",
+                "static_graph": bool(self.ddp.static_graph), **{k: data[k] for k in keep if k in data}}
+
+
+def _sum_hook(state: DataParallel, bucket):  # no annotations: DDP checks them (a string under __future__ fails)
+    """DDP comm hook: the bucket's gradients summed over the ranks (DDP's default hook averages), asynchronously,
+    so the all-reduce of a ready bucket overlaps the rest of the backward. A failure becomes the one line naming
+    the rank to blame (the backward then raises it)."""
+    work = _dist().all_reduce(bucket.buffer(), async_op=True)
+
+    def summed(fut):
+        try:
+            return fut.value()[0]
+        except Exception as e:
+            state.failed = state.failed or state.world.failure("sum the gradients", e)
+            raise state.failed from e
+
+    return work.get_future().then(summed)
+
+
+def engine_for(model, world: World):
+    """What optimizer_step runs the micro-batches through: World.wrap's DataParallel, or for one process the
+    model itself (`Local`)."""
+    if isinstance(model, DataParallel):
+        return model
+    if world.distributed:
+        raise DistributedError(f"rank {world.rank}: several ranks need the model wrapped by World.wrap "
+                               "(DistributedDataParallel sums the gradients); got the bare model")
+    return Local(model)
+
+
+class Local:
+    """One process: the same calls as DataParallel, plain."""
+
+    engine = None
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def forward(self, fn):
+        return fn(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        yield
+
+    def idle(self) -> None:
+        pass
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -266,20 +397,6 @@ def _process_state(pid: int) -> str | None:
     except PermissionError:
         return "?"
     return "?"
-
-
-def _buckets(params: Sequence[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:
-    """Consecutive parameters of one dtype and device, at most BUCKET_ELEMENTS each (a larger one alone)."""
-    bucket: list[torch.nn.Parameter] = []
-    size = 0
-    for p in params:
-        if bucket and (size + p.numel() > BUCKET_ELEMENTS or (p.dtype, p.device) != (bucket[0].dtype, bucket[0].device)):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(p)
-        size += p.numel()
-    if bucket:
-        yield bucket
 
 
 def _int_variable(environ, name: str, low: int = 0) -> int:

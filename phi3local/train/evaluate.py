@@ -39,7 +39,8 @@ def evaluate_model(path: Path, data_file: Path, overrides: list[str] | None = No
     from phi3local.data.prepare import load_prepared, prepare
     from phi3local.model.load import load_adapter, load_model, pick_device
     from phi3local.model.tokenizer import load_tokenizer
-    from phi3local.train.recipe import Documents, evaluate
+    from phi3local.train.recipe import evaluate
+    from phi3local.train.tasks import task_for
 
     console = console or Console()
     recipe_file, adapter, merged = _locate(Path(path))
@@ -71,6 +72,6 @@ def evaluate_model(path: Path, data_file: Path, overrides: list[str] | None = No
         model.eval()
         run = SimpleNamespace(model=model, recipe=recipe, tokenizer=tokenizer, device=loaded.device, world=World())
         with torch.no_grad():
-            result = evaluate(run, Documents.from_dataset(docs_ds))
+            result = evaluate(run, task_for(recipe).documents(docs_ds))
     result["rows"] = len(docs_ds)
     return result

@@ -8,6 +8,12 @@ only scales the stored gradient, so no chunk is projected twice and the peak ext
 chunk's logits. When lm_head itself is trained (lora.modules_to_save) its weight gradient is summed
 chunk by chunk in the same pass. An lm_head that is not a plain linear layer (LoRA-adapted, 4-bit)
 takes the older path: each chunk under activation checkpointing, recomputed in backward.
+
+`chunked_token_logprobs` is the same head for preference losses, which need each target token's log-prob
+(summed per answer by the caller) rather than one summed loss: their gradient per token is a weight the loss
+decides after the forward, so with a frozen lm_head the forward keeps d log p / d hidden per token (one
+hidden-width row each, as the cross-entropy keeps its gradient) and backward scales it; a trained lm_head
+recomputes each chunk's logits in backward to sum its weight gradient.
 """
 
 from __future__ import annotations
@@ -117,3 +123,91 @@ def chunked_cross_entropy(
         if count_correct:
             correct += _chunk_correct(h, t, lm_head)
     return loss_sum, correct
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """log_softmax(hidden_i @ weight.T)[target_i] per row, chunk by chunk, never all the logits at once."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, want_grads: bool):
+        out = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
+        need_weight = want_grads and weight.requires_grad
+        # Frozen head: d logp_i / d hidden_i = weight[t_i] - softmax_i @ weight, kept from the forward.
+        keep = want_grads and hidden.requires_grad and not need_weight
+        unit = torch.empty_like(hidden) if keep else None
+        for start in range(0, targets.numel(), chunk_size):
+            h = hidden[start : start + chunk_size].to(weight.dtype)
+            t = targets[start : start + chunk_size]
+            logits = (h @ weight.t()).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            out[start : start + chunk_size] = logits.gather(1, t[:, None]).squeeze(1) - log_norm
+            if unit is not None:
+                d_logits = logits.sub_(log_norm[:, None]).exp_().neg_()  # one_hot - softmax, in place
+                d_logits[torch.arange(t.numel(), device=t.device), t] += 1.0
+                unit[start : start + chunk_size] = (d_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            del logits
+        ctx.chunk_size, ctx.keep, ctx.need_weight = chunk_size, keep, need_weight
+        ctx.need_hidden = want_grads and hidden.requires_grad
+        if keep:
+            ctx.save_for_backward(unit)
+        elif want_grads:
+            ctx.save_for_backward(hidden, weight, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.keep:
+            (unit,) = ctx.saved_tensors
+            return (unit * grad_out[:, None].to(unit.dtype)), None, None, None, None
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.need_weight else None
+        for start in range(0, targets.numel(), ctx.chunk_size):
+            h = hidden[start : start + ctx.chunk_size].to(weight.dtype)
+            t = targets[start : start + ctx.chunk_size]
+            g = grad_out[start : start + ctx.chunk_size].float()
+            logits = (h @ weight.t()).float()
+            # d out_i / d logits_i = one_hot(t_i) - softmax_i, scaled by the upstream gradient.
+            d_logits = torch.softmax(logits, dim=-1).mul_(-g[:, None])
+            d_logits[torch.arange(t.numel(), device=t.device), t] += g
+            del logits
+            if grad_hidden is not None:
+                grad_hidden[start : start + ctx.chunk_size] = (d_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(d_logits.t(), h.float())
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    logits = lm_head(hidden).float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    lm_head: torch.nn.Module,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """log p(target) of every position whose target is not -100, in order of position ([kept] fp32).
+
+    hidden: [..., H] final hidden states; targets: [...] next-token ids (already shifted), -100 = not scored.
+    Gradients flow to hidden (and to lm_head's weight when it is trained) without [tokens x vocab] logits
+    ever existing beyond one chunk.
+    """
+    keep = targets.reshape(-1) != -100
+    hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
+    targets = targets.reshape(-1)[keep]
+    linear = plain_linear(lm_head)
+    if linear is not None:
+        return _LinearTokenLogprobs.apply(hidden, linear.weight, targets, chunk_size, torch.is_grad_enabled())
+    parts = []
+    for start in range(0, targets.numel(), chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_logprobs, h, t, lm_head, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(h, t, lm_head))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

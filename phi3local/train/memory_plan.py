@@ -20,6 +20,16 @@ then exceed max_seq_len, up to the model's positions):
 modules_to_save copy (weights, gradient, optimizer state), and it maps every token's final hidden state to
 labels-wide logits of which the loss takes each row's last real token (`phi3local.train.recipe.forward_loss`).
 
+`task: preference` scores a pair's two sequences (prompt + chosen, prompt + rejected) in one row, so a row of
+the plan is 2 x max_seq_len tokens (data.max_seq_len bounds one sequence) and every count above is for those
+tokens. dpo and ipo add the reference pass: the same model with its adapter off under no_grad, run on the
+micro-batch before the policy's forward, when nothing of the step is kept yet. No-grad frees each layer's
+tensors as the next one starts, so it needs about one layer's forward tensors (the saved-tensor count of a
+layer, an upper bound) plus the residual stream and one loss chunk: the plan takes the larger of that and the
+policy's peak (an approximation stated as such; orpo and simpo have no reference pass; with
+preference.precompute_reference the pass runs once before training, not in the step, and the plan counts it
+the same).
+
 Checked against torch's own accounting of a real CPU step in tests/test_memory_plan.py (within 15%).
 The device side: CUDA's free memory (`torch.cuda.mem_get_info`) less a reserve for the CUDA context and
 allocator slack; on CPU the available RAM (MemAvailable).
@@ -77,12 +87,14 @@ class MemoryPlan:
     available: int | None = None  # bytes the step may use on the device; None: unknown
     device: str = ""
     task: str = "causal_lm"  # classification: `loss` is the score head's logits, not a vocabulary chunk
-    width: int = 0  # tokens per row planned: max_seq_len rounded up to data.pad_to_multiple_of
+    width: int = 0  # tokens per sequence planned: max_seq_len rounded up to data.pad_to_multiple_of
+    sequences: int = 1  # sequences per row: 2 for preference pairs (chosen and rejected)
+    reference: int = 0  # preference dpo/ipo: the reference pass's no-grad forward (before anything is kept)
 
     @property
     def total(self) -> int:
         return (self.weights_4bit + self.weights_kept + self.lora_weights + self.lora_gradients
-                + self.optimizer_state + self.activations + max(self.backward_working, self.loss))
+                + self.optimizer_state + max(self.activations + max(self.backward_working, self.loss), self.reference))
 
     @property
     def fits(self) -> bool:
@@ -190,6 +202,13 @@ def classification_head_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, 
     return kept, 2 * tokens * num_labels * 4 + shape.hidden_size * num_labels * 4
 
 
+def reference_pass_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, r: int, n_lora: int, loss: int) -> int:
+    """The preference reference pass (no grad): one layer's forward tensors, the residual stream and its input,
+    and one loss chunk (the module docstring says why this approximates it)."""
+    per_layer = saved_per_token_per_layer(shape, dtype_bytes, r, n_lora)
+    return tokens * (per_layer + 2 * shape.hidden_size * dtype_bytes) + loss
+
+
 def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_len: int,
               gradient_checkpointing: bool, compute_dtype: str, optimizer: str,
               available: int | None = None, device: str = "") -> MemoryPlan:
@@ -205,13 +224,17 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
     quantized, unquantized = weight_bytes(shape, b, recipe.quantization.double_quant, recipe.quantization.load_in_4bit,
                                           num_labels)
     trainable = trainable_parameter_count(shape, lora.r, targets, saved, num_labels)
-    tokens = micro_batch_size * width
+    sequences = 2 if recipe.task == "preference" else 1
+    tokens = micro_batch_size * width * sequences
     saved_tensors, working = activation_bytes(shape, tokens, b, gradient_checkpointing, lora.r, len(targets))
     if num_labels:
         head_kept, loss = classification_head_bytes(shape, tokens, b, num_labels)
         saved_tensors += head_kept
     else:
         loss = loss_bytes(shape, tokens, b, recipe.training.loss_chunk_size, "lm_head" in saved)
+    reference = 0
+    if recipe.task == "preference" and recipe.preference.loss in ("dpo", "ipo"):  # preference_loss.REFERENCE_LOSSES
+        reference = reference_pass_bytes(shape, tokens, b, lora.r, len(targets), loss)
     return MemoryPlan(
         micro_batch_size=micro_batch_size, max_seq_len=max_seq_len, gradient_checkpointing=gradient_checkpointing,
         compute_dtype=compute_dtype, optimizer=optimizer, weights_4bit=quantized, weights_kept=unquantized,
@@ -219,7 +242,7 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
         optimizer_state=optimizer_state_bytes(trainable, optimizer),
         activations=saved_tensors, backward_working=working,
         loss=loss,
-        available=available, device=device, task=recipe.task, width=width,
+        available=available, device=device, task=recipe.task, width=width, sequences=sequences, reference=reference,
     )
 
 
@@ -403,7 +426,8 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
 
     p = report.plan
     padded = f" (max_seq_len {p.max_seq_len} padded)" if p.width > p.max_seq_len else ""
-    table = Table(title=f"{title}: {p.micro_batch_size} x {p.width or p.max_seq_len} tokens{padded}, {p.compute_dtype}, "
+    pairs = f" x {p.sequences} sequences" if p.sequences > 1 else ""
+    table = Table(title=f"{title}: {p.micro_batch_size}{pairs} x {p.width or p.max_seq_len} tokens{padded}, {p.compute_dtype}, "
                         f"checkpointing {'on' if p.gradient_checkpointing else 'off'}",
                   title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="cyan", no_wrap=True)
@@ -413,7 +437,7 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
         ("LoRA weights + gradients", p.lora_weights + p.lora_gradients), (f"optimizer ({p.optimizer})", p.optimizer_state),
         ("activations kept", p.activations), ("backward, one layer", p.backward_working),
         ("score head logits" if p.task == "classification" else "loss chunk", p.loss),
-    ]
+    ] + ([("reference pass (no grad)", p.reference)] if p.reference else [])
     for name, value in rows:
         table.add_row(name, format_bytes(value))
     table.add_row("[bold]peak (step's tensors)[/]", f"[bold]{format_bytes(p.total)}[/]")
@@ -426,6 +450,9 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
     table.add_row("  limited by", LIMITED_BY[report.longest_limited_by])
     table.add_row("model positions", str(report.model_positions) if report.model_positions else "unknown")
     peak = "peak: the step's tensors (of the last two parts only the larger: they never overlap)"
+    if p.reference:
+        peak = ("peak: the step's tensors (backward and loss chunk never overlap; the reference pass runs before "
+                "anything is kept: the larger of it and the rest)")
     if p.device == "cpu":
         table.caption = (f"{peak}. A run's summary shows the process's peak RSS: that plus Python, torch, the "
                          "other libraries and the data. available: the RAM free now.")

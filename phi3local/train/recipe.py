@@ -1,9 +1,11 @@
 """The training recipe: setup() -> train() -> cleanup(), read top to bottom.
 
-A custom PyTorch loop (no HF Trainer): 4-bit QLoRA model from `phi3local.model.load`, packed
-micro-batches from `phi3local.train.batching`, the chunked loss from `phi3local.train.loss`,
-atomic checkpoints from `phi3local.train.checkpoint`, the live panel from `phi3local.train.display`,
-the metrics sinks from `phi3local.train.metrics`.
+A custom PyTorch loop (no HF Trainer): 4-bit QLoRA model from `phi3local.model.load`, epoch plans from
+`phi3local.train.batching`, atomic checkpoints from `phi3local.train.checkpoint`, the live panel from
+`phi3local.train.display`, the metrics sinks from `phi3local.train.metrics`. What depends on the recipe's
+`task` (documents, collate, loss and its units, step metrics, evaluation, samples) is the task's, called
+through `phi3local.train.tasks.base.Task` (`phi3local.train.tasks.task_for(recipe)`); this loop never asks
+which task it runs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -29,7 +30,7 @@ from phi3local import folders
 from phi3local.config import Recipe, flatten_keys
 from phi3local.cost import EnergyMeter, run_summary_fields, summary_rows
 from phi3local.errors import Phi3LocalError
-from phi3local.model.flops import StepFlops, lora_step_flops, measured_matmul_peak
+from phi3local.model.flops import StepFlops, measured_matmul_peak
 from phi3local.model.load import (
     LoadedModel,
     activation_offload,
@@ -43,12 +44,14 @@ from phi3local.model.load import (
 from phi3local.model.shapes import longrope_switch
 from phi3local.train import auto_settings, distributed
 from phi3local.train import checkpoint as ckpt
-from phi3local.train.batching import MicroBatch, collate, plan_epoch, resolved_pad_to_multiple_of
+from phi3local.train.batching import collate, plan_epoch, resolved_pad_to_multiple_of, rows_for_attention  # noqa: F401
 from phi3local.train.display import TrainDisplay, peak_memory_bytes
-from phi3local.train.loss import chunked_cross_entropy
 from phi3local.train.memory_plan import plan_table
 from phi3local.train.metrics import MetricsLog, NullMetricsLog
 from phi3local.train.plots import plot_losses
+from phi3local.train.tasks import Documents, task_for
+from phi3local.train.tasks.base import add_stats, stop_token_ids
+from phi3local.train.tasks.classification import classification_metrics  # noqa: F401 (its old home)
 from phi3local.units import format_bytes
 
 
@@ -74,36 +77,6 @@ class RunAlreadyFinished(TrainingError):
     exit_code = 0
 
 
-# A share of trained tokens below this almost always means a broken template or mask.
-MIN_TRAINED_SHARE = 0.002
-
-
-@dataclass
-class Documents:
-    """A prepared split held in memory as plain lists: tokenised once, never in the loop."""
-
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    sources: list[str]
-    class_labels: list[int] | None = None
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(x) for x in self.input_ids]
-
-    @classmethod
-    def from_dataset(cls, ds) -> Documents:
-        # Plain Python lists once: datasets' lazy columns would read Arrow on every index in the loop.
-        data = ds.to_dict()
-        n = len(data["input_ids"])
-        return cls(
-            input_ids=data["input_ids"],
-            labels=data.get("labels") or [list(x) for x in data["input_ids"]],
-            sources=data.get("source") or [str(i) for i in range(n)],
-            class_labels=data.get("label"),
-        )
-
-
 @dataclass
 class Run:
     recipe: Recipe
@@ -111,7 +84,7 @@ class Run:
     console: Console
     tokenizer: object
     loaded: LoadedModel
-    train_docs: Documents
+    train_docs: Documents  # the task's documents (Documents, or a preference task's pairs)
     val_docs: Documents
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -121,6 +94,9 @@ class Run:
     peak_flops: float
     metrics: MetricsLog
     world: distributed.World = field(default_factory=distributed.World)  # this process among the ranks
+    # Several ranks: the model under DistributedDataParallel (World.wrap); None for one process. `model` stays the
+    # bare PEFT model (evaluation, samples, checkpoints and the adapter never see the wrapper).
+    engine: distributed.DataParallel | None = None
     stop_signal: list[int] = field(default_factory=list)
     previous_handlers: dict = field(default_factory=dict)
     held: ExitStack = field(default_factory=ExitStack)  # the run folder's lock, released in cleanup()
@@ -128,6 +104,10 @@ class Run:
     @property
     def model(self):
         return self.loaded.model
+
+    @property
+    def task(self):
+        return task_for(self.recipe)
 
     @property
     def device(self) -> torch.device:
@@ -207,19 +187,9 @@ def checkpoint_to_resume(recipe: Recipe, run_dir: Path, console: Console) -> ckp
     return checkpoint
 
 
-def check_label_mask(docs: Documents, tokenizer, task: str) -> None:
-    if task == "classification":
-        return
-    total = sum(len(x) for x in docs.input_ids)
-    trained = sum(sum(1 for t in lab if t != -100) for lab in docs.labels)
-    if total and trained / total >= MIN_TRAINED_SHARE:
-        return
-    example = docs.input_ids[0] if docs.input_ids else []
-    shown = tokenizer.decode(example[:200]) if example else "(no documents)"
-    raise TrainingError(
-        f"only {trained} of {total} tokens ({100 * trained / max(total, 1):.3f}%) are trained: the label mask "
-        f"leaves almost nothing to learn. Check the data format and chat template. First example:\n{shown}"
-    )
+def check_label_mask(docs, tokenizer, task: str) -> None:
+    """The task's check that its documents leave something to learn (causal LM: the label mask)."""
+    task_for(task).check(docs, tokenizer)
 
 
 def make_optimizer(model, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
@@ -267,8 +237,7 @@ def _longrope_switch(name_or_path: str, model_cache: str) -> int | None:
 
 
 def count_total_steps(recipe: Recipe, docs: Documents, world_size: int = 1) -> tuple[int, int]:
-    plan = plan_epoch(docs.lengths, recipe.data.max_seq_len, recipe.training.micro_batch_size,
-                      recipe.data.packing and recipe.task == "causal_lm", recipe.seed, 0, long_from=long_from(recipe))
+    plan = epoch_plan(recipe, docs.lengths, 0)
     steps_per_epoch = math.ceil(len(plan) / (recipe.training.grad_accum * world_size))
     total = recipe.training.max_steps or recipe.training.epochs * steps_per_epoch
     return total, steps_per_epoch
@@ -308,6 +277,8 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     read the same prepared data and checkpoint, and print nothing.
     """
     console = console or Console()
+    if recipe.training.parallelism == "fsdp":  # before any rank loads anything
+        raise TrainingError("training.parallelism=fsdp is not built yet (issue 26): use ddp")
     world = distributed.start(recipe.training.distributed_timeout_seconds)
     held = ExitStack()
     held.callback(world.close)  # the last thing released
@@ -346,15 +317,16 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
                                    revision=None if recipe.model.tokenizer else recipe.model.revision)
         prepared = prepare(recipe, tokenizer, console=console)
     train_ds, val_ds = load_prepared(prepared.out_dir)
-    train_docs, val_docs = Documents.from_dataset(train_ds), Documents.from_dataset(val_ds)
-    if not train_docs.input_ids:
+    task = task_for(recipe)
+    train_docs, val_docs = task.documents(train_ds), task.documents(val_ds)
+    if not len(train_docs):
         raise TrainingError(f"no training rows after prepare (see {prepared.out_dir / 'stats.json'})")
-    check_label_mask(train_docs, tokenizer, recipe.task)
+    task.check(train_docs, tokenizer)
     if checkpoint is not None:
         recipe = auto_settings.adopt_saved_choices(recipe, checkpoint.recipe)
     recipe = decide_auto_settings(recipe, train_docs, console, world)  # before loading: refuses a plan that won't fit
-    if not val_docs.input_ids:
-        console.print(f"[yellow]warning:[/] no validation rows ({len(train_docs.input_ids)} training rows, "
+    if not len(val_docs):
+        console.print(f"[yellow]warning:[/] no validation rows ({len(train_docs)} training rows, "
                       f"data.val_fraction={recipe.data.val_fraction}): the validation loss is not measured", soft_wrap=True)
     total_steps, _ = count_total_steps(recipe, train_docs, world.size)
     if total_steps < 1:
@@ -364,6 +336,10 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     if recipe.data.packing == "auto":  # timed on the loaded model: one micro-batch each way
         recipe = decide_packing(recipe, train_docs, loaded, tokenizer.pad_token_id, console, world)
         total_steps, _ = count_total_steps(recipe, train_docs, world.size)
+    for docs in (train_docs, val_docs):  # work on the documents that needs the model (preference: reference log-probs)
+        task.prepare(loaded.model, docs, document_batches(recipe, task, docs, loaded.model, tokenizer.pad_token_id,
+                                                          loaded.device),
+                     chunk_size=recipe.training.loss_chunk_size)
     if recipe.training.compile:
         # Compiles the decoder stack in place; the chunked loss and lm_head stay eager.
         base_causal_lm(loaded.model).model.compile()
@@ -384,20 +360,18 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
                                 f"{world.size}: the global batch would change; resume with {state.world_size}")
     elif resume:
         console.print("--resume: no checkpoint yet, starting from step 0")
-    world.broadcast_parameters([p for p in loaded.model.parameters() if p.requires_grad])
+    engine = world.wrap(loaded.model, recipe.training.parallelism)  # DDP broadcasts rank 0's adapter to every rank
+    if engine is not None:
+        console.print(f"data parallel: {world.size} ranks ({world.backend}), {engine.engine}, gradients summed by "
+                      "a comm hook", soft_wrap=True, highlight=False)
 
     config = base_causal_lm(loaded.model).config
-    # Causal attention per token grows with its own document's length: the token-weighted mean length.
-    lengths = np.asarray(train_docs.lengths, dtype=np.float64)
-    attention_len = float((lengths**2).sum() / max(lengths.sum(), 1.0))
-    lora = recipe.lora
-    step_flops = lora_step_flops(config, attention_len, lora.target_modules if lora.enabled else [], lora.r,
-                                 lora.modules_to_save, recipe.task)
+    step_flops = task.step_flops(config, train_docs, recipe.lora)
     # MFU over the whole job: every rank's tokens against every rank's device.
     peak = (recipe.training.peak_flops or measured_matmul_peak(loaded.device, loaded.compute_dtype)) * world.size
     metrics = open_metrics(recipe, run_dir) if world.is_main else NullMetricsLog()
     run = Run(recipe, run_dir, console, tokenizer, loaded, train_docs, val_docs, optimizer, scheduler, state,
-              total_steps, step_flops, peak, metrics, world=world, held=held)
+              total_steps, step_flops, peak, metrics, world=world, engine=engine, held=held)
     install_signal_handlers(run)
     return run
 
@@ -432,51 +406,34 @@ def install_signal_handlers(run: Run) -> None:
 
 # --------------------------------------------------------------------------------------------- steps
 
-def forward_loss(run: Run, batch: MicroBatch, count_correct: bool = False):
-    """Sum of per-token (or per-example) losses of one micro-batch, and its correct-prediction count."""
-    if run.recipe.task == "classification":
-        # collate's positions, not the model's arange(width): its pads stay below a LongRoPE switch.
-        logits = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids).logits.float()
-        loss_sum = F.cross_entropy(logits, batch.class_labels, reduction="sum")
-        return loss_sum, (logits.argmax(-1) == batch.class_labels).sum(), logits
-    base = base_causal_lm(run.model)
-    ids, positions, targets = rows_for_attention(batch, base.config._attn_implementation)
-    hidden = base.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-    loss_sum, correct = chunked_cross_entropy(hidden, targets, base.get_output_embeddings(),
-                                              run.recipe.training.loss_chunk_size, count_correct)
-    return loss_sum, correct, None
+def forward_loss(run, batch, count_correct: bool = False):
+    """The task's loss of one micro-batch: (loss sum over its units, correct count or None, classification
+    logits or None). `run` needs only recipe and model (auto_settings times it on a probe)."""
+    loss_sum, stats = task_for(run.recipe).loss(run.model, batch, chunk_size=run.recipe.training.loss_chunk_size,
+                                                count_correct=count_correct)
+    return loss_sum, stats.get("correct"), stats.get("logits")
 
 
-def rows_for_attention(batch: MicroBatch, attn_implementation: str):
-    """input_ids, position_ids and targets as the attention kernel needs them to keep documents apart.
-
-    transformers runs flash-attention's variable-length kernel (documents found from position_ids) only for
-    a single row: in a [B, L] batch, packed documents would attend to each other. Rows start at position 0
-    and pads continue a document's positions, so the batch flattened into one row keeps every boundary.
-    SDPA and eager build their block-diagonal mask per row and take the batch as it is.
-    """
-    tensors = batch.input_ids, batch.position_ids, batch.targets
-    if attn_implementation == "flash_attention_2" and batch.input_ids.shape[0] > 1:
-        return tuple(t.reshape(1, -1) for t in tensors)
-    return tensors
+def batch_units(run, batch) -> int:
+    """What the loss is averaged over: the task's units (trained tokens, examples, pairs)."""
+    return task_for(run.recipe).units(batch)
 
 
-def batch_units(run: Run, batch: MicroBatch) -> int:
-    """What the loss is averaged over: trained tokens (causal LM) or examples (classification)."""
-    return len(batch.doc_ids) if run.recipe.task == "classification" else batch.trained_tokens
+def epoch_plan(recipe: Recipe, lengths: list[int], epoch: int, packing: bool | None = None) -> list[list[list[int]]]:
+    """The micro-batches of one epoch (rows of document indices): a pure function of (recipe, lengths, epoch)."""
+    task = task_for(recipe)
+    packing = bool(recipe.data.packing) and task.packs if packing is None else packing
+    return plan_epoch(lengths, task.row_capacity(recipe.data.max_seq_len), recipe.training.micro_batch_size, packing,
+                      recipe.seed, epoch, long_from=long_from(recipe))
 
 
-def make_batches(run: Run, docs: Documents, epoch: int, packing: bool | None = None) -> list[list[list[int]]]:
-    r = run.recipe
-    packing = r.data.packing and r.task == "causal_lm" if packing is None else packing
-    return plan_epoch(docs.lengths, r.data.max_seq_len, r.training.micro_batch_size, packing, r.seed, epoch,
-                      long_from=long_from(r))
+def make_batches(run, docs, epoch: int, packing: bool | None = None) -> list[list[list[int]]]:
+    return epoch_plan(run.recipe, docs.lengths, epoch, packing)
 
 
-def next_micro_batches(run: Run, plans: dict[int, list]) -> list[MicroBatch]:
+def next_micro_batches(run, plans: dict[int, list]) -> list:
     """This rank's micro-batches of the next optimizer step (grad_accum per rank); a step never crosses an
-    epoch boundary."""
+    epoch boundary. Advances run.state's data position."""
     s = run.state
     if s.epoch not in plans:
         plans.clear()
@@ -486,134 +443,142 @@ def next_micro_batches(run: Run, plans: dict[int, list]) -> list[MicroBatch]:
     s.batch_in_epoch += len(chosen)
     if s.batch_in_epoch >= len(plan):
         s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-    pad = run.tokenizer.pad_token_id
-    docs = run.train_docs
-    limit = long_from(run.recipe)
-    return [collate(rows, docs.input_ids, docs.labels, pad, docs.class_labels, position_limit=limit, **padding(run))
-            for rows in run.world.share(chosen)]
+    return collate_rows(task_for(run.recipe), run.world.share(chosen), run.train_docs, run.tokenizer.pad_token_id,
+                        run.recipe, padding(run))
 
 
-def padding(run: Run) -> dict:
+def collate_rows(task, plan: list, docs, pad_id: int, recipe: Recipe, widths: dict) -> list:
+    """The task's micro-batches of planned rows, with the LongRoPE position limit and the width rounding."""
+    limit = long_from(recipe)
+    return [task.collate(rows, docs, pad_id, position_limit=limit, **widths) for rows in plan]
+
+
+def padding(run) -> dict:
+    return widths(run.recipe, run.model, run.device)
+
+
+def widths(recipe: Recipe, model, device: torch.device) -> dict:
     """collate's width rounding: data.pad_to_multiple_of, never past the model's positions."""
-    return {"pad_to_multiple_of": resolved_pad_to_multiple_of(run.recipe.data.pad_to_multiple_of, run.device.type),
-            "max_width": base_causal_lm(run.model).config.max_position_embeddings}
+    return {"pad_to_multiple_of": resolved_pad_to_multiple_of(recipe.data.pad_to_multiple_of, device.type),
+            "max_width": base_causal_lm(model).config.max_position_embeddings}
 
 
-def train_step(run: Run, batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over grad_accum micro-batches (on each rank), normalised by the step's trained tokens
-    (over all ranks)."""
-    (units,) = run.world.sum_ints([sum(batch_units(run, b) for b in batches)])
+def document_batches(recipe: Recipe, task, docs, model, pad_id: int, device: torch.device):
+    """Every document of `docs` once (epoch 0's plan), collated on `device`, one micro-batch at a time."""
+    limit, sizes = long_from(recipe), widths(recipe, model, device)
+    for rows in epoch_plan(recipe, docs.lengths, 0) if len(docs) else []:
+        yield task.collate(rows, docs, pad_id, position_limit=limit, **sizes).to(device)
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: the mean loss over its units, the gradient norm before clipping, the step's units
+    (over all ranks) and the task's stats summed over this rank's micro-batches (`step_metrics` sums them over
+    the ranks). Unpacks as (loss, grad_norm)."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    units: int = 0  # over all ranks
+    stats: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.loss, self.grad_norm))
+
+
+def train_step(run, batches: list) -> StepResult:
+    """One optimizer step of the run (its task, model, optimizer, scheduler, world) over `batches`."""
+    t = run.recipe.training
+    return optimizer_step(task_for(run.recipe), getattr(run, "engine", None) or run.model, batches, run.optimizer,
+                          run.scheduler, run.world,
+                          device=run.device, max_grad_norm=t.max_grad_norm, chunk_size=t.loss_chunk_size,
+                          offload_activations=t.offload_activations, step=run.state.step + 1,
+                          sources=run.train_docs.sources if run.train_docs is not None else ())
+
+
+def optimizer_step(task, model, batches: list, optimizer, scheduler, world: distributed.World, *,
+                   device: torch.device, max_grad_norm: float, chunk_size: int, offload_activations: bool = False,
+                   step: int = 0, sources: list[str] = ()) -> StepResult:
+    """One optimizer step over grad_accum micro-batches (on each rank), normalised by the task's units of the
+    whole step (over all ranks): trained tokens, examples or pairs.
+
+    model: the bare model (one process) or World.wrap's DataParallel (several ranks: DistributedDataParallel sums
+    the gradients over the ranks in the backward of each rank's last micro-batch; the others run under no_sync).
+    step and sources: only for the message when the loss or gradient is not finite (the step's number, the
+    documents' file:line)."""
+    engine = distributed.engine_for(model, world)
+    model = engine.model
+    (units,) = world.sum_ints([sum(task.units(b) for b in batches)])
     if units == 0:
-        return torch.zeros(()), torch.zeros(())
-    loss_total = torch.zeros((), device=run.device)
+        return StepResult(torch.zeros(()), torch.zeros(()))
+    loss_total = torch.zeros((), device=device)
     per_batch = []
-    for batch in batches:
-        with activation_offload(run.recipe.training.offload_activations, run.device):
-            loss_sum, _, _ = forward_loss(run, batch.to(run.device))
-        (loss_sum / units).backward()
+    stats: dict = {}
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        with engine.micro_batch(last=i == len(batches) - 1):
+            with activation_offload(offload_activations, device):
+                loss_sum, batch_stats = engine.forward(lambda m, b=batch: task.loss(m, b, chunk_size=chunk_size))
+            engine.backward(loss_sum / units)
         per_batch.append(loss_sum.detach())
         loss_total += loss_sum.detach()
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    loss_total = run.world.sum_gradients(params, loss_total)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.recipe.training.max_grad_norm or float("inf"))
+        add_stats(stats, batch_stats)
+    if not batches:
+        engine.idle()  # several ranks: this rank's zero gradients in the step's synced backward
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_total = world.sum_tensor(loss_total)  # the step's loss sum over the ranks
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     # One host sync per optimizer step: a non-finite loss must stop the run before it poisons the weights.
     if not bool(torch.isfinite(loss_total) & torch.isfinite(grad_norm)):
         bad = [b for b, loss in zip(batches, per_batch) if not torch.isfinite(loss)] or batches
-        sources = [run.train_docs.sources[d] for b in bad for d in b.doc_ids][:10]
+        shown = [sources[d] for b in bad for d in b.doc_ids][:10]
         raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {run.state.step + 1} (loss sum {float(loss_total)}, "
-            f"grad norm {float(grad_norm)}); documents in the batch: {sources}. Hint: lower training.lr, "
+            f"non-finite loss or gradient at step {step} (loss sum {float(loss_total)}, "
+            f"grad norm {float(grad_norm)}); documents in the batch: {shown}. Hint: lower training.lr, "
             "check those rows, or use compute_dtype=bfloat16 instead of float16")
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return loss_total / units, grad_norm
+    optimizer.step()
+    scheduler.step()
+    # DDP: zeroed in place, the gradients stay views of its buckets (gradient_as_bucket_view), so the no_sync
+    # micro-batches accumulate into the buckets; set to None, each step would copy them in and hold both.
+    optimizer.zero_grad(set_to_none=engine.engine is None)
+    return StepResult(loss_total / units, grad_norm, units, stats)
+
+
+def step_metrics(task, result: StepResult, world: distributed.World) -> dict:
+    """The task's metrics of a logged step, its stats summed over the ranks (every rank calls this)."""
+    if not task.metric_names:
+        return {}
+    stats = getattr(result, "stats", None) or {}  # none on a rank that had no micro-batch this step
+    totals = world.sum_floats([float(stats.get(k, 0.0)) for k in task.metric_names])
+    return task.step_metrics(dict(zip(task.metric_names, totals)), int(getattr(result, "units", 0)))
 
 
 @torch.no_grad()
-def evaluate(run: Run, docs: Documents, max_batches: int = 0) -> dict:
-    """Validation loss, perplexity, next-token accuracy on trained tokens (or accuracy/F1 for classification)."""
-    if not docs.input_ids:
+def evaluate(run, docs, max_batches: int = 0) -> dict:
+    """The task's validation metrics over `docs` (always val_loss). `run` needs recipe, model, tokenizer, device
+    and world (`phi3local eval` passes exactly those)."""
+    if not len(docs):
         return {}
+    task = task_for(run.recipe)
     was_training = run.model.training
     run.model.eval()
-    loss_sum, units, correct = 0.0, 0, 0
-    predictions, truths = [], []
     plan = make_batches(run, docs, epoch=0)
     if max_batches:
         plan = plan[:max_batches]
-    limit = long_from(run.recipe)
-    for rows in run.world.share(plan):
-        batch = collate(rows, docs.input_ids, docs.labels, run.tokenizer.pad_token_id, docs.class_labels,
-                        position_limit=limit, **padding(run))
-        batch = batch.to(run.device)
-        ls, c, logits = forward_loss(run, batch, count_correct=True)
-        loss_sum += float(ls)
-        correct += int(c)
-        units += batch_units(run, batch)
-        if logits is not None:
-            predictions += logits.argmax(-1).tolist()
-            truths += batch.class_labels.tolist()
-    run.model.train(was_training)
-    loss_sum, units, correct = run.world.sum_floats([loss_sum, units, correct])
-    predictions, truths = run.world.gather_lists(predictions), run.world.gather_lists(truths)
-    loss = loss_sum / max(units, 1)
-    result = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_accuracy": correct / max(units, 1)}
-    if run.recipe.task == "classification":
-        result.update(classification_metrics(truths, predictions, len(run.recipe.model.labels)))
-    return result
+    limit, widths = long_from(run.recipe), padding(run)
+    batches = (task.collate(rows, docs, run.tokenizer.pad_token_id, position_limit=limit, **widths).to(run.device)
+               for rows in run.world.share(plan))  # one at a time
+    try:
+        return task.evaluate(run.model, batches, run.world, chunk_size=run.recipe.training.loss_chunk_size)
+    finally:
+        run.model.train(was_training)
 
 
-def classification_metrics(truths: list[int], predictions: list[int], num_labels: int) -> dict:
-    confusion = [[0] * num_labels for _ in range(num_labels)]
-    for t, p in zip(truths, predictions):
-        confusion[t][p] += 1
-    f1s = []
-    for k in range(num_labels):
-        tp = confusion[k][k]
-        fp = sum(confusion[i][k] for i in range(num_labels)) - tp
-        fn = sum(confusion[k]) - tp
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"val_macro_f1": sum(f1s) / num_labels, "confusion_matrix": confusion}
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Every id that ends a turn: Phi-3's <|end|> and <|endoftext|>, plus the tokenizer's eos."""
-    ids = []
-    for token in ("<|end|>", "<|endoftext|>", tokenizer.eos_token):
-        if token is None:
-            continue
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if tid is not None and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
-    return ids
-
-
-@torch.no_grad()
-def sample_generations(run: Run, docs: Documents, count: int, max_new_tokens: int) -> list[dict]:
-    """Greedy answers to the first validation prompts (everything before the first trained token)."""
-    if run.recipe.task != "causal_lm" or count <= 0:
+def sample_generations(run, docs, count: int, max_new_tokens: int) -> list[dict]:
+    """Greedy answers to the first validation prompts (tasks whose adapter chats; none for the others)."""
+    task = task_for(run.recipe)
+    if not task.generates or count <= 0:
         return []
-    was_training = run.model.training
-    run.model.eval()
-    samples = []
-    for ids, labels in list(zip(docs.input_ids, docs.labels))[:count]:
-        first = next((i for i, t in enumerate(labels) if t != -100), None)
-        if not first:
-            continue
-        prompt = torch.tensor([ids[:first]], device=run.device)
-        out = run.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=stop_token_ids(run.tokenizer),
-                                 pad_token_id=run.tokenizer.pad_token_id, use_cache=True)
-        expected = [t for t in labels if t != -100]
-        samples.append({
-            "prompt": run.tokenizer.decode(ids[:first]),
-            "expected": run.tokenizer.decode(expected),
-            "generated": run.tokenizer.decode(out[0, first:].tolist()),
-        })
-    run.model.train(was_training)
-    return samples
+    return task.samples(run.model, docs, run.tokenizer, count, max_new_tokens)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -644,7 +609,7 @@ def run_eval(run: Run) -> dict:
 
 
 def train(run: Run) -> dict:
-    r, s = run.recipe, run.state
+    r, s, task = run.recipe, run.state, run.task
     run.model.train()
     plans: dict[int, list] = {}
     display = TrainDisplay(run.total_steps, r.training.display if run.world.is_main else "none", run.console)
@@ -657,7 +622,8 @@ def train(run: Run) -> dict:
         while s.step < run.total_steps:
             batches = next_micro_batches(run, plans)
             try:
-                loss, grad_norm = train_step(run, batches)
+                result = train_step(run, batches)
+                loss, grad_norm = result
             except torch.OutOfMemoryError as e:
                 raise TrainingError(
                     f"out of GPU memory at step {s.step + 1} (micro_batch_size={r.training.micro_batch_size}, "
@@ -666,9 +632,8 @@ def train(run: Run) -> dict:
                     "data.max_seq_len, or turn on training.gradient_checkpointing=true (and for long rows "
                     "training.offload_activations=true); `phi3local plan RECIPE` shows what fits") from e
             s.step += 1
-            # A classification example trains on its whole text (one label from all its tokens).
             tokens, real, padded = run.world.sum_ints([
-                sum(b.real_tokens if r.task == "classification" else b.trained_tokens for b in batches),
+                sum(task.trained_tokens(b) for b in batches),
                 sum(b.real_tokens for b in batches), sum(b.padded_tokens for b in batches)])
             window_tokens += tokens
             window_real += real
@@ -692,6 +657,7 @@ def train(run: Run) -> dict:
                     "padding_share": 1.0 - total_real / max(total_padded, 1),
                     "peak_memory_bytes": peak_memory_bytes(run.device), "trained_tokens": s.trained_tokens,
                     "eta_seconds": (now - run_start) / s.step * (run.total_steps - s.step),
+                    **step_metrics(task, result, run.world),
                 }
                 run.metrics.write(record)
                 display.update(record)
@@ -723,6 +689,7 @@ def train(run: Run) -> dict:
         "peak_memory_bytes": peak_memory_bytes(run.device), "first_val_loss": None,
         "best_val_loss": s.best_val_loss, "best_step": s.best_step, "final": final, "samples": samples,
         "attn_implementation": run.loaded.attn_implementation,
+        "data_parallel": run.engine.describe() if run.engine is not None else None,
         "cost": run_summary_fields(s.elapsed_seconds, s.trained_tokens, r.training.usd_per_device_hour,
                                    run.device.type, run.peak_flops, energy, devices=run.world.size),
     }
@@ -730,7 +697,7 @@ def train(run: Run) -> dict:
     summary["first_val_loss"] = vals[0] if vals else None
     folders.write_text_atomic(run.run_dir / "summary.json", json.dumps(summary, indent=2))
     folders.write_text_atomic(run.run_dir / "trainer_state.json", json.dumps(ckpt.asdict(s), indent=2))
-    print_summary(run, summary)
+    print_summary(run, summary, task)
     return summary
 
 
@@ -744,7 +711,7 @@ def save_adapter(run: Run) -> Path:
         shutil.rmtree(tmp)
     run.model.save_pretrained(tmp)
     run.tokenizer.save_pretrained(tmp)
-    if run.recipe.task == "causal_lm":
+    if run.task.generates:
         try:
             gen = GenerationConfig.from_pretrained(
                 run.loaded.base_path, **revision_kwargs(run.loaded.base_path, run.recipe.model.revision))
@@ -763,7 +730,7 @@ def _round(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def print_summary(run: Run, summary: dict) -> None:
+def print_summary(run: Run, summary: dict, task=None) -> None:
     table = Table(title=f"run {run.run_dir}")
     table.add_column("metric", style="cyan")
     table.add_column("value")
@@ -781,8 +748,7 @@ def print_summary(run: Run, summary: dict) -> None:
         ("first → final val loss", f"{_round(summary['first_val_loss'])} → {_round(final.get('val_loss'))}"),
         ("best val loss (step)", f"{_round(summary['best_val_loss'])} ({summary['best_step']})"),
     ]
-    if "val_macro_f1" in final:
-        rows.append(("val accuracy / macro-F1", f"{final['val_accuracy']:.3f} / {final['val_macro_f1']:.3f}"))
+    rows += task.summary_rows(final) if task is not None else []
     rows += summary_rows(summary["cost"])
     for k, v in rows:
         table.add_row(k, v)

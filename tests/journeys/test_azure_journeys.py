@@ -10,9 +10,6 @@ naming `make install-azure`. `phi3local serve` starts without a traceback in its
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ import requests
 import yaml
 
 from .conftest import AZURE_BIN, MAIN_BIN, REPO, User
+from .servers import serving
 
 HELP_WIDTH = 80
 FINETUNE_DATA = "azure-phi3-finetune-chat/train.jsonl"  # Azure's sample chat data (SOURCE.md), read in place
@@ -130,35 +128,13 @@ def test_invoke_without_a_workspace_is_one_line(azure_user, user):
 
 # ---------------------------------------------------------------------------------- serve
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_starts_without_a_traceback(user, cpu_export):
     with_export(user, cpu_export)
-    port = free_port()
     log = user.home / "serve.log"
-    with log.open("wb") as sink:
-        server = subprocess.Popen([user.script, "serve", "runs/onnx", "--port", str(port)], cwd=user.cwd,
-                                  env=user.env, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, f"serve exited with {server.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"serve not ready after 60 s:\n{log.read_text()}"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
+    with serving(user, "runs/onnx", log) as port:
         answer = requests.post(f"http://127.0.0.1:{port}/score", timeout=60,
                                json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     text = log.read_text()
     assert "Worker with pid" in text and "ready for serving traffic" in text
     assert "Traceback" not in text and "Error while fetching model IDs" not in text, text
