@@ -50,7 +50,6 @@ def cmd_prepare(args) -> int:
                                revision=None if recipe.model.tokenizer else recipe.model.revision)
     out = Path(args.out) if args.out else None
     run_dir = Path(recipe.output_dir)
-    # Into <run>/prepared: hold the run's lock, so data is never replaced under a live training.
     # Into <run>/prepared: the run folder is claimed as a training run (so `train` takes it as its own) and
     # locked, so data is never replaced under a live training.
     in_run = out is None and not recipe.data.prepared_dir

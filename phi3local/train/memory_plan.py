@@ -55,6 +55,7 @@ from phi3local.config import Recipe
 from phi3local.errors import Phi3LocalError
 from phi3local.model.shapes import ModelShape, known_shape, shape_from_config
 from phi3local.train.batching import padded_width, resolved_pad_to_multiple_of
+from phi3local.train.preference_loss import uses_reference
 
 GIB = 1024**3
 LONGEST_SEARCHED = 262144  # the longest sequence searched when the model's positions are unknown
@@ -233,7 +234,7 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
     else:
         loss = loss_bytes(shape, tokens, b, recipe.training.loss_chunk_size, "lm_head" in saved)
     reference = 0
-    if recipe.task == "preference" and recipe.preference.loss in ("dpo", "ipo"):  # preference_loss.REFERENCE_LOSSES
+    if recipe.task == "preference" and uses_reference(recipe.preference.loss):
         reference = reference_pass_bytes(shape, tokens, b, lora.r, len(targets), loss)
     return MemoryPlan(
         micro_batch_size=micro_batch_size, max_seq_len=max_seq_len, gradient_checkpointing=gradient_checkpointing,

@@ -105,8 +105,8 @@ class Run:
     def model(self):
         return self.loaded.model
 
-    @property
-    def task(self):
+    @functools.cached_property
+    def task(self):  # built once: the training step asks for it every micro-batch
         return task_for(self.recipe)
 
     @property
@@ -412,11 +412,6 @@ def forward_loss(run, batch, count_correct: bool = False):
     loss_sum, stats = task_for(run.recipe).loss(run.model, batch, chunk_size=run.recipe.training.loss_chunk_size,
                                                 count_correct=count_correct)
     return loss_sum, stats.get("correct"), stats.get("logits")
-
-
-def batch_units(run, batch) -> int:
-    """What the loss is averaged over: the task's units (trained tokens, examples, pairs)."""
-    return task_for(run.recipe).units(batch)
 
 
 def epoch_plan(recipe: Recipe, lengths: list[int], epoch: int, packing: bool | None = None) -> list[list[list[int]]]:

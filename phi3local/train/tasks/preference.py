@@ -33,7 +33,7 @@ from phi3local.model.load import base_causal_lm
 from phi3local.train.batching import MicroBatch, collate, rows_for_attention
 from phi3local.train.loss import chunked_token_logprobs
 from phi3local.train.preference_loss import default_sft_weight, preference_loss, uses_reference
-from phi3local.train.tasks.base import greedy_samples
+from phi3local.train.tasks.base import greedy_samples, token_weighted_length
 
 # The metrics of every preference loss (preference_loss's names, as TRL logs them).
 BASE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -239,13 +239,13 @@ class Preference:
         return greedy_samples(model, tokenizer, prompts, max_new_tokens)
 
     def step_flops(self, config, docs: Pairs, lora) -> StepFlops:
-        """The policy's step as a causal LM over both sequences (attention per sequence), plus, for dpo/ipo, the
-        reference's forward: about half the frozen part of a step (forward without the input gradient)."""
-        lengths = torch.tensor(docs.sequence_lengths, dtype=torch.float64)
-        attention_len = float((lengths**2).sum() / max(float(lengths.sum()), 1.0))
+        """The policy's step as a causal LM over both sequences (attention per sequence), plus, for dpo/ipo with the
+        reference computed each step, the reference's forward: about half the frozen part of a step (forward
+        without the input gradient). A precomputed reference runs once, before training, not in the step."""
+        attention_len = token_weighted_length(docs.sequence_lengths)
         policy = lora_step_flops(config, attention_len, lora.target_modules if lora.enabled else [], lora.r,
                                  lora.modules_to_save, "causal_lm")
-        if not self.needs_reference:
+        if not self.needs_reference or self.settings.precompute_reference:
             return policy
         frozen = lora_step_flops(config, attention_len, [], lora.r, [], "causal_lm")
         return StepFlops(policy.per_token + frozen.per_token / 2, policy.per_trained_token + frozen.per_trained_token / 2)
