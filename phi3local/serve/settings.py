@@ -42,12 +42,12 @@ class ServeSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServeSettings:
         environ = os.environ if environ is None else environ
         return cls(
-            max_tokens_cap=_positive_int(environ, ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS),
-            max_body_bytes=_positive_int(environ, ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES),
+            max_tokens_cap=_int_env(environ, ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS),
+            max_body_bytes=_int_env(environ, ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES),
             model_name=environ.get(ENV_MODEL_NAME) or None,
             monitor_log=environ.get(ENV_MONITOR_LOG) or None,
             collect=_flag(environ, ENV_COLLECT),
-            max_batch=_count(environ, ENV_MAX_BATCH, DEFAULT_MAX_BATCH),
+            max_batch=_int_env(environ, ENV_MAX_BATCH, DEFAULT_MAX_BATCH, minimum=0),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -71,26 +71,18 @@ class ServeSettings:
             raise ServeError(f"max_batch must be a whole number >= 0 (0: no decode loop), got {self.max_batch!r}")
 
 
-def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+def _int_env(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    """A whole number from the environment, at least `minimum`; unset or empty gives `default`."""
     raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ServeError(f"environment variable {name}={raw!r} must be a whole number >= 1") from None
-    if value < 1:
-        raise ServeError(f"environment variable {name}={raw!r} must be a whole number >= 1")
+        value = minimum - 1
+    if value < minimum:
+        raise ServeError(f"environment variable {name}={raw!r} must be a whole number >= {minimum}")
     return value
-
-
-def _count(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit():
-        raise ServeError(f"environment variable {name}={raw!r} must be a whole number >= 0")
-    return int(raw)
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:

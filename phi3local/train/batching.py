@@ -2,7 +2,7 @@
 
 Packed rows hold several documents back to back; `position_ids` restart at 0 for each document,
 from which transformers builds a block-diagonal causal mask for SDPA/eager, and flash-attn uses its
-variable-length kernel on the micro-batch flattened into one row (`recipe.rows_for_attention`: transformers
+variable-length kernel on the micro-batch flattened into one row (`rows_for_attention` below: transformers
 detects packed documents for flash-attn only in a single row), so attention never crosses documents.
 Targets are shifted inside each document, so no document is trained to predict the next one's first token.
 Right padding needs no attention mask: with a causal mask, real tokens never see the pads after them.
