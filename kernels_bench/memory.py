@@ -82,23 +82,23 @@ def rss_peak_delta_bytes(fn: Callable[[], object]) -> dict:
             "exact": exact}
 
 
-class RssSampler:
-    """Samples RSS every `interval` seconds in a thread: `with RssSampler() as s: ...; s.peak, s.baseline`."""
+class _Sampler:
+    """A thread calling `sample()` every `interval` seconds while a `with` block runs, and once more at its end."""
 
-    def __init__(self, interval: float = 0.01):
+    def __init__(self, interval: float):
         self.interval = interval
-        self.baseline = 0
-        self.peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, current_rss_bytes())
+            self.sample()
             time.sleep(self.interval)
 
-    def __enter__(self) -> RssSampler:
-        self.baseline = self.peak = current_rss_bytes()
+    def __enter__(self):
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -107,11 +107,46 @@ class RssSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self.sample()
+
+
+class RssSampler(_Sampler):
+    """Samples RSS every `interval` seconds in a thread: `with RssSampler() as s: ...; s.peak, s.baseline`."""
+
+    def __init__(self, interval: float = 0.01):
+        super().__init__(interval)
+        self.baseline = self.peak = current_rss_bytes()
+
+    def sample(self) -> None:
         self.peak = max(self.peak, current_rss_bytes())
 
     @property
     def delta(self) -> int:
         return self.peak - self.baseline
+
+
+class ProcessMemorySampler(_Sampler):
+    """Samples another (or this) process's /proc/PID/status in a thread: peak VmRSS and peak RssAnon.
+
+    RssAnon is the memory the process itself allocated; VmRSS (and ru_maxrss) also count pages of files it maps,
+    such as safetensors shards being loaded, which the kernel drops under pressure without any swap. Both are
+    reported: the anonymous peak is what decides whether a run fits in RAM.
+    """
+
+    def __init__(self, pid: int | None = None, interval: float = 0.2):
+        super().__init__(interval)
+        self.pid = pid or os.getpid()
+        self.peak_rss = self.peak_anon = 0
+
+    def sample(self) -> None:
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:  # the process has ended
+            return
+        kib = {k: int(v.split()[0]) * 1024 for k, v in fields.items() if k in ("VmRSS", "RssAnon")}
+        self.peak_rss = max(self.peak_rss, kib.get("VmRSS", 0))
+        self.peak_anon = max(self.peak_anon, kib.get("RssAnon", 0))
 
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str = "cuda") -> int:

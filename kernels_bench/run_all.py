@@ -2,7 +2,7 @@
 
     make bench          # --size small: everything, sized for a few minutes on 2 CPU cores
     make bench-kernels  # --only kernels: matmul peak, attention, NF4 linear, cross-entropy, RMSNorm/rotary
-    make bench-train    # --only train: phi3local vs TRL end to end, and a profile of one phi3local step
+    make bench-train    # --only train: phi3local vs TRL end to end (SFTTrainer, DPOTrainer), and a profile of one step
     make bench-gpu      # --size full: Phi-3-mini's real shapes, bf16, on CUDA
 
 Each benchmark writes kernels_bench/results/<name>.json (<name>_<size>.json for sizes other than small)
@@ -32,7 +32,7 @@ from kernels_bench.common import RESULTS_DIR, SIZES, BenchUnavailable, Ctx, make
 from kernels_bench.report import Column, fmt_seconds, op_latency_us, print_table  # noqa: E402
 
 KERNELS = ["matmul_peak", "attention", "nf4_linear", "cross_entropy", "norm_rope"]
-TRAIN = ["train_e2e", "profile_step"]
+TRAIN = ["train_e2e", "dpo_e2e", "profile_step"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,13 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bench", help="comma-separated benchmark names (overrides --only): "
                    + ", ".join(KERNELS + TRAIN))
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    p.add_argument("--repeats", type=int, help="override the repeats (rounds for train_e2e)")
+    p.add_argument("--repeats", type=int, help="override the repeats (rounds for train_e2e and dpo_e2e)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: %(default)s)")
     p.add_argument("--extended", action="store_true",
-                   help="also run optional contenders (train_e2e: TRL packed with its LoRA weights kept in fp32)")
+                   help="also run optional contenders (train_e2e: TRL packed with its LoRA weights kept in fp32; "
+                   "dpo_e2e: phi3local with the packing mode auto did not choose, TRL with fp32 LoRA weights)")
     p.add_argument("--contenders", help="train_e2e: comma-separated contenders to run instead of the size's "
                    "default (phi3local, phi3local_unpacked, trl, trl_packed, trl_packed_fp32_lora, phi3local_no_gc, "
-                   "phi3local_autocast, phi3local_bf16_params)")
+                   "phi3local_autocast, phi3local_bf16_params); dpo_e2e: phi3local, phi3local_like, "
+                   "phi3local_packed, phi3local_unpacked, phi3local_other, trl, trl_fp32_lora")
     p.add_argument("--keep-going", action="store_true", help="run the other benchmarks when one fails")
     return p.parse_args(argv)
 

@@ -285,21 +285,10 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False, p
     `plan_epoch`) instead of TRL's random sampler: the like-for-like loss check of the unpacked modes.
     """
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from phi3local.model.load import keep_cpu_4bit_layout
-
     s = settings(size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     torch.manual_seed(s["seed"])
-    model = AutoModelForCausalLM.from_pretrained(
-        str(ensure_bench_model(size)), dtype=dtype, attn_implementation="sdpa",
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
-        device_map={"": 0 if device.type == "cuda" else "cpu"})
-    if device.type == "cpu":  # the same NF4 layout and kernels as phi3local (see keep_cpu_4bit_layout)
-        keep_cpu_4bit_layout(model)
+    model = load_4bit_for_trl(ensure_bench_model(size), device)
     peft_config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0,
                              target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
     name = name or ("trl_packed_fp32_lora" if fp32_lora else ("trl_packed" if packing else "trl"))
@@ -315,6 +304,24 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False, p
         assert len(batches) >= s["steps"], "more steps than micro-batches in an epoch: the batches would differ"
     return run_sft(model, size, run_dir, device, packing, name, peft_config=peft_config, fp32_lora=fp32_lora,
                    batches=batches)
+
+
+def load_4bit_for_trl(model_dir: Path, device: torch.device, attn: str = "sdpa"):
+    """The bench model in NF4 (double quant) as a TRL user loads it: fp32 compute on CPU, bf16 on CUDA; on CPU with
+    the same NF4 layout and kernels as phi3local (see keep_cpu_4bit_layout)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from phi3local.model.load import keep_cpu_4bit_layout
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype, attn_implementation=attn,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+        device_map={"": 0 if device.type == "cuda" else "cpu"})
+    if device.type == "cpu":
+        keep_cpu_4bit_layout(model)
+    return model
 
 
 def child_unsloth(size: str, run_dir: str) -> dict:
@@ -348,26 +355,12 @@ def unsloth_status(device: torch.device) -> str | None:
     return None
 
 
-def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool, name: str, peft_config=None,
-            fp32_lora: bool = False, batches: list[list[int]] | None = None) -> dict:
-    """TRL's SFTTrainer over the prepared tokens with the settings every TRL-based contender shares.
-
-    batches: the training micro-batches as lists of row indices of the prepared split (default: TRL's own
-    random sampler)."""
-    from torch.utils.data import DataLoader
+def step_clock(device: torch.device):
+    """A transformers Trainer callback that records each optimizer step's seconds in `.step_seconds` (from the end
+    of the previous step, so data loading counts, as in phi3local's own step time)."""
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
-    from phi3local.data.prepare import load_prepared
-    from phi3local.model.tokenizer import load_tokenizer
-
-    s = settings(size)
-    tokenizer = load_tokenizer(PHI3_TOKENIZER)
-    train_ds, val_ds = load_prepared(prepared_dir(size))
-    train_ds = train_ds.select_columns(["input_ids", "labels"])
-    val_ids, val_labels = list(val_ds["input_ids"]), list(val_ds["labels"])
-
-    class Clock(TrainerCallback):
+    class StepClock(TrainerCallback):
         def __init__(self):
             self.last = 0.0
             self.step_seconds: list[float] = []
@@ -381,6 +374,27 @@ def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool,
             now = time.perf_counter()
             self.step_seconds.append(now - self.last)
             self.last = now
+
+    return StepClock()
+
+
+def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool, name: str, peft_config=None,
+            fp32_lora: bool = False, batches: list[list[int]] | None = None) -> dict:
+    """TRL's SFTTrainer over the prepared tokens with the settings every TRL-based contender shares.
+
+    batches: the training micro-batches as lists of row indices of the prepared split (default: TRL's own
+    random sampler)."""
+    from torch.utils.data import DataLoader
+    from trl import SFTConfig, SFTTrainer
+
+    from phi3local.data.prepare import load_prepared
+    from phi3local.model.tokenizer import load_tokenizer
+
+    s = settings(size)
+    tokenizer = load_tokenizer(PHI3_TOKENIZER)
+    train_ds, val_ds = load_prepared(prepared_dir(size))
+    train_ds = train_ds.select_columns(["input_ids", "labels"])
+    val_ids, val_labels = list(val_ds["input_ids"]), list(val_ds["labels"])
 
     step_tokens: list[list[int]] = []
 
@@ -411,7 +425,7 @@ def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool,
         # SFTConfig defaults to bf16=True; on a CPU without bf16 units that is 10-150x slower matmuls.
         bf16=device.type == "cuda", fp16=False,
     )
-    clock = Clock()
+    clock = step_clock(device)
     trainer = CountingSFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                  peft_config=peft_config, callbacks=[clock])
     lora_dtype = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))

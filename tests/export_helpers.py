@@ -115,8 +115,9 @@ def load_test_tokenizer(folder: Path):
 
 def build_tiny_model(out_dir: Path, *, vocab_size: int = 384, hidden_size: int = 64, intermediate_size: int = 128,
                      num_layers: int = 2, num_heads: int = 4, num_kv_heads: int | None = None,
-                     seed: int = 0) -> Path:
-    """A random Phi-3 (fused qkv_proj / gate_up_proj) with the test tokenizer, saved as an HF folder."""
+                     seed: int = 0, tie_word_embeddings: bool = False) -> Path:
+    """A random Phi-3 (fused qkv_proj / gate_up_proj) with the test tokenizer, saved as an HF folder.
+    tie_word_embeddings: one matrix for the embedding and the head, as Phi-4-mini has."""
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
     out_dir = Path(out_dir)
@@ -129,7 +130,7 @@ def build_tiny_model(out_dir: Path, *, vocab_size: int = 384, hidden_size: int =
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads or num_heads, max_position_embeddings=512,
         original_max_position_embeddings=512, bos_token_id=ids["<s>"], eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
+        pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config)

@@ -49,3 +49,20 @@ def test_full_size_needs_cuda(tmp_path):
         return
     assert run_all.main(["--size", "full", "--bench", "attention", "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_dpo_e2e_tiny_runs_both_contenders_from_ln2(tmp_path):
+    """phi3local's DPO and TRL's DPOTrainer on the same tiny 4-bit model and pairs, each in its own process: both start
+    at ln 2 with margin 0, and the result has the pairs/s and peak-memory ratio the README's row comes from."""
+    from kernels_bench import dpo_e2e
+
+    ctx = Ctx(size="tiny", device=torch.device("cpu"), out_dir=tmp_path, console=make_console())
+    dpo_e2e.run(ctx)
+    doc = check_result_file(tmp_path / "dpo_e2e_tiny.json", "dpo_e2e_tiny")
+    assert [r["contender"] for r in doc["rows"]] == ["phi3local", "trl"]
+    for row in doc["rows"]:
+        assert row["pairs_per_s"] > 0 and row["peak_memory_bytes"] > 0 and row["pairs_per_step"] >= 1
+    assert all(check["ok"] for check in doc["summary"]["checks"].values()), doc["summary"]["checks"]
+    ratio = doc["summary"]["ratios"]["phi3local / trl"]
+    assert ratio["pairs_per_s"] > 0 and ratio["peak_memory"] > 0
+    assert doc["config"]["data"]["train_pairs"] >= 4 and (tmp_path / "dpo_e2e_tiny.png").is_file()

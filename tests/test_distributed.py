@@ -354,13 +354,6 @@ def test_ddp_sums_uneven_and_missing_micro_batches_as_one_process(tmp_path):
     assert ranks[0]["engine"]["static_graph"] is False and ranks[0]["engine"]["find_unused_parameters"] == 0
 
 
-def test_fsdp_is_refused_at_start_naming_the_issue(tmp_path):
-    recipe = load_recipe(TINY, [f"output_dir={tmp_path / 'fsdp'}", "training.parallelism=fsdp"])
-    with pytest.raises(loop.TrainingError, match=r"^training.parallelism=fsdp is not built yet \(issue 26\): use ddp$"):
-        loop.setup(recipe)
-    assert not (tmp_path / "fsdp").exists()  # refused before anything was claimed or written
-
-
 # ------------------------------------------------------------------------------------------ data sharding
 
 def fake_run(world: distributed.World, lengths: list[int], packing: bool, grad_accum: int):

@@ -9,12 +9,12 @@ held-out pairs, 45% of 100 others), so whatever ranking the model ends with, it 
 import json
 import math
 import random
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from resume_helpers import interrupted_then_resumed, read_metrics
 from stories_task import ADJ, NAMES, PLACES, THINGS, VERBS
 from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -27,9 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_DPO = REPO / "recipes" / "tiny-dpo.yaml"
 LN2 = math.log(2.0)
 
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def tiny_dpo(tmp_path, *overrides):
@@ -166,21 +163,7 @@ def test_resumed_preference_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     expected = [[r[k] for k in keys] for r in read_metrics(full.output_dir) if "loss" in r]
 
     part = tiny_dpo(tmp_path / "b", *overrides)
-    real_step, calls = loop.train_step, []
-
-    def step_then_signal(run, batches):
-        out = real_step(run, batches)
-        calls.append(1)
-        if len(calls) == 3:
-            run.stop_signal.append(signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(loop, "train_step", step_then_signal)
-    with pytest.raises(loop.TrainingInterrupted):
-        loop.run_training(part)
-    monkeypatch.setattr(loop, "train_step", real_step)
-    loop.run_training(part, resume=True)
-    resumed = [[r[k] for k in keys] for r in read_metrics(part.output_dir) if "loss" in r]
+    resumed = interrupted_then_resumed(monkeypatch, part, 3, keys)
     assert len(resumed) == 6
     for a, b in zip(resumed, expected):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)

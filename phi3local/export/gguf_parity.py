@@ -29,6 +29,7 @@ import numpy as np
 
 from phi3local.export.parity import (
     DEFAULT_PROMPTS,
+    ReferenceLogits,
     _hf_greedy,
     _prompt_text,
     greedy_agreement,
@@ -36,7 +37,6 @@ from phi3local.export.parity import (
     logit_diffs,
     longrope_prompts,
     overall,
-    reference_logits,
     within_tolerance,
 )
 from phi3local.export.tokenizer_files import collect_stop_ids, load_hf_tokenizer
@@ -115,7 +115,7 @@ def _compare(model, tokenizer, llm, text: str, new_tokens: int, stop_ids: list[i
     budget = min(new_tokens, llm.n_ctx() - len(ids))
     prompt_logits, step_logits, gg_tokens = _gguf_run(llm, ids, budget, eog, through_stops)
     full = ids + gg_tokens
-    ref = reference_logits(model, ids, full, None if switch is None or len(ids) > switch else switch)
+    ref = ReferenceLogits(model, ids, full, None if switch is None or len(ids) > switch else switch)
     p = len(ids)
     diffs = logit_diffs(ref, p, prompt_logits, step_logits, sorted(eog | set(stop_ids)) if through_stops else None)
     hf_tokens = _hf_greedy(model, ids, budget, stop_ids, through_stops)
@@ -125,7 +125,7 @@ def _compare(model, tokenizer, llm, text: str, new_tokens: int, stop_ids: list[i
     if first_div is not None and first_div < min(len(hf_tokens), len(gg_tokens)):
         # How far apart PyTorch itself puts the two choices there: a near tie (margin below the measured error)
         # flips on any rounding.
-        row = ref[p - 1 + first_div]
+        row = ref.rows(p - 1 + first_div, p + first_div)[0]
         margin = float(row[hf_tokens[first_div]] - row[gg_tokens[first_div]])
     entry = {
         "prompt": text,

@@ -59,8 +59,15 @@ def longrope_prompts(tokenizer, switch: int, new_tokens: int) -> list[str]:
     raise ValueError(f"could not build a prompt of {switch + 4} tokens")
 
 
-def reference_logits(model, prompt_ids: list[int], ids: list[int], switch: int | None) -> np.ndarray:
-    """PyTorch's logits for every position of ids = prompt_ids + generated tokens, computed as a user gets them.
+# Logit rows made at a time from the final hidden states: at Phi-4-mini's 200,064-row vocabulary all logits of a
+# 4,100-token LongRoPE prompt are 3.3 GB in float32, and holding every position's at once (two forwards, their
+# concatenation, the differences) killed a real-size int4 export's parity check at 24.6 GB. A block is 32 MB.
+_BLOCK_BYTES = 32 * 1024**2
+
+
+class ReferenceLogits:
+    """PyTorch's logits for every position of ids = prompt_ids + generated tokens, computed as a user gets them, made
+    a block of rows at a time from the final hidden states (`rows`), never for every position at once.
 
     The prompt positions come from one forward of the prompt. Each decode position i comes from a fresh
     forward of ids[:i+1]. Without LongRoPE one forward of ids gives both. With it the factor set follows
@@ -68,14 +75,39 @@ def reference_logits(model, prompt_ids: list[int], ids: list[int], switch: int |
     long factors (a long prompt runs all of its positions on the long factors). A causal model's position i
     depends only on tokens <= i, so two forwards (the first `switch` tokens, then all) give them all.
     """
-    def forward(tokens: list[int]) -> np.ndarray:
-        with torch.no_grad():
-            return model(input_ids=torch.tensor([tokens])).logits[0].float().numpy()
 
-    whole = forward(ids)
-    if switch is None or len(ids) <= switch or len(prompt_ids) > switch:
-        return whole  # one factor set throughout (a long prompt: the long factors, as for all its prefixes here)
-    return np.concatenate([forward(ids[:switch]), whole[switch:]])
+    def __init__(self, model, prompt_ids: list[int], ids: list[int], switch: int | None):
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's LoRA
+        self._head = causal_lm.get_output_embeddings()  # layers sit inside the decoder and the head it wraps
+        decoder = causal_lm.get_decoder()
+
+        def final_hidden(tokens: list[int]) -> torch.Tensor:
+            with torch.no_grad():
+                return decoder(input_ids=torch.tensor([tokens])).last_hidden_state[0]
+
+        whole = final_hidden(ids)
+        if not (switch is None or len(ids) <= switch or len(prompt_ids) > switch):
+            whole = torch.cat([final_hidden(ids[:switch]), whole[switch:]])
+        self._hidden = whole  # [len(ids), hidden]: small next to the logits
+        self.block = max(1, _BLOCK_BYTES // (4 * self._head.weight.shape[0]))
+
+    def __len__(self) -> int:
+        return self._hidden.shape[0]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Logits of positions [start, stop) as float32 [stop - start, vocab]."""
+        with torch.no_grad():
+            return self._head(self._hidden[start:stop]).float().numpy()
+
+    def blocks(self, start: int, stop: int):
+        """(first position, logits rows) for [start, stop), a block at a time."""
+        for a in range(start, stop, self.block):
+            yield a, self.rows(a, min(a + self.block, stop))
+
+
+def reference_logits(model, prompt_ids: list[int], ids: list[int], switch: int | None) -> np.ndarray:
+    """Every position's logits of ReferenceLogits at once (for short sequences; see ReferenceLogits)."""
+    return ReferenceLogits(model, prompt_ids, ids, switch).rows(0, len(ids))
 
 
 def _prompt_text(tokenizer, prompt) -> str:
@@ -145,7 +177,7 @@ def _hf_greedy(model, ids: list[int], n: int, stop_ids: list[int], through_stops
     return [int(t) for t in out[0, len(ids):]]
 
 
-def logit_diffs(ref: np.ndarray, prompt_len: int, prompt_logits: np.ndarray, step_logits: list[np.ndarray],
+def logit_diffs(ref: ReferenceLogits, prompt_len: int, prompt_logits: np.ndarray, step_logits: list[np.ndarray],
                 ignored_ids: list[int] | None = None) -> dict:
     """A prompt's logit measurements against PyTorch's (ref, every position of prompt + generated tokens): max |diff|
     per prompt position and per decode step, their maxima, the logit scale and the relative error.
@@ -153,16 +185,22 @@ def logit_diffs(ref: np.ndarray, prompt_len: int, prompt_logits: np.ndarray, ste
     ignored_ids: ids left out of the decode steps' diffs (a runtime that may not pick them writes its own floor
     there, e.g. while decoding through stop tokens).
     """
-    p = prompt_len
-    prompt_diff = np.abs(prompt_logits - ref[:p]).max(axis=-1)
-    if step_logits:
-        decode_delta = np.abs(np.stack(step_logits) - ref[p:p + len(step_logits)])
-        if ignored_ids:
-            decode_delta[:, ignored_ids] = 0.0
-        decode_diff = decode_delta.max(axis=-1)
-    else:
-        decode_diff = np.zeros(0, dtype=np.float32)
-    scale = float(np.abs(ref[:p + len(step_logits)]).max())
+    p, n = prompt_len, len(step_logits)
+    prompt_diff, decode_diff, scale = [], [], 0.0
+    for a, block in ref.blocks(0, p + n):
+        scale = max(scale, float(np.abs(block).max()))
+        in_prompt = block[:max(0, p - a)]
+        if len(in_prompt):
+            prompt_diff.append(np.abs(prompt_logits[a:a + len(in_prompt)] - in_prompt).max(axis=-1))
+        decoded = block[len(in_prompt):]
+        if len(decoded):
+            first = a + len(in_prompt) - p
+            delta = np.abs(np.stack(step_logits[first:first + len(decoded)]) - decoded)
+            if ignored_ids:
+                delta[:, ignored_ids] = 0.0
+            decode_diff.append(delta.max(axis=-1))
+    prompt_diff = np.concatenate(prompt_diff) if prompt_diff else np.zeros(0, dtype=np.float32)
+    decode_diff = np.concatenate(decode_diff) if decode_diff else np.zeros(0, dtype=np.float32)
     max_diff = float(max(prompt_diff.max(initial=0.0), decode_diff.max(initial=0.0)))
     return {
         "prompt_max_abs_diff_per_position": [float(x) for x in prompt_diff],
@@ -245,6 +283,40 @@ def _og_run(og_model, ids: list[int], new_tokens: int, context_length: int, swit
     return prompt_logits, step_logits[:new_tokens], tokens[:new_tokens], aligned
 
 
+def _compare_prompt(model, tokenizer, og_model, og_tok, text: str, new_tokens: int, context_length: int,
+                    switch: int | None, stop_ids: list[int], through_stops: bool) -> dict:
+    """One prompt's report entry. Its own function so that the runtime's prompt logits ([prompt, vocab]: GBs at a
+    long prompt and a 200k vocabulary) are freed before the next prompt runs."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    og_ids = [int(x) for x in og_tok.encode(text)]
+    prompt_logits, step_logits, og_tokens, aligned = _og_run(og_model, ids, new_tokens, context_length, switch,
+                                                             stop_ids if through_stops else None)
+    ref = ReferenceLogits(model, ids, ids + og_tokens, switch)
+    p = len(ids)
+    # Through stop tokens, onnxruntime-genai's min_length writes the lowest float into their logits.
+    diffs = logit_diffs(ref, p, prompt_logits, step_logits, stop_ids if through_stops else None)
+    del prompt_logits, step_logits, ref
+    hf_tokens = _hf_greedy(model, ids, new_tokens, stop_ids, through_stops)
+    entry = {
+        "prompt": text,
+        "prompt_tokens": p,
+        "tokenizer_match": og_ids == ids,
+        **diffs,
+        "greedy_tokens_onnx": og_tokens,
+        "greedy_tokens_torch": hf_tokens,
+        **greedy_agreement(hf_tokens, og_tokens),
+        "greedy_text_onnx": og_tok.decode(np.asarray(og_tokens, dtype=np.int32)) if og_tokens else "",
+        "logits_alignment_ok": aligned,
+    }
+    if through_stops:
+        entry["decoded_through_stops"] = True
+    if switch is not None:  # which LongRoPE factors this prompt compared
+        entry["longrope_switch"] = switch
+        entry["prompt_on_long_factors"] = p > switch
+        entry["decode_crosses_switch"] = p <= switch < p + len(diffs["decode_max_abs_diff_per_position"])
+    return entry
+
+
 def check_parity(
     onnx_dir: Path,
     hf_model_dir: Path,
@@ -300,36 +372,8 @@ def check_parity(
         # stop tokens: a trained model may end its turn before the switch).
         runs += [(prompt, True) for prompt in longrope_prompts(tokenizer, switch, new_tokens)]
     for prompt, through_stops in runs:
-        text = _prompt_text(tokenizer, prompt)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        og_ids = [int(x) for x in og_tok.encode(text)]
-        prompt_logits, step_logits, og_tokens, aligned = _og_run(og_model, ids, new_tokens, context_length, switch,
-                                                                 stop_ids if through_stops else None)
-
-        full = ids + og_tokens
-        ref = reference_logits(model, ids, full, switch)
-        p = len(ids)
-        # Through stop tokens, onnxruntime-genai's min_length writes the lowest float into their logits.
-        diffs = logit_diffs(ref, p, prompt_logits, step_logits, stop_ids if through_stops else None)
-        hf_tokens = _hf_greedy(model, ids, new_tokens, stop_ids, through_stops)
-        entry = {
-            "prompt": text,
-            "prompt_tokens": p,
-            "tokenizer_match": og_ids == ids,
-            **diffs,
-            "greedy_tokens_onnx": og_tokens,
-            "greedy_tokens_torch": hf_tokens,
-            **greedy_agreement(hf_tokens, og_tokens),
-            "greedy_text_onnx": og_tok.decode(np.asarray(og_tokens, dtype=np.int32)) if og_tokens else "",
-            "logits_alignment_ok": aligned,
-        }
-        if through_stops:
-            entry["decoded_through_stops"] = True
-        if switch is not None:  # which LongRoPE factors this prompt compared
-            entry["longrope_switch"] = switch
-            entry["prompt_on_long_factors"] = p > switch
-            entry["decode_crosses_switch"] = p <= switch < p + len(step_logits)
-        results.append(entry)
+        results.append(_compare_prompt(model, tokenizer, og_model, og_tok, _prompt_text(tokenizer, prompt),
+                                       new_tokens, context_length, switch, stop_ids, through_stops))
     del og_model
 
     report = {

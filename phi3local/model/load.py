@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,8 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
     dtype = pick_compute_dtype(recipe.model.compute_dtype, device)
     attn = pick_attn_implementation(recipe.model.attn_implementation, device, dtype)
     base_path = resolve_model_path(recipe.model.name_or_path)
+    # model.adapter is checked before the base loads: a wrong path or LoRA shape fails in a second.
+    start = check_start_adapter(recipe, base_path) if recipe.model.adapter else None
     quant = recipe.quantization
     kwargs: dict = {"attn_implementation": attn, "dtype": dtype, **revision_kwargs(base_path, recipe.model.revision)}
     if quant.load_in_4bit:
@@ -178,10 +181,14 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
             revision=revision_kwargs(base_path, recipe.model.revision).get("revision"),  # merge loads the same
             task_type=TaskType.SEQ_CLS if recipe.task == "classification" else TaskType.CAUSAL_LM,
         )
+        if start is not None:  # the adapter's own config (its rank/alpha patterns too), with this run's settings
+            lora_config = start_config(start, lora_config)
         model = get_peft_model(model, lora_config)
         keep_trainable_fp32(model)
         # peft stores the path it was given; keep the resolved folder so merge finds the base offline.
-        model.peft_config["default"].base_model_name_or_path = base_path
+        model.peft_config[TRAINED_ADAPTER].base_model_name_or_path = base_path
+        if start is not None:
+            load_start_adapter(model, start, recipe)
     return LoadedModel(model=model, device=device, compute_dtype=dtype, attn_implementation=attn,
                        base_path=base_path)
 
@@ -277,3 +284,251 @@ def load_adapter(model, adapter_dir: Path, error: type[Exception]):
 def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying *ForCausalLM / *ForSequenceClassification under any peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# --------------------------------------------------------------------------------- model.adapter: start from one
+
+# peft's names of the two adapters a run started from model.adapter holds: the one that trains (and is the only one
+# saved) and, for preference tuning with a reference, a frozen copy of the adapter as it was loaded.
+TRAINED_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+# The LoRA keys that shape an adapter's weights or scale them: a recipe continuing an adapter must say the same.
+# (recipe key, adapter_config.json key)
+LORA_SHAPE_KEYS = (("r", "r"), ("alpha", "lora_alpha"), ("target_modules", "target_modules"),
+                   ("use_dora", "use_dora"), ("use_rslora", "use_rslora"), ("modules_to_save", "modules_to_save"))
+
+
+@dataclass
+class StartAdapter:
+    """model.adapter resolved and checked against the recipe (`check_start_adapter`)."""
+
+    given: str  # as the recipe says it (errors name it)
+    folder: Path  # the peft folder: adapter_config.json, adapter_model.safetensors
+    config: dict  # adapter_config.json
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / "adapter_model.safetensors"
+
+
+def resolve_start_adapter(recipe: Recipe) -> tuple[str, Path]:
+    """(model.adapter as given, the peft folder it names): a peft adapter folder, or a run or checkpoint folder
+    holding one in adapter/. A relative path is read beside the recipe file, else from the current folder."""
+    given = str(recipe.model.adapter)
+    path = Path(given).expanduser()
+    source = Path(recipe.source)
+    if not path.is_absolute() and recipe.source not in ("<defaults>", "<dict>") and source.is_file():
+        beside = source.parent / path
+        if beside.exists():
+            path = beside
+    if not path.is_dir():
+        raise ModelSetupError(f"model.adapter: {given}: no such folder (give a run folder or a peft adapter folder)")
+    for folder in (path, path / "adapter"):
+        if (folder / "adapter_config.json").is_file():
+            return given, folder
+    if (path / "checkpoints").is_dir():
+        raise ModelSetupError(f"model.adapter: {given} is a run that has not finished (no adapter/ yet): finish it "
+                              f"with --resume, or name one of its checkpoints ({path / 'checkpoints'}/step-N)")
+    raise ModelSetupError(f"model.adapter: {given} is neither a peft adapter folder nor a run folder with adapter/ "
+                          "(no adapter_config.json)")
+
+
+def check_start_adapter(recipe: Recipe, base_path: str) -> StartAdapter:
+    """model.adapter resolved and checked, before anything loads: a LoRA adapter in safetensors, trained on this
+    base model (and revision), whose LoRA shape the recipe repeats; each refusal is one line naming the key."""
+    import json
+
+    given, folder = resolve_start_adapter(recipe)
+    where = f"model.adapter: {given}"
+    if not recipe.lora.enabled:
+        raise ModelSetupError(f"{where}: continuing an adapter needs lora.enabled=true")
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelSetupError(f"{where}: {folder / 'adapter_config.json'} cannot be read ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise ModelSetupError(f"{where}: {folder} holds a {kind or 'non-peft'} adapter; phi3local continues LoRA "
+                              "adapters only")
+    if not (folder / "adapter_model.safetensors").is_file():
+        pickled = (folder / "adapter_model.bin").is_file()
+        raise ModelSetupError(
+            f"{where}: {folder} has no adapter_model.safetensors"
+            + (" (its adapter_model.bin is a pickle, which phi3local never loads: re-save it with peft's "
+               "save_pretrained(safe_serialization=True))" if pickled else ""))
+    trained_on = config.get("base_model_name_or_path")
+    if not trained_on:
+        raise ModelSetupError(f"{where}: {folder / 'adapter_config.json'} names no base_model_name_or_path")
+    if not _same_base(str(trained_on), folder, base_path):
+        raise ModelSetupError(f"{where} was trained on {trained_on}, but model.name_or_path is "
+                              f"{recipe.model.name_or_path}: set model.name_or_path={trained_on}")
+    pinned = revision_kwargs(base_path, recipe.model.revision).get("revision")
+    if not Path(base_path).expanduser().is_dir() and (config.get("revision") or None) != pinned:
+        raise ModelSetupError(f"{where} was trained on revision {config.get('revision') or 'latest (none pinned)'} of "
+                              f"{trained_on}, this recipe asks for {pinned or 'the latest'}: set "
+                              f"model.revision={config.get('revision') or 'null'}")
+    if config.get("task_type") == "SEQ_CLS" and recipe.task != "classification":
+        raise ModelSetupError(f"{where} is a classification adapter; task={recipe.task} needs a causal-LM one")
+    wrong = []
+    for key, theirs in LORA_SHAPE_KEYS:
+        mine, saved = getattr(recipe.lora, key), config.get(theirs)
+        if key in ("target_modules", "modules_to_save"):
+            mine = sorted(set(mine) - {"score"})
+            if isinstance(saved, str):  # a regular expression: no recipe list says the same
+                raise ModelSetupError(f"{where} names its target modules by the pattern {saved!r}; phi3local "
+                                      "continues adapters whose target_modules are a list of names")
+            saved = sorted(set(saved or []) - {"score"})
+        elif key in ("use_dora", "use_rslora"):
+            saved = bool(saved)
+        if mine != saved:
+            wrong.append((key, mine, saved))
+    if wrong:
+        def show(value):
+            return f"[{','.join(value)}]" if isinstance(value, list) else str(value).lower()
+
+        raise ModelSetupError(
+            f"{where} was trained with {', '.join(f'lora.{k}={show(s)}' for k, _, s in wrong)}; this recipe has "
+            f"{', '.join(f'lora.{k}={show(m)}' for k, m, _ in wrong)}: set "
+            f"{' '.join(f'lora.{k}={show(s)}' for k, _, s in wrong)} (an adapter continues in its own shape)")
+    return StartAdapter(given=given, folder=folder, config=config)
+
+
+def _same_base(trained_on: str, adapter_folder: Path, base_path: str) -> bool:
+    """Whether adapter_config.json's base (a folder, maybe relative to the adapter, an embedded alias, or a Hub id)
+    is the model the recipe loads."""
+    if trained_on == base_path:
+        return True
+    if trained_on in EMBEDDED_MODELS:
+        return resolve_model_path(trained_on) == base_path
+    mine = Path(base_path).expanduser()
+    for candidate in (Path(trained_on).expanduser(), adapter_folder / trained_on):
+        if candidate.is_dir() and mine.is_dir():
+            return candidate.resolve() == mine.resolve()
+    return False
+
+
+def start_config(start: StartAdapter, recipe_config):
+    """The trained adapter's peft config: the start adapter's own (its rank and alpha patterns, layers, bias: what
+    its weights mean), with this run's dropout, task type, modules_to_save (a classification head added) and base."""
+    import copy
+
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(start.folder))
+    config = copy.deepcopy(config)
+    config.lora_dropout = recipe_config.lora_dropout
+    config.task_type = recipe_config.task_type
+    config.modules_to_save = recipe_config.modules_to_save
+    config.revision = recipe_config.revision
+    config.inference_mode = False
+    return config
+
+
+def load_start_adapter(model, start: StartAdapter, recipe: Recipe) -> None:
+    """Put the start adapter's weights into the trained adapter; for preference tuning with a reference (dpo, ipo)
+    also load them into a frozen second adapter, the reference (`reference_adapter`). Only the trained adapter is
+    saved (checkpoints and the final adapter)."""
+    _load_weights(model, start, TRAINED_ADAPTER)
+    if _compares_with_reference(recipe):
+        add_reference_adapter(model, start)
+    _save_trained_adapter_only(model)
+
+
+def add_start_reference(model, recipe: Recipe, base_path: str) -> None:
+    """For `phi3local eval` of a run that continued model.adapter (`model`: the run's adapter loaded by peft): the
+    reference training compared with (dpo, ipo), so the rewards are the ones training logged."""
+    if recipe.model.adapter and _compares_with_reference(recipe):
+        add_reference_adapter(model, check_start_adapter(recipe, base_path))
+        _save_trained_adapter_only(model)
+
+
+def _compares_with_reference(recipe: Recipe) -> bool:
+    from phi3local.train.preference_loss import uses_reference
+
+    return recipe.task == "preference" and uses_reference(recipe.preference.loss)
+
+
+def add_reference_adapter(model, start: StartAdapter) -> None:
+    """The start adapter again, as the frozen adapter `reference` beside the trained one: no dropout, no gradient,
+    its trainable copies (modules_to_save) in the dtype of the trained ones."""
+    import copy
+
+    config = copy.deepcopy(model.peft_config[TRAINED_ADAPTER])
+    config.lora_dropout, config.inference_mode = 0.0, True
+    model.add_adapter(REFERENCE_ADAPTER, config)
+    params = dict(model.named_parameters())
+    marker = f".{REFERENCE_ADAPTER}."
+    for name, param in params.items():
+        if marker not in name:
+            continue
+        param.requires_grad_(False)
+        twin = params.get(name.replace(marker, f".{TRAINED_ADAPTER}."))
+        if twin is not None and twin.dtype != param.dtype:  # e.g. an fp32 lm_head copy: compare like with like
+            param.data = param.data.to(twin.dtype)
+    for name, module in model.named_modules():
+        if name.endswith(f"modules_to_save.{REFERENCE_ADAPTER}") and isinstance(module, torch.nn.Linear) \
+                and module.weight.dtype == torch.float32:
+            module.register_forward_pre_hook(_inputs_to_fp32)
+    _load_weights(model, start, REFERENCE_ADAPTER)
+
+
+def _load_weights(model, start: StartAdapter, adapter_name: str) -> None:
+    from peft.utils import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = f"model.adapter: {start.given}"
+    try:
+        weights = load_file(str(start.weights))
+    except (SafetensorError, OSError) as e:
+        raise ModelSetupError(f"{where}: {start.weights} cannot be read ({str(e).splitlines()[0][:200]}); the "
+                              "adapter is damaged") from None
+    # A classification head the adapter did not have (a causal-LM adapter continuing as classification) keeps its
+    # fresh weights; any other weight must come from the file.
+    fresh = set(model.peft_config[adapter_name].modules_to_save or []) - set(start.config.get("modules_to_save") or [])
+    if fresh:
+        from peft.utils import get_peft_model_state_dict
+
+        current = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        weights.update({k: v for k, v in current.items() if k not in weights and any(f".{m}." in f".{k}" for m in fresh)})
+    try:
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+    except (RuntimeError, KeyError) as e:  # a size mismatch: another model's adapter under the same name
+        raise ModelSetupError(f"{where}: {start.weights} does not fit this model and LoRA config "
+                              f"({str(e).splitlines()[-1].strip()[:200]})") from None
+    missing = [k for k in result.missing_keys if f".{adapter_name}." in k]
+    if result.unexpected_keys or missing:
+        names = (list(result.unexpected_keys) or missing)[:3]
+        raise ModelSetupError(f"{where}: {start.weights} does not fit this model and LoRA config "
+                              f"({'unexpected' if result.unexpected_keys else 'missing'} weights: {names})")
+
+
+def _save_trained_adapter_only(model) -> None:
+    """peft saves every adapter of a model (the others in subfolders); checkpoints and the final adapter must hold
+    the trained one alone, where merge, export, chat and --resume read it."""
+    save = model.save_pretrained
+
+    def save_pretrained(save_directory, *args, **kwargs):
+        kwargs.setdefault("selected_adapters", [TRAINED_ADAPTER])
+        return save(save_directory, *args, **kwargs)
+
+    model.save_pretrained = save_pretrained
+
+
+def has_reference_adapter(model) -> bool:
+    return REFERENCE_ADAPTER in (getattr(model, "peft_config", None) or {})
+
+
+@contextmanager
+def reference_adapter(model):
+    """The frozen start adapter active for the block's forward passes (preference tuning's reference after
+    model.adapter); afterwards the trained adapter is active again and exactly the parameters that required a
+    gradient before do again (peft's set_adapter changes requires_grad)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        yield model
+    finally:
+        model.set_adapter(TRAINED_ADAPTER, inference_mode=True)
+        for param in trainable:
+            param.requires_grad_(True)

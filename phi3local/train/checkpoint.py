@@ -7,6 +7,12 @@ back to the previous intact checkpoint when the latest was damaged. Nothing is u
 optimizer, scheduler and RNG states hold only tensors and plain values, read with `weights_only=True`,
 so a checkpoint handed over from elsewhere cannot run code.
 
+Under `training.parallelism: fsdp` the optimizer state and the adapter are sharded over the ranks: every rank
+writes its shards into the temporary folder's `sharded/` through torch.distributed.checkpoint (`write_shards`),
+then rank 0 writes the rest, with the adapter gathered whole into the usual peft folder (merge and export read it
+unchanged); the checksums cover the shards too, and such a checkpoint resumes only under fsdp on the same number
+of ranks (`restore`'s load_sharded).
+
 A full disk (or quota) while writing is one CheckpointError naming the file, never a traceback: torch's
 zip writer only says "iostream error" / "unexpected pos" when it writes to a path itself, so tensors are
 written through a Python file object, whose OSError(ENOSPC) torch keeps in the exception's context.
@@ -36,6 +42,7 @@ from phi3local.errors import Phi3LocalError
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"
 CHECKSUMS = "checksums.json"
+SHARDED = "sharded"  # fsdp: torch.distributed.checkpoint's folder of every rank's adapter and optimizer shards
 STEP_NAME = re.compile(r"step-\d+")
 # Recipe keys that may change between a checkpoint and its resume: they do not change what is trained.
 # data.pad_to_multiple_of changes only the batches' widths (masked, untrained pads), not their documents,
@@ -132,24 +139,50 @@ def verify(folder: Path) -> list[str]:
     return problems
 
 
+def temporary_folder(run_dir: Path, step: int) -> Path:
+    """Where a checkpoint of `step` is written before its rename (named by the writing process: rank 0's)."""
+    return Path(run_dir) / CHECKPOINTS / f"{TMP_PREFIX}step-{step}-{os.getpid()}"
+
+
+def write_shards(tmp: Path, write, run_dir: Path, remove: bool) -> None:
+    """write(tmp/sharded): every rank's shards (a collective writer). On failure the folder is removed (by the rank
+    that owns it, `remove`) and a full disk is one CheckpointError."""
+    try:
+        write(tmp / SHARDED)
+    except BaseException as e:
+        full = _is_disk_full(e, tmp.parent)
+        if remove:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise CheckpointError(disk_full_message(tmp / SHARDED, run_dir)) from e
+        raise
+
+
 def save_checkpoint(
-    run_dir: Path, model, optimizer, scheduler, state: TrainerState, recipe_yaml: str, tokenizer=None
+    run_dir: Path, model, optimizer, scheduler, state: TrainerState, recipe_yaml: str, tokenizer=None, *,
+    adapter_state: dict | None = None, tmp: Path | None = None,
 ) -> Path:
+    """Write and rename one checkpoint. optimizer None: its state is in tmp/sharded already (fsdp, `write_shards`);
+    adapter_state: the adapter's weights gathered whole (fsdp), else peft reads them from the model."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
-    tmp = root / f"{TMP_PREFIX}step-{state.step}-{os.getpid()}"
+    given = tmp is not None
+    tmp = tmp if given else temporary_folder(run_dir, state.step)
     writing = tmp
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        if not given:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
         writing = tmp / "adapter"
-        model.save_pretrained(writing)
+        model.save_pretrained(writing, **({"state_dict": adapter_state} if adapter_state is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(writing)
-        for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
-                          ("rng.pt", rng_state())):
+        states = [("scheduler.pt", scheduler.state_dict()), ("rng.pt", rng_state())]
+        if optimizer is not None:
+            states.insert(0, ("optimizer.pt", optimizer.state_dict()))
+        for name, obj in states:
             writing = tmp / name
             save_tensors(obj, writing)
         for name, text in (("trainer_state.json", json.dumps(asdict(state), indent=2)), ("recipe.yaml", recipe_yaml),
@@ -286,11 +319,12 @@ class Checkpoint:
 
     path: Path
     adapter_weights: dict
-    optimizer: dict
+    optimizer: dict | None  # None: the optimizer state is in `sharded`
     scheduler: dict
     rng: dict
     trainer_state: dict
     recipe: dict
+    sharded: Path | None = None  # fsdp: the adapter and optimizer shards (torch.distributed.checkpoint's folder)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -299,6 +333,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     from safetensors.torch import load_file
 
     path = Path(path)
+    sharded = path / SHARDED if (path / SHARDED).is_dir() else None
 
     def read(name: str, loader):
         try:
@@ -311,11 +346,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(
         path=path,
         adapter_weights=read("adapter/adapter_model.safetensors", lambda p: load_file(str(p))),
-        optimizer=read("optimizer.pt", _load_plain),
+        optimizer=None if sharded else read("optimizer.pt", _load_plain),
         scheduler=read("scheduler.pt", _load_plain),
         rng=read("rng.pt", _load_plain),
         trainer_state=read("trainer_state.json", lambda p: _mapping(json.loads(p.read_text()), p)),
         recipe=read("recipe.yaml", lambda p: _mapping(yaml.safe_load(p.read_text()), p)),
+        sharded=sharded,
     )
 
 
@@ -369,19 +405,31 @@ def _load_plain(path: Path):
                               "(a checkpoint from elsewhere could run code)") from e
 
 
-def restore(checkpoint: Checkpoint, model, optimizer, scheduler) -> TrainerState:
-    """Put a checkpoint read by read_checkpoint into model, optimizer and scheduler; return its trainer state."""
+def restore(checkpoint: Checkpoint, model, optimizer, scheduler, load_sharded=None) -> TrainerState:
+    """Put a checkpoint read by read_checkpoint into model, optimizer and scheduler; return its trainer state.
+
+    load_sharded(optimizer, folder): under fsdp, the engine's reader of a sharded checkpoint's adapter and optimizer
+    shards (every rank calls restore); None for one process or ddp, which read the whole adapter and optimizer."""
     from peft.utils import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, checkpoint.adapter_weights)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise CheckpointError(f"{checkpoint.path}: adapter weights do not fit this model (unexpected: "
-                              f"{unexpected[:5]})")
+    if (checkpoint.sharded is None) != (load_sharded is None):
+        written = "under training.parallelism=fsdp" if checkpoint.sharded is not None else "without fsdp"
+        raise CheckpointError(f"{checkpoint.path} was written {written}: resume it with the training.parallelism "
+                              "it was trained with")
     try:
-        optimizer.load_state_dict(checkpoint.optimizer)
+        if load_sharded is not None:
+            load_sharded(optimizer, checkpoint.sharded)
+        else:
+            result = set_peft_model_state_dict(model, checkpoint.adapter_weights)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise CheckpointError(f"{checkpoint.path}: adapter weights do not fit this model (unexpected: "
+                                      f"{unexpected[:5]})")
+            optimizer.load_state_dict(checkpoint.optimizer)
         scheduler.load_state_dict(checkpoint.scheduler)
         set_rng_state(checkpoint.rng)
         return TrainerState(**checkpoint.trainer_state)
+    except Phi3LocalError:  # already one line naming what failed (a rank, a file)
+        raise
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{checkpoint.path} does not fit this run: {str(e).splitlines()[0][:200]}") from e

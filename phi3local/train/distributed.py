@@ -14,6 +14,12 @@ loss is already divided by the units of every rank), so the optimizer sees the s
 running all the step's micro-batches. A rank without a micro-batch (an epoch's uneven end) joins that backward
 with zero gradients (`DataParallel.idle`).
 
+Sharded data parallel with FSDP2 (`training.parallelism: fsdp`, `World.wrap` -> `FullyShardedParallel`, the
+mechanics in `phi3local.train.fsdp`): every rank holds 1/N of the base, the adapter and the optimizer state;
+each decoder layer is all-gathered for its forward and backward and its gradients reduce-scattered (summed) after
+every backward. Every FSDP collective must meet its peers, so under fsdp the ranks run the same number of passes:
+a rank with fewer micro-batches in a step (or evaluation batches) runs zero-weight filler passes.
+
 gloo on CPU, NCCL on CUDA (one device per process, cuda:LOCAL_RANK), chosen here. Collectives time out
 after `training.distributed_timeout_seconds`; a rank that dies closes its sockets, so the others fail
 at their next collective within seconds, and rank 0 names the dead rank (same host) from the pids the
@@ -37,6 +43,7 @@ from datetime import timedelta
 import torch
 
 from phi3local.errors import Phi3LocalError
+from phi3local.train import fsdp
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _PID_KEY = "phi3local/pid/{}"
@@ -113,6 +120,14 @@ class World:
         self._collective("gather results", lambda: _dist().all_gather_object(out, items))
         return [x for part in out for x in part]
 
+    def max_int(self, value: int) -> int:
+        """The largest value over the ranks."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._comm_device)
+        self._collective("agree on the number of passes", lambda: _dist().all_reduce(t, op=_dist().ReduceOp.MAX))
+        return int(t.item())
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any: how the ranks agree to stop after a signal."""
         if not self.distributed:
@@ -127,15 +142,17 @@ class World:
             self._collective("sum the step's loss", lambda: _dist().all_reduce(t))
         return t
 
-    def wrap(self, model: torch.nn.Module, parallelism: str = "ddp") -> DataParallel | None:
-        """The model under torch's DistributedDataParallel when there are several ranks (None for one process);
-        its construction broadcasts rank 0's trainable parameters, so every rank starts from one adapter."""
+    def wrap(self, model: torch.nn.Module, parallelism: str = "ddp") -> DataParallel | FullyShardedParallel | None:
+        """The model under torch's DistributedDataParallel (ddp) or FSDP2's fully_shard (fsdp) when there are several
+        ranks; None for one process. DDP's construction broadcasts rank 0's trainable parameters, so every rank starts
+        from one adapter; FSDP keeps each rank's shard of what every rank loaded alike (the same files and seed)."""
         if not self.distributed:
             return None
-        if parallelism != "ddp":
-            raise DistributedError(f"training.parallelism={parallelism} is not built yet (issue 26): use ddp")
-        engine: list[DataParallel] = []
-        self._collective("wrap the model in DistributedDataParallel", lambda: engine.append(DataParallel(model, self)))
+        engine: list[DataParallel | FullyShardedParallel] = []
+        if parallelism == "fsdp":
+            self._collective("shard the model with fully_shard", lambda: engine.append(FullyShardedParallel(model, self)))
+        else:
+            self._collective("wrap the model in DistributedDataParallel", lambda: engine.append(DataParallel(model, self)))
         return engine[0]
 
     def barrier(self) -> None:
@@ -189,6 +206,8 @@ class World:
         """
         try:
             call()
+        except DistributedError:  # already one line (a refusal, a nested collective's failure)
+            raise
         except (RuntimeError, _dist().DistBackendError) as e:
             raise self.failure(what, e) from e
 
@@ -265,6 +284,9 @@ class DataParallel:
     """
 
     engine = "torch.nn.parallel.DistributedDataParallel"
+    # gradient_as_bucket_view: the gradients are views of DDP's buckets, zeroed in place rather than set to None, or
+    # each step would copy them in and hold both.
+    zero_grads_in_place = True
 
     def __init__(self, model: torch.nn.Module, world: World):
         from torch.nn.parallel import DistributedDataParallel
@@ -307,13 +329,24 @@ class DataParallel:
             with self.ddp.no_sync():
                 yield
 
+    def fillers(self, passes: int) -> int:
+        """The zero-gradient passes (`idle`) a rank with `passes` micro-batches this step adds after them: one when it
+        has none (an epoch's uneven end), so that it still joins the step's synced backward; each rank runs exactly
+        one synced backward per step, whatever its number of micro-batches, as DDP's all-reduce needs."""
+        return 0 if passes else 1
+
     def idle(self) -> None:
-        """A rank without a micro-batch this step (an epoch's uneven end) still joins the step's synced backward,
-        with exact zeros for every trainable gradient (no pass through the model): each rank runs exactly one
-        synced backward per step, whatever its number of micro-batches, as DDP's all-reduce needs."""
+        """Exact zeros for every trainable gradient in a synced backward, without a pass through the model."""
         params = self.trainable
         zero = self.forward(lambda model: torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0)
         self.backward(zero)
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def evaluate(self, fn, batches: Iterator, missing: int):
+        """fn(model, batches) on the bare model: DDP's forward syncs nothing evaluation needs."""
+        return fn(self.model, batches)
 
     def describe(self) -> dict:
         """What the run's summary records: the engine and its settings, as DDP itself reports them."""
@@ -341,14 +374,103 @@ def _sum_hook(state: DataParallel, bucket):  # no annotations: DDP checks them (
     return work.get_future().then(summed)
 
 
+class FullyShardedParallel:
+    """The PEFT model under FSDP2's fully_shard (`World.wrap`, several ranks, `training.parallelism: fsdp`).
+
+    - One unit per decoder layer and the root (`fsdp.Root`: embeddings, final norm, lm_head), over an explicit
+      device mesh: CPU under gloo, CUDA under NCCL. Parameters are computed in their stored dtypes (the base in
+      model.compute_dtype, the trainables fp32, as one process computes), gradients reduce-scattered in fp32.
+    - The gradients are summed over the ranks after every micro-batch's backward (the loss is normalised by the
+      whole step's units over all ranks), accumulating into each rank's gradient shard; no no_sync: that would hold
+      the unsharded gradients of every layer between micro-batches.
+    - Lockstep: every forward and backward all-gathers and reduce-scatters, so the ranks run the same number of
+      passes per step; a rank with fewer micro-batches runs zero-weight filler passes (`idle`) under a forked
+      random stream, so its LoRA dropout masks stay those of every other rank.
+    - A 4-bit (QLoRA) base is checked bit for bit after sharding: FSDP2 can change packed NF4 weights held in a
+      float storage dtype (bitsandbytes issue 1945); a changed layer refuses the run at start.
+    """
+
+    engine = "torch.distributed.fsdp.fully_shard"
+    zero_grads_in_place = False
+
+    def __init__(self, model: torch.nn.Module, world: World):
+        self.model = model
+        self.world = world
+        self.device = world.device or torch.device("cpu")
+        before = fsdp.four_bit_digests(model)
+        self.root = fsdp.shard(model, self.device.type, world.size)
+        changed = fsdp.changed_four_bit(self.root, before) if before else []
+        if changed:
+            raise DistributedError(f"rank {world.rank}: training.parallelism=fsdp changed the 4-bit weights of "
+                                   f"{len(changed)} layer(s) ({changed[0]}, ...) when sharding them (bitsandbytes "
+                                   f"issue 1945, {fsdp.BNB_FSDP_ISSUE}): use quantization.load_in_4bit=false or "
+                                   "training.parallelism=ddp")
+        held = fsdp.held_bytes(self.root)
+        self.bytes_held = {**held, "frozen_per_rank": world.gather_lists([held["frozen_local"]])}
+
+    def forward(self, fn):
+        """fn(model) inside the root unit's forward (its parameters gathered for the whole pass)."""
+        return self.root(fn)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        yield
+
+    def fillers(self, passes: int) -> int:
+        """The zero-weight passes (`idle`) a rank with `passes` micro-batches this step adds after them: as many as
+        the rank with the most has more (agreed before any pass, whose collectives would otherwise meet this one)."""
+        return self.world.max_int(passes) - passes
+
+    def idle(self) -> None:
+        """One zero-weight forward and backward through every unit, under a forked random stream (its LoRA dropout
+        masks must not advance this rank's stream past the others')."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self.backward(self.forward(lambda model: fsdp.filler_loss(model, self.device)))
+
+    def evaluate(self, fn, batches: Iterator, missing: int):
+        """fn(model, batches) inside one root forward; after this rank's own batches, `missing` filler forwards, so
+        every rank's layers gather as often as the rank with the most batches before any rank combines results."""
+
+        def padded(model):
+            yield from batches
+            for _ in range(missing):
+                fsdp.filler_loss(model, self.device)
+
+        return self.forward(lambda model: fn(model, padded(model)))
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        return fsdp.clip_grad_norm(params, max_norm)
+
+    def full_adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights gathered whole (every rank calls it; rank 0 saves them as a normal peft folder)."""
+        state: list[dict] = []
+        self.world._collective("gather the adapter", lambda: state.append(fsdp.full_trainable_state(self.root)))
+        return state[0]
+
+    def save_sharded(self, optimizer: torch.optim.Optimizer, folder) -> None:
+        self.world._collective("write the sharded checkpoint", lambda: fsdp.save_sharded(self.root, optimizer, folder))
+
+    def load_sharded(self, optimizer: torch.optim.Optimizer, folder) -> None:
+        self.world._collective("read the sharded checkpoint", lambda: fsdp.load_sharded(self.root, optimizer, folder))
+
+    def describe(self) -> dict:
+        """What the run's summary records: the engine, its mesh and policy, and the bytes each rank holds."""
+        return {"engine": self.engine, "backend_name": self.world.backend, "world_size": self.world.size,
+                "mesh_device": self.device.type, "units": len(fsdp.decoder_layers(self.model)) + 1,
+                "mixed_precision": fsdp.describe_policy(), **self.bytes_held}
+
+
 def engine_for(model, world: World):
-    """What optimizer_step runs the micro-batches through: World.wrap's DataParallel, or for one process the
-    model itself (`Local`)."""
-    if isinstance(model, DataParallel):
+    """What optimizer_step runs the micro-batches through: World.wrap's DataParallel or FullyShardedParallel, or for
+    one process the model itself (`Local`)."""
+    if isinstance(model, (DataParallel, FullyShardedParallel)):
         return model
     if world.distributed:
         raise DistributedError(f"rank {world.rank}: several ranks need the model wrapped by World.wrap "
-                               "(DistributedDataParallel sums the gradients); got the bare model")
+                               "(DistributedDataParallel or fully_shard reduces the gradients); got the bare model")
     return Local(model)
 
 
@@ -356,6 +478,7 @@ class Local:
     """One process: the same calls as DataParallel, plain."""
 
     engine = None
+    zero_grads_in_place = False
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -370,8 +493,17 @@ class Local:
     def micro_batch(self, last: bool) -> Iterator[None]:
         yield
 
+    def fillers(self, passes: int) -> int:
+        return 0
+
     def idle(self) -> None:
         pass
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def evaluate(self, fn, batches: Iterator, missing: int):
+        return fn(self.model, batches)
 
 
 def _dist():

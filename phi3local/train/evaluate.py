@@ -37,7 +37,7 @@ def _locate(path: Path) -> tuple[Path | None, Path | None, Path | None]:
 def evaluate_model(path: Path, data_file: Path, overrides: list[str] | None = None,
                    console: Console | None = None) -> dict:
     from phi3local.data.prepare import load_prepared, prepare
-    from phi3local.model.load import load_adapter, load_model, pick_device
+    from phi3local.model.load import add_start_reference, load_adapter, load_model, pick_device
     from phi3local.model.tokenizer import load_tokenizer
     from phi3local.train.recipe import evaluate
     from phi3local.train.tasks import task_for
@@ -63,12 +63,15 @@ def evaluate_model(path: Path, data_file: Path, overrides: list[str] | None = No
         tokenizer = load_tokenizer(str(adapter or merged))
         prepared = prepare(recipe, tokenizer, console=console)
         docs_ds, _ = load_prepared(prepared.out_dir)
-        lora_enabled = recipe.lora.enabled
-        recipe.lora.enabled = False  # the adapter is loaded from disk, not created
+        lora_enabled, start = recipe.lora.enabled, recipe.model.adapter
+        # The adapter is loaded from disk, not created (it holds a start adapter's update too: model.adapter).
+        recipe.lora.enabled, recipe.model.adapter = False, None
         loaded = load_model(recipe, tokenizer, pick_device())
         model = loaded.model
         if adapter is not None and lora_enabled:
             model = load_adapter(model, adapter, EvalError)
+            recipe.lora.enabled, recipe.model.adapter = True, start
+            add_start_reference(model, recipe, loaded.base_path)  # dpo/ipo after model.adapter: training's reference
         model.eval()
         run = SimpleNamespace(model=model, recipe=recipe, tokenizer=tokenizer, device=loaded.device, world=World())
         with torch.no_grad():

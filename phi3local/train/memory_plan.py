@@ -30,6 +30,12 @@ policy's peak (an approximation stated as such; orpo and simpo have no reference
 preference.precompute_reference the pass runs once before training, not in the step, and the plan counts it
 the same).
 
+`training.parallelism: fsdp` on N ranks (`ranks`, from the launcher's WORLD_SIZE unless given): every part of the
+weights, the LoRA weights and gradients and the optimizer state is held 1/N per rank (FSDP2 shards each on dim 0;
+`phi3local.train.fsdp`), plus what is gathered whole while the step runs (`gathered`): the root unit (embeddings,
+lm_head, final norm) for the whole pass and two decoder layers (the one computing and the next, prefetched).
+Activations are per rank as without sharding.
+
 Checked against torch's own accounting of a real CPU step in tests/test_memory_plan.py (within 15%).
 The device side: CUDA's free memory (`torch.cuda.mem_get_info`) less a reserve for the CUDA context and
 allocator slack; on CPU the available RAM (MemAvailable).
@@ -91,11 +97,13 @@ class MemoryPlan:
     width: int = 0  # tokens per sequence planned: max_seq_len rounded up to data.pad_to_multiple_of
     sequences: int = 1  # sequences per row: 2 for preference pairs (chosen and rejected)
     reference: int = 0  # preference dpo/ipo: the reference pass's no-grad forward (before anything is kept)
+    ranks: int = 1  # fsdp: the ranks every weight, gradient and optimizer state above is sharded over (per rank)
+    gathered: int = 0  # fsdp: gathered whole during the step (the root unit and two decoder layers)
 
     @property
     def total(self) -> int:
-        return (self.weights_4bit + self.weights_kept + self.lora_weights + self.lora_gradients
-                + self.optimizer_state + max(self.activations + max(self.backward_working, self.loss), self.reference))
+        return (self.weights_4bit + self.weights_kept + self.lora_weights + self.lora_gradients + self.optimizer_state
+                + self.gathered + max(self.activations + max(self.backward_working, self.loss), self.reference))
 
     @property
     def fits(self) -> bool:
@@ -212,9 +220,9 @@ def reference_pass_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, r: in
 
 def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_len: int,
               gradient_checkpointing: bool, compute_dtype: str, optimizer: str,
-              available: int | None = None, device: str = "") -> MemoryPlan:
+              available: int | None = None, device: str = "", ranks: int = 1) -> MemoryPlan:
     """The plan for one micro-batch of `micro_batch_size` x `max_seq_len` tokens (rounded up to the recipe's
-    data.pad_to_multiple_of for `device`, default cpu), every token trained."""
+    data.pad_to_multiple_of for `device`, default cpu), every token trained; per rank of `ranks` under fsdp."""
     b = DTYPE_BYTES[compute_dtype]
     multiple = resolved_pad_to_multiple_of(recipe.data.pad_to_multiple_of, device or "cpu")
     width = padded_width(max_seq_len, multiple, shape.max_position_embeddings or None)
@@ -236,15 +244,38 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
     reference = 0
     if recipe.task == "preference" and uses_reference(recipe.preference.loss):
         reference = reference_pass_bytes(shape, tokens, b, lora.r, len(targets), loss)
+    gathered = 0
+    if ranks > 1:  # fsdp: the root unit (all but the decoder layers) and two layers whole, the rest sharded
+        layers = max(shape.num_hidden_layers, 1)
+        gathered = unquantized + 2 * (quantized + trainable * 4) // layers
     return MemoryPlan(
         micro_batch_size=micro_batch_size, max_seq_len=max_seq_len, gradient_checkpointing=gradient_checkpointing,
-        compute_dtype=compute_dtype, optimizer=optimizer, weights_4bit=quantized, weights_kept=unquantized,
-        lora_weights=trainable * 4, lora_gradients=trainable * 4,
-        optimizer_state=optimizer_state_bytes(trainable, optimizer),
+        compute_dtype=compute_dtype, optimizer=optimizer, weights_4bit=_per_rank(quantized, ranks),
+        weights_kept=_per_rank(unquantized, ranks), lora_weights=_per_rank(trainable * 4, ranks),
+        lora_gradients=_per_rank(trainable * 4, ranks),
+        optimizer_state=_per_rank(optimizer_state_bytes(trainable, optimizer), ranks),
         activations=saved_tensors, backward_working=working,
         loss=loss,
         available=available, device=device, task=recipe.task, width=width, sequences=sequences, reference=reference,
+        ranks=ranks, gathered=gathered,
     )
+
+
+def _per_rank(total: int, ranks: int) -> int:
+    """One rank's share of `total` bytes sharded over `ranks` (rounded up, as FSDP2 pads the last shard)."""
+    return -(-total // ranks)
+
+
+def fsdp_ranks(recipe: Recipe, environ=None) -> int:
+    """The ranks the recipe shards over: the launcher's WORLD_SIZE under training.parallelism=fsdp, else 1 (ddp and
+    one process hold everything on every rank)."""
+    environ = os.environ if environ is None else environ
+    if recipe.training.parallelism != "fsdp":
+        return 1
+    try:
+        return max(int(environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:  # the launcher's variables are checked where the ranks start (train.distributed)
+        return 1
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -373,10 +404,12 @@ class PlanReport:
 
 def make_plan(recipe: Recipe, device: str | None = None, available: int | None = None,
               micro_batch_size: int | None = None, gradient_checkpointing: bool | None = None,
-              shape: ModelShape | None = None) -> PlanReport:
+              shape: ModelShape | None = None, ranks: int | None = None) -> PlanReport:
     """The plan of the recipe on `device` (default: this machine's) against `available` bytes (default: its
-    free memory), with the largest micro-batch and longest sequence that fit."""
+    free memory), with the largest micro-batch and longest sequence that fit; per rank of `ranks` under fsdp
+    (default `fsdp_ranks`: the launcher's WORLD_SIZE)."""
     device = device_kind(device)
+    ranks = ranks if ranks is not None else fsdp_ranks(recipe)
     shape = shape or recipe_shape(recipe)
     if available is None:
         available = available_bytes(device)
@@ -387,7 +420,7 @@ def make_plan(recipe: Recipe, device: str | None = None, available: int | None =
     seq = recipe.data.max_seq_len
 
     def plan(batch: int, length: int) -> MemoryPlan:
-        return plan_step(shape, recipe, batch, length, gc, dtype, optimizer, available, device)
+        return plan_step(shape, recipe, batch, length, gc, dtype, optimizer, available, device, ranks)
 
     largest = largest_fitting(lambda n: plan(n, seq).fits, 1, 4096)
     at = mbs if largest >= 1 else 1  # nothing fits at this length: how long a row of one may be
@@ -428,8 +461,9 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
     p = report.plan
     padded = f" (max_seq_len {p.max_seq_len} padded)" if p.width > p.max_seq_len else ""
     pairs = f" x {p.sequences} sequences" if p.sequences > 1 else ""
+    per_rank = f", per rank of {p.ranks} (fsdp)" if p.ranks > 1 else ""
     table = Table(title=f"{title}: {p.micro_batch_size}{pairs} x {p.width or p.max_seq_len} tokens{padded}, {p.compute_dtype}, "
-                        f"checkpointing {'on' if p.gradient_checkpointing else 'off'}",
+                        f"checkpointing {'on' if p.gradient_checkpointing else 'off'}{per_rank}",
                   title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="cyan", no_wrap=True)
     table.add_column(justify="right", no_wrap=True)
@@ -438,7 +472,8 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
         ("LoRA weights + gradients", p.lora_weights + p.lora_gradients), (f"optimizer ({p.optimizer})", p.optimizer_state),
         ("activations kept", p.activations), ("backward, one layer", p.backward_working),
         ("score head logits" if p.task == "classification" else "loss chunk", p.loss),
-    ] + ([("reference pass (no grad)", p.reference)] if p.reference else [])
+    ] + ([("reference pass (no grad)", p.reference)] if p.reference else []) + (
+        [("gathered (fsdp root + 2 layers)", p.gathered)] if p.ranks > 1 else [])
     for name, value in rows:
         table.add_row(name, format_bytes(value))
     table.add_row("[bold]peak (step's tensors)[/]", f"[bold]{format_bytes(p.total)}[/]")

@@ -94,9 +94,10 @@ class Run:
     peak_flops: float
     metrics: MetricsLog
     world: distributed.World = field(default_factory=distributed.World)  # this process among the ranks
-    # Several ranks: the model under DistributedDataParallel (World.wrap); None for one process. `model` stays the
-    # bare PEFT model (evaluation, samples, checkpoints and the adapter never see the wrapper).
-    engine: distributed.DataParallel | None = None
+    # Several ranks: the model under DistributedDataParallel or fully_shard (World.wrap); None for one process.
+    # `model` stays the PEFT model (under fsdp its parameters are shards: evaluation, checkpoints and the adapter go
+    # through the engine).
+    engine: distributed.DataParallel | distributed.FullyShardedParallel | None = None
     stop_signal: list[int] = field(default_factory=list)
     previous_handlers: dict = field(default_factory=dict)
     held: ExitStack = field(default_factory=ExitStack)  # the run folder's lock, released in cleanup()
@@ -277,8 +278,6 @@ def setup(recipe: Recipe, resume: bool = False, overwrite: bool = False,
     read the same prepared data and checkpoint, and print nothing.
     """
     console = console or Console()
-    if recipe.training.parallelism == "fsdp":  # before any rank loads anything
-        raise TrainingError("training.parallelism=fsdp is not built yet (issue 26): use ddp")
     world = distributed.start(recipe.training.distributed_timeout_seconds)
     held = ExitStack()
     held.callback(world.close)  # the last thing released
@@ -312,6 +311,9 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
             folders.write_text_atomic(run_dir / "recipe.yaml",
                               recipe.to_yaml() + "\n# versions: " + json.dumps(ckpt.package_versions()) + "\n")
         seed_everything(recipe.seed)
+        if recipe.model.adapter:  # checked before the data is prepared (load_model uses what it checks)
+            from phi3local.model.load import check_start_adapter
+            check_start_adapter(recipe, resolve_model_path(recipe.model.name_or_path))
 
         tokenizer = load_tokenizer(recipe.model.tokenizer or resolve_model_path(recipe.model.name_or_path),
                                    revision=None if recipe.model.tokenizer else recipe.model.revision)
@@ -348,22 +350,30 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
                   f"4-bit={recipe.quantization.load_in_4bit}")
     trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
     console.print(f"trainable parameters: {trainable:,}")
+    # Wrapped before the optimizer is built: fully_shard replaces the parameters with their shards.
+    engine = world.wrap(loaded.model, recipe.training.parallelism)  # DDP broadcasts rank 0's adapter to every rank
+    if isinstance(engine, distributed.FullyShardedParallel):
+        console.print(f"sharded data parallel: {world.size} ranks ({world.backend}), {engine.engine} per decoder layer "
+                      f"and the root; frozen weights held per rank {format_bytes(max(engine.bytes_held['frozen_per_rank']))}"
+                      f" of {format_bytes(engine.bytes_held['frozen_full'])}", soft_wrap=True, highlight=False)
+    elif engine is not None:
+        console.print(f"data parallel: {world.size} ranks ({world.backend}), {engine.engine}, gradients summed by "
+                      "a comm hook", soft_wrap=True, highlight=False)
     optimizer = make_optimizer(loaded.model, recipe, loaded.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
     state = ckpt.TrainerState(data_sha256={k: v["sha256"] for k, v in prepared.stats["inputs"].items()},
                               world_size=world.size)
     if checkpoint is not None:
-        state = ckpt.restore(checkpoint, loaded.model, optimizer, scheduler)
+        trained_by = checkpoint.trainer_state.get("world_size", 1)
+        if trained_by != world.size:
+            raise TrainingError(f"{checkpoint.path} was trained by {trained_by} process(es), this run has "
+                                f"{world.size}: the global batch would change; resume with {trained_by}")
+        state = ckpt.restore(checkpoint, loaded.model, optimizer, scheduler,
+                             load_sharded=engine.load_sharded if isinstance(engine, distributed.FullyShardedParallel)
+                             else None)
         console.print(f"resumed from {checkpoint.path} (step {state.step})", soft_wrap=True)
-        if state.world_size != world.size:
-            raise TrainingError(f"{checkpoint.path} was trained by {state.world_size} process(es), this run has "
-                                f"{world.size}: the global batch would change; resume with {state.world_size}")
     elif resume:
         console.print("--resume: no checkpoint yet, starting from step 0")
-    engine = world.wrap(loaded.model, recipe.training.parallelism)  # DDP broadcasts rank 0's adapter to every rank
-    if engine is not None:
-        console.print(f"data parallel: {world.size} ranks ({world.backend}), {engine.engine}, gradients summed by "
-                      "a comm hook", soft_wrap=True, highlight=False)
 
     config = base_causal_lm(loaded.model).config
     step_flops = task.step_flops(config, train_docs, recipe.lora)
@@ -496,8 +506,10 @@ def optimizer_step(task, model, batches: list, optimizer, scheduler, world: dist
     """One optimizer step over grad_accum micro-batches (on each rank), normalised by the task's units of the
     whole step (over all ranks): trained tokens, examples or pairs.
 
-    model: the bare model (one process) or World.wrap's DataParallel (several ranks: DistributedDataParallel sums
-    the gradients over the ranks in the backward of each rank's last micro-batch; the others run under no_sync).
+    model: the bare model (one process) or World.wrap's engine (several ranks): DataParallel, where
+    DistributedDataParallel sums the gradients over the ranks in the backward of each rank's last micro-batch (the
+    others run under no_sync), or FullyShardedParallel, where fully_shard reduce-scatters them after every backward
+    and a rank with fewer micro-batches runs zero-weight passes to keep the ranks in step.
     step and sources: only for the message when the loss or gradient is not finite (the step's number, the
     documents' file:line)."""
     engine = distributed.engine_for(model, world)
@@ -505,6 +517,7 @@ def optimizer_step(task, model, batches: list, optimizer, scheduler, world: dist
     (units,) = world.sum_ints([sum(task.units(b) for b in batches)])
     if units == 0:
         return StepResult(torch.zeros(()), torch.zeros(()))
+    fillers = engine.fillers(len(batches))  # several ranks: zero-gradient passes that keep the ranks in step
     loss_total = torch.zeros((), device=device)
     per_batch = []
     stats: dict = {}
@@ -517,11 +530,11 @@ def optimizer_step(task, model, batches: list, optimizer, scheduler, world: dist
         per_batch.append(loss_sum.detach())
         loss_total += loss_sum.detach()
         add_stats(stats, batch_stats)
-    if not batches:
-        engine.idle()  # several ranks: this rank's zero gradients in the step's synced backward
+    for _ in range(fillers):
+        engine.idle()
     params = [p for p in model.parameters() if p.requires_grad]
     loss_total = world.sum_tensor(loss_total)  # the step's loss sum over the ranks
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    grad_norm = engine.clip_grad_norm(params, max_grad_norm or float("inf"))
     # One host sync per optimizer step: a non-finite loss must stop the run before it poisons the weights.
     if not bool(torch.isfinite(loss_total) & torch.isfinite(grad_norm)):
         bad = [b for b, loss in zip(batches, per_batch) if not torch.isfinite(loss)] or batches
@@ -532,9 +545,7 @@ def optimizer_step(task, model, batches: list, optimizer, scheduler, world: dist
             "check those rows, or use compute_dtype=bfloat16 instead of float16")
     optimizer.step()
     scheduler.step()
-    # DDP: zeroed in place, the gradients stay views of its buckets (gradient_as_bucket_view), so the no_sync
-    # micro-batches accumulate into the buckets; set to None, each step would copy them in and hold both.
-    optimizer.zero_grad(set_to_none=engine.engine is None)
+    optimizer.zero_grad(set_to_none=not engine.zero_grads_in_place)
     return StepResult(loss_total / units, grad_norm, units, stats)
 
 
@@ -560,10 +571,15 @@ def evaluate(run, docs, max_batches: int = 0) -> dict:
     if max_batches:
         plan = plan[:max_batches]
     limit, widths = long_from(run.recipe), padding(run)
+    share = run.world.share(plan)
     batches = (task.collate(rows, docs, run.tokenizer.pad_token_id, position_limit=limit, **widths).to(run.device)
-               for rows in run.world.share(plan))  # one at a time
+               for rows in share)  # one at a time
+    engine = getattr(run, "engine", None) or distributed.Local(run.model)
+    missing = math.ceil(len(plan) / run.world.size) - len(share)  # fsdp: filler forwards to the most any rank has
     try:
-        return task.evaluate(run.model, batches, run.world, chunk_size=run.recipe.training.loss_chunk_size)
+        return engine.evaluate(lambda model, own: task.evaluate(model, own, run.world,
+                                                                chunk_size=run.recipe.training.loss_chunk_size),
+                               batches, missing)
     finally:
         run.model.train(was_training)
 
@@ -579,15 +595,32 @@ def sample_generations(run, docs, count: int, max_new_tokens: int) -> list[dict]
 # --------------------------------------------------------------------------------------------- train
 
 def save(run: Run) -> Path:
-    """Rank 0 writes the checkpoint (the ranks hold the same adapter and state); the others wait until it is
-    written, so none ends the job while rank 0 still saves."""
+    """Rank 0 writes the checkpoint (under ddp the ranks hold the same adapter and state); the others wait until it
+    is written, so none ends the job while rank 0 still saves. Under fsdp every rank first writes its shards of the
+    adapter and optimizer state into rank 0's temporary folder (torch.distributed.checkpoint), and the adapter is
+    gathered whole for the checkpoint's peft folder."""
     path = run.run_dir / ckpt.CHECKPOINTS / f"step-{run.state.step}"
+    sharded = isinstance(run.engine, distributed.FullyShardedParallel)
+    adapter = adapter_state(run)
+    tmp = None
+    if sharded:
+        named = [str(ckpt.temporary_folder(run.run_dir, run.state.step))] if run.world.is_main else []
+        tmp = Path(run.world.gather_lists(named)[0])
+        ckpt.write_shards(tmp, lambda folder: run.engine.save_sharded(run.optimizer, folder), run.run_dir,
+                          remove=run.world.is_main)
     if run.world.is_main:
-        path = ckpt.save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.state,
-                                    run.recipe.to_yaml(), run.tokenizer)
+        path = ckpt.save_checkpoint(run.run_dir, run.model, None if sharded else run.optimizer, run.scheduler,
+                                    run.state, run.recipe.to_yaml(), run.tokenizer, adapter_state=adapter, tmp=tmp)
         ckpt.prune_checkpoints(run.run_dir, run.recipe.training.keep_checkpoints, run.state.best_step)
     run.world.barrier()
     return path
+
+
+def adapter_state(run: Run) -> dict | None:
+    """Under fsdp the trainable weights gathered whole (every rank calls it; peft saves them as a normal folder);
+    None otherwise (peft reads them from the model)."""
+    engine = run.engine
+    return engine.full_adapter_state() if isinstance(engine, distributed.FullyShardedParallel) else None
 
 
 def run_eval(run: Run) -> dict:
@@ -671,12 +704,18 @@ def train(run: Run) -> dict:
     final = run_eval(run)
     s.finished = True
     s.elapsed_seconds = time.perf_counter() - run_start
-    samples = sample_generations(run, run.val_docs, r.eval.generate_samples if run.world.is_main else 0,
-                                 r.eval.max_new_tokens)
+    # Rank 0 generates alone; under fsdp it would need the other ranks' shards at every token, so none are made.
+    sharded = isinstance(run.engine, distributed.FullyShardedParallel)
+    samples = sample_generations(run, run.val_docs, r.eval.generate_samples if run.world.is_main and not sharded
+                                 else 0, r.eval.max_new_tokens)
+    if sharded and r.eval.generate_samples:
+        run.console.print("[dim]eval.generate_samples: none under training.parallelism=fsdp (chat with the adapter "
+                          "instead)[/]", soft_wrap=True, highlight=False)
     save(run)
+    adapter = adapter_state(run)
     if not run.world.is_main:  # rank 0 alone writes the adapter and the summary
         return {"rank": run.world.rank, "steps": s.step}
-    save_adapter(run)
+    save_adapter(run, adapter)
     summary = {
         "steps": s.step, "trained_tokens": s.trained_tokens, "seconds": s.elapsed_seconds,
         "tokens_per_second": s.trained_tokens / max(s.elapsed_seconds, 1e-9),
@@ -696,15 +735,16 @@ def train(run: Run) -> dict:
     return summary
 
 
-def save_adapter(run: Run) -> Path:
-    """The final adapter: a peft folder with tokenizer and a generation_config listing every stop id."""
+def save_adapter(run: Run, state: dict | None = None) -> Path:
+    """The final adapter: a peft folder with tokenizer and a generation_config listing every stop id. state: the
+    adapter's weights gathered whole (fsdp, `adapter_state`); None: peft reads them from the model."""
     from transformers import GenerationConfig
 
     out = run.run_dir / "adapter"
     tmp = run.run_dir / ".tmp-adapter"
     if tmp.exists():
         shutil.rmtree(tmp)
-    run.model.save_pretrained(tmp)
+    run.model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
     run.tokenizer.save_pretrained(tmp)
     if run.task.generates:
         try:

@@ -10,10 +10,13 @@ the same way. A row may hold 2 x data.max_seq_len tokens (data.max_seq_len bound
 and the longer answer). Only answer tokens have targets.
 
 Log-probs: `phi3local.train.loss.chunked_token_logprobs` on the answer positions only (never [tokens x vocab]
-logits), summed per answer. The reference (dpo, ipo): the same model with its adapter disabled (peft's
-`disable_adapter()`, the 4-bit base with no LoRA and the original modules_to_save) under torch.no_grad, in the
-same micro-batch, before the policy's forward; orpo and simpo have none. With a fresh adapter (LoRA B = 0) the
-policy is the reference, so the dpo loss starts at ln 2 with every reward 0.
+logits), summed per answer. The reference (dpo, ipo; `reference_model`), under torch.no_grad, in the same
+micro-batch, before the policy's forward: with a fresh adapter, the same model with its adapter disabled (peft's
+`disable_adapter()`, the 4-bit base with no LoRA and the original modules_to_save); when the run continues an
+adapter (model.adapter, e.g. an SFT run's), that adapter as loaded, a frozen second peft adapter on the same 4-bit
+base (`phi3local.model.load.reference_adapter`), while the trained adapter starts from the same weights. orpo and
+simpo have none. Either way the policy is the reference at step 0, so the dpo loss starts at ln 2 with every
+reward 0 (with lora.dropout > 0 the first training step's loss is near ln 2: dropout acts on the policy only).
 
 Loss: `phi3local.train.preference_loss.preference_loss` per pair, summed; averaged over the optimizer step's
 pairs. Metrics (TRL's names, means over the step's pairs): rewards/chosen, rewards/rejected,
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from phi3local.model.flops import StepFlops, lora_step_flops
-from phi3local.model.load import base_causal_lm
+from phi3local.model.load import base_causal_lm, has_reference_adapter, reference_adapter
 from phi3local.train.batching import MicroBatch, collate, rows_for_attention
 from phi3local.train.loss import chunked_token_logprobs
 from phi3local.train.preference_loss import default_sft_weight, preference_loss, uses_reference
@@ -134,8 +137,12 @@ def answer_logps(model, batch: PairBatch, chunk_size: int) -> torch.Tensor:
         0, owner, token_logps)
 
 
-def adapter_disabled(model):
-    """The reference: the model with its adapter disabled (peft), or a refusal naming why there is none."""
+def reference_model(model):
+    """The context in which `model` is the reference (dpo, ipo): the frozen start adapter when the run continues one
+    (model.adapter: `phi3local.model.load.reference_adapter`), else the model with its adapter disabled (peft), or a
+    refusal naming why there is none."""
+    if has_reference_adapter(model):
+        return reference_adapter(model)
     disable = getattr(model, "disable_adapter", None)
     if disable is None:
         from phi3local.train.recipe import TrainingError
@@ -170,8 +177,8 @@ class Preference:
     @torch.no_grad()
     def prepare(self, model, docs: Pairs, batches: Iterable, *, chunk_size: int) -> None:
         """preference.precompute_reference (dpo, ipo): every pair's reference log-probs, once, before training; the
-        steps then run the policy's forward only. The reference never changes (the adapter is off), so a resumed
-        run computes the same table."""
+        steps then run the policy's forward only. The reference never changes (the adapter off, or the frozen start
+        adapter), so a resumed run computes the same table."""
         if not (self.needs_reference and self.settings.precompute_reference) or not len(docs):
             return
         table = torch.zeros(len(docs), 2, dtype=torch.float32)
@@ -197,7 +204,7 @@ class Preference:
             return None
         if batch.reference is not None:  # precomputed (preference.precompute_reference)
             return batch.reference
-        with adapter_disabled(model), torch.no_grad():
+        with reference_model(model), torch.no_grad():
             return answer_logps(model, batch, chunk_size)
 
     def pair_losses(self, model, batch: PairBatch, chunk_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
