@@ -13,7 +13,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 TORCH_SPEC ?= $(if $(HAS_CUDA),torch,torch==2.13.0)
 SIZE ?= small
 
-.PHONY: install install-azure install-gguf azurite demo test lint bench bench-kernels bench-train bench-serve bench-gpu bench-gpu-train bench-ddp bench-real-size gpu-check clean
+.PHONY: install install-azure install-gguf azurite demo test lint bench bench-kernels bench-train bench-serve bench-gpu bench-gpu-train bench-ddp bench-real-size gpu-check gpu-check-dry gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -116,8 +116,17 @@ bench-real-size: install
 # On a lent GPU machine (no package index there): Phi-3-mini at real size against TRL and Unsloth, the plan against
 # CUDA's max allocated, the int4 CUDA export; at most 8 minutes on one H100. See kernels_bench/gpu_check.py.
 # It runs with the machine's own Python (a venv would not fit what can be carried there) and this checkout on the path.
+# On a lent GPU machine (no package index; torch, transformers, peft, accelerate preinstalled): the wheels that
+# `make gpu-wheels` put in runs/gpu-wheels here (carry them), then the check (<= 8 min; results/gpu_check.json).
 gpu-check:
+	if ls runs/gpu-wheels/*.whl >/dev/null 2>&1; then $(PYTHON) -m pip install -q --no-index --no-deps runs/gpu-wheels/*.whl; fi
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m kernels_bench.gpu_check
+
+gpu-check-dry: install
+	$(PY) -m kernels_bench.gpu_check --dry-run
+
+gpu-wheels: install
+	$(PY) -m kernels_bench.gpu_check --wheels
 
 clean:
 	rm -rf .demo runs exports .pytest_cache .ruff_cache kernels_bench/results/*.png

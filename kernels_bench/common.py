@@ -85,12 +85,20 @@ class Ctx:
 
 
 def repo_relative(path: str | Path) -> str:
-    """A path inside the repository as written from its root (results stay machine-independent)."""
+    """A path inside the repository as written from its root, one beside it (../shared) as from there (results
+    stay machine-independent)."""
     path = Path(path).resolve()
-    try:
-        return str(path.relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
+    for root, prefix in ((REPO_ROOT, ""), (REPO_ROOT.parent, "../")):
+        try:
+            return prefix + str(path.relative_to(root))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def machine_independent(text: str) -> str:
+    """A results file's text with this checkout's absolute paths written from its root: `.` and `..`."""
+    return text.replace(str(REPO_ROOT), ".").replace(str(REPO_ROOT.parent), "..")
 
 
 def long_tailed_lengths(n: int, seed: int = 0, median: float = 200.0, sigma: float = 0.6, low: int = 32,

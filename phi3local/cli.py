@@ -22,8 +22,9 @@ console = Console()
 EPILOG = "Recipes are YAML files (see recipes/); any key can be overridden: training.lr=1e-4 data.max_seq_len=2048"
 
 
-def _recipe(args) -> object:
-    overrides = [o for o in args.overrides if o != "resume=auto"]
+def _recipe(args, launcher: list[str] = ()) -> object:
+    """launcher: overrides from the launcher's own configuration (an accelerate FSDP config), before the user's."""
+    overrides = [*launcher, *(o for o in args.overrides if o != "resume=auto")]
     if "resume=auto" in args.overrides:
         args.resume = True
     recipe = load_recipe(args.recipe, overrides)
@@ -63,13 +64,16 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from phi3local.train.distributed import from_environment
+    from phi3local.train.distributed import from_environment, launcher_overrides
     from phi3local.train.recipe import RunAlreadyFinished, TrainingInterrupted, run_training
 
     console.quiet = not from_environment().is_main  # under torchrun/accelerate rank 0 alone prints
     if args.resume and args.overwrite:
         raise UsageError("--resume continues a run and --overwrite starts it again: give one of them")
-    recipe = _recipe(args)
+    launcher = launcher_overrides()
+    if launcher:
+        console.print(f"accelerate's FSDP config: {' '.join(launcher)}", soft_wrap=True, highlight=False)
+    recipe = _recipe(args, launcher)
     try:
         summary = run_training(recipe, resume=args.resume, overwrite=args.overwrite, console=console)
     except RunAlreadyFinished as e:

@@ -68,3 +68,16 @@ def test_save_result_is_json_safe(tmp_path):
     assert doc["rows"] == [{"a": None, "b": [1.5], "c": None}] and doc["config"]["dtype"] == "torch.float32"
     assert doc["environment"]["versions"]["torch"]
     assert report.fmt_bytes(3 * 2**20) == "3.0 MiB" and report.fmt_seconds(0.0025) == "2.50 ms"
+
+
+def test_results_name_paths_from_the_checkout_not_this_machine():
+    """Committed results files must not hold this machine's absolute paths (a result's command lines name the
+    venv, the run folders and ../shared's data)."""
+    from kernels_bench.common import REPO_ROOT, machine_independent, repo_relative
+
+    shared = REPO_ROOT.parent / "shared" / "data"
+    assert repo_relative(REPO_ROOT / "runs" / "x") == "runs/x"
+    assert repo_relative(shared / "stories260k") == "../shared/data/stories260k"
+    text = machine_independent(json.dumps({"command": f"{REPO_ROOT}/.venv/bin/python -m phi3local train "
+                                                      f"{REPO_ROOT}/runs/r.yaml {shared}/x.jsonl"}))
+    assert json.loads(text)["command"] == "./.venv/bin/python -m phi3local train ./runs/r.yaml ../shared/data/x.jsonl"

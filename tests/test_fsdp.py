@@ -194,3 +194,62 @@ def test_preference_under_fsdp_is_refused_in_one_line():
     with pytest.raises(RecipeError, match=r"^recipe: task=preference with training.parallelism=fsdp is not "
                                           r"supported yet .*use training.parallelism=ddp$"):
         recipe_from_dict({"task": "preference", "training": {"parallelism": "fsdp"}}, source="recipe")
+
+
+ACCELERATE_FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_offload_params: false
+  fsdp_reshard_after_forward: true
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: true
+"""
+
+
+def test_accelerate_launch_with_an_fsdp_config_trains_the_fsdp_path(sixteen_bit, tmp_path):
+    """`accelerate launch --config_file fsdp.yaml -m phi3local train` (docs/scaling.md's config, as a user starts
+    it) runs training.parallelism=fsdp without it in the recipe: the same losses as torchrun's fsdp run, bit for bit."""
+    import subprocess
+    import sys
+
+    root, _, _ = sixteen_bit
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(ACCELERATE_FSDP_CONFIG)
+    run = tmp_path / "accelerate"
+    common = [c for c in COMMON if c != "training.parallelism=fsdp"]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    done = subprocess.run([str(accelerate), "launch", "--config_file", str(config), "--main_process_port", "0",
+                           "-m", "phi3local", "train", str(TINY), f"output_dir={run}", *common, *SIXTEEN_BIT],
+                          env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "accelerate's FSDP config: training.parallelism=fsdp" in done.stdout
+    assert "sharded data parallel: 2 ranks (gloo), torch.distributed.fsdp.fully_shard" in done.stdout
+    assert step_losses(run) == step_losses(root / "two")
+
+
+@pytest.mark.parametrize(("variables", "message"), [
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, "sets fsdp_offload_params: true; phi3local's FSDP path keeps the shards on the "
+                                      "device: set it to false"),
+    ({"FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, "asks for sharding strategy SHARD_GRAD_OP (reshard after forward: "
+                                                  "true); phi3local shards fully"),
+    ({"FSDP_RESHARD_AFTER_FORWARD": "false"}, "(reshard after forward: false)"),
+])
+def test_accelerate_fsdp_settings_phi3local_does_not_do_are_refused_in_one_line(variables, message):
+    from phi3local.train.distributed import DistributedError, launcher_overrides
+
+    with pytest.raises(DistributedError) as refused:
+        launcher_overrides({"ACCELERATE_USE_FSDP": "true", **variables})
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_accelerate_fsdp_config_maps_to_recipe_overrides():
+    from phi3local.train.distributed import launcher_overrides
+
+    assert launcher_overrides({}) == [] == launcher_overrides({"ACCELERATE_USE_FSDP": "false"})
+    assert launcher_overrides({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}) == ["training.parallelism=fsdp"]
+    assert launcher_overrides({"ACCELERATE_USE_FSDP": "true", "FSDP_ACTIVATION_CHECKPOINTING": "true"}) == [
+        "training.parallelism=fsdp", "training.gradient_checkpointing=true"]

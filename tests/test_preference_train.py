@@ -183,6 +183,14 @@ def test_memory_plan_counts_both_sequences_and_the_reference_pass():
     assert plan["dpo"].sequences == 2 and plan["dpo"].activations == 2 * plan["sft"].activations
     assert plan["dpo"].reference > 0 and plan["orpo"].reference == 0
     assert plan["dpo"].total >= plan["orpo"].total > plan["sft"].total
+    # The shipped DPO recipe starts from the SFT adapter: its frozen copy, the reference, is the trained adapter's
+    # size in fp32; from the base model (no model.adapter) the reference is the base with the adapter off.
+    assert dpo.model.adapter and plan["dpo"].reference_adapter == plan["dpo"].lora_weights > 0
+    assert plan["orpo"].reference_adapter == 0
+    base = make_plan(load_recipe(REPO / "recipes" / "phi3-mini-dpo.yaml", [
+        "data.max_seq_len=1024", "training.micro_batch_size=2", "model.adapter=null"]), device="cuda",
+        available=80 * 1024**3, gradient_checkpointing=True).plan
+    assert base.reference_adapter == 0 and plan["dpo"].total - base.total == plan["dpo"].lora_weights
 
 
 # ------------------------------------------------------------------------------- stories260K tasks

@@ -142,6 +142,8 @@ def cmd_train(args) -> int:
     from phi3local.azure.jobs import submit_train
     from phi3local.cost import azure_train_estimate
 
+    if args.parallelism:
+        args.overrides = [*(args.overrides or []), f"training.parallelism={args.parallelism}"]
     recipe = _recipe(args)
     console = _console()
     ref = None if args.dry_run else _workspace(args, recipe)
@@ -265,12 +267,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                               "runs `python -m phi3local train recipe.yaml data.train_file=${{inputs.train}} "
                               "output_dir=${{outputs.run}}`. With --instance-count or --gpus-per-node above 1 the job "
                               "gets a PyTorchDistribution: Azure ML starts one process per GPU on every node and sets "
-                              "RANK, WORLD_SIZE, MASTER_ADDR/PORT; the ranks train the recipe together (DDP, NCCL), "
-                              "global batch = processes x micro_batch_size x grad_accum.")
+                              "RANK, WORLD_SIZE, MASTER_ADDR/PORT; the ranks train the recipe together (DDP, NCCL; "
+                              "--parallelism fsdp shards the model over them), global batch = processes x "
+                              "micro_batch_size x grad_accum.")
     _recipe_flags(p, positional=True)
     p.add_argument("--compute", help="compute cluster name (default: azure.compute)")
     p.add_argument("--instance-count", type=positive_int, default=1, help="nodes")
     p.add_argument("--gpus-per-node", type=positive_int, default=1, help="processes per node")
+    p.add_argument("--parallelism", choices=["ddp", "fsdp"],
+                   help="training.parallelism for the job (default: the recipe's): ddp replicates the model on "
+                        "every GPU, fsdp shards it over them (for what does not fit one)")
     p.add_argument("--dry-run", action="store_true", help="stage and print the job; send nothing")
     _workspace_flags(p)
     p.set_defaults(func=cmd_train)

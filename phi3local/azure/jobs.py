@@ -188,6 +188,9 @@ def train_data_files(recipe: Any) -> dict[str, Path]:
     if model != "tiny" and Path(model).expanduser().exists():
         raise JobError(f"model.name_or_path {model} is a local folder: the cluster downloads the model itself, so "
                        "give a Hugging Face Hub id")
+    if recipe.model.adapter:
+        raise JobError(f"model.adapter {recipe.model.adapter}: azure train does not upload a start adapter yet; "
+                       "train from the base model there (model.adapter=null) or run this recipe locally")
     return files
 
 
@@ -203,6 +206,9 @@ def submit_train(recipe: Any, *, compute: str | None, instance_count: int, gpus_
         raise JobError("no compute cluster: give --compute CLUSTER (or azure.compute in the recipe)")
     if instance_count < 1 or gpus_per_node < 1:
         raise JobError("--instance-count and --gpus-per-node must be at least 1")
+    if recipe.training.parallelism == "fsdp" and instance_count * gpus_per_node == 1:
+        raise JobError("training.parallelism=fsdp shards the model over several processes: give --gpus-per-node or "
+                       "--instance-count above 1, or use training.parallelism=ddp")
     files = train_data_files(recipe)
     work = Path(work_dir or tempfile.mkdtemp(prefix="phi3local-train-"))
     code_dir = stage_train_code(recipe, work / "code")
@@ -228,7 +234,9 @@ def submit_train(recipe: Any, *, compute: str | None, instance_count: int, gpus_
     ]
     if procs > 1:
         t = recipe.training
-        plan.notes.append(f"{procs} ranks (DDP, one per GPU): global batch {procs} x micro_batch_size "
+        engine = (f"FSDP2, one per GPU, each holding 1/{procs} of the weights, adapter and optimizer state"
+                  if t.parallelism == "fsdp" else "DDP, one per GPU")
+        plan.notes.append(f"{procs} ranks ({engine}): global batch {procs} x micro_batch_size "
                           f"{t.micro_batch_size} x grad_accum {t.grad_accum} = {procs * t.micro_batch_size * t.grad_accum}"
                           " sequences per optimizer step; lower grad_accum to keep a single GPU's batch")
     placeholder = BlobTarget(recipe.azure.datastore, "<account>", "<container>", "https://<account>.blob.core.windows.net")

@@ -561,6 +561,35 @@ def from_environment(environ=None) -> World:
     return World(rank=rank, size=size, local_rank=_int_variable(environ, "LOCAL_RANK"))
 
 
+def launcher_overrides(environ=None) -> list[str]:
+    """The recipe overrides an `accelerate launch --config_file` FSDP config asks for (docs/scaling.md).
+
+    accelerate passes its config to the processes as environment variables. `distributed_type: FSDP`
+    (ACCELERATE_USE_FSDP) selects training.parallelism=fsdp and `fsdp_activation_checkpointing: true`
+    training.gradient_checkpointing=true. phi3local shards its own way (FSDP2 whatever fsdp_version says, one unit
+    per decoder layer and the root, full sharding), so the wrap policy, prefetch, state-dict and loading settings do
+    not apply; the two that would change what is held where are refused unless they match: fsdp_offload_params
+    (not supported) and a sharding strategy other than full sharding. Overrides on the command line come after
+    these, so they win.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("true", "1"):
+        return []
+    if environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("true", "1"):
+        raise DistributedError("accelerate's FSDP config sets fsdp_offload_params: true; phi3local's FSDP path keeps "
+                               "the shards on the device: set it to false")
+    strategy = environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+    reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+    if strategy not in ("FULL_SHARD", "1") or reshard not in ("true", "1"):
+        raise DistributedError(f"accelerate's FSDP config asks for sharding strategy {strategy} (reshard after "
+                               f"forward: {reshard}); phi3local shards fully: use fsdp_sharding_strategy: FULL_SHARD "
+                               "(fsdp_reshard_after_forward: true)")
+    overrides = ["training.parallelism=fsdp"]
+    if environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("true", "1"):
+        overrides.append("training.gradient_checkpointing=true")
+    return overrides
+
+
 def start(timeout_seconds: float, environ=None) -> World:
     """Join the launcher's process group (gloo on CPU, NCCL on CUDA, one GPU per process), or stay one process."""
     world = from_environment(environ)

@@ -28,7 +28,8 @@ tensors as the next one starts, so it needs about one layer's forward tensors (t
 layer, an upper bound) plus the residual stream and one loss chunk: the plan takes the larger of that and the
 policy's peak (an approximation stated as such; orpo and simpo have no reference pass; with
 preference.precompute_reference the pass runs once before training, not in the step, and the plan counts it
-the same).
+the same). Started from an SFT adapter (`model.adapter`), the reference is that adapter kept frozen beside the
+trained one: its weights (the trained adapter's size, fp32) are counted as `reference_adapter`.
 
 `training.parallelism: fsdp` on N ranks (`ranks`, from the launcher's WORLD_SIZE unless given): every part of the
 weights, the LoRA weights and gradients and the optimizer state is held 1/N per rank (FSDP2 shards each on dim 0;
@@ -99,11 +100,13 @@ class MemoryPlan:
     reference: int = 0  # preference dpo/ipo: the reference pass's no-grad forward (before anything is kept)
     ranks: int = 1  # fsdp: the ranks every weight, gradient and optimizer state above is sharded over (per rank)
     gathered: int = 0  # fsdp: gathered whole during the step (the root unit and two decoder layers)
+    reference_adapter: int = 0  # dpo/ipo from model.adapter: the start adapter kept frozen as the reference (fp32)
 
     @property
     def total(self) -> int:
         return (self.weights_4bit + self.weights_kept + self.lora_weights + self.lora_gradients + self.optimizer_state
-                + self.gathered + max(self.activations + max(self.backward_working, self.loss), self.reference))
+                + self.reference_adapter + self.gathered
+                + max(self.activations + max(self.backward_working, self.loss), self.reference))
 
     @property
     def fits(self) -> bool:
@@ -241,9 +244,11 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
         saved_tensors += head_kept
     else:
         loss = loss_bytes(shape, tokens, b, recipe.training.loss_chunk_size, "lm_head" in saved)
-    reference = 0
+    reference = reference_adapter = 0
     if recipe.task == "preference" and uses_reference(recipe.preference.loss):
         reference = reference_pass_bytes(shape, tokens, b, lora.r, len(targets), loss)
+        if recipe.model.adapter:  # the reference is the start adapter, a frozen fp32 copy beside the trained one
+            reference_adapter = trainable * 4
     gathered = 0
     if ranks > 1:  # fsdp: the root unit (all but the decoder layers) and two layers whole, the rest sharded
         layers = max(shape.num_hidden_layers, 1)
@@ -257,7 +262,7 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
         activations=saved_tensors, backward_working=working,
         loss=loss,
         available=available, device=device, task=recipe.task, width=width, sequences=sequences, reference=reference,
-        ranks=ranks, gathered=gathered,
+        ranks=ranks, gathered=gathered, reference_adapter=reference_adapter,
     )
 
 
@@ -472,7 +477,8 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
         ("LoRA weights + gradients", p.lora_weights + p.lora_gradients), (f"optimizer ({p.optimizer})", p.optimizer_state),
         ("activations kept", p.activations), ("backward, one layer", p.backward_working),
         ("score head logits" if p.task == "classification" else "loss chunk", p.loss),
-    ] + ([("reference pass (no grad)", p.reference)] if p.reference else []) + (
+    ] + ([("reference adapter (frozen)", p.reference_adapter)] if p.reference_adapter else []) + (
+        [("reference pass (no grad)", p.reference)] if p.reference else []) + (
         [("gathered (fsdp root + 2 layers)", p.gathered)] if p.ranks > 1 else [])
     for name, value in rows:
         table.add_row(name, format_bytes(value))

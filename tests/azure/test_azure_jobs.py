@@ -295,6 +295,35 @@ def test_help_names_the_listed_models(capsys):
     assert "Phi-4, Phi-4-mini-instruct, Phi-4-multimodal-instruct" in out
     with pytest.raises(SystemExit):
         parser.parse_args(["azure", "train", "--help"])
-    assert "the ranks train the recipe together (DDP, NCCL)" in " ".join(capsys.readouterr().out.split())
+    assert ("the ranks train the recipe together (DDP, NCCL; --parallelism fsdp shards the model over them)"
+            in " ".join(capsys.readouterr().out.split()))
     args = parser.parse_args(["azure"])
     assert args.func(args) == 2  # `phi3local azure` alone prints its help
+
+
+def test_fsdp_job_sends_the_recipe_sharded_and_says_so(tmp_path):
+    lines = []
+    upload = FakeUpload()
+    submit_train(train_recipe(tmp_path, "training.parallelism=fsdp"), compute="gpu-cluster", instance_count=1,
+                 gpus_per_node=4, client_factory=client(FakeArm()), dry_run=False, say=lines.append, upload_fn=upload,
+                 container_factory=lambda t: "container", work_dir=tmp_path / "work")
+    assert load_recipe(upload.calls[1][0] / "recipe.yaml").training.parallelism == "fsdp"
+    assert any("4 ranks (FSDP2, one per GPU, each holding 1/4 of the weights, adapter and optimizer state)" in line
+               for line in lines)
+
+
+def test_fsdp_on_one_process_is_refused_before_anything_is_staged(tmp_path):
+    with pytest.raises(JobError, match=r"^training.parallelism=fsdp shards the model over several processes: give "
+                                       r"--gpus-per-node or --instance-count above 1, or use training.parallelism=ddp$"):
+        submit_train(train_recipe(tmp_path, "training.parallelism=fsdp"), compute="gpu-cluster", instance_count=1,
+                     gpus_per_node=1, client_factory=None, dry_run=True, work_dir=tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_start_adapter_is_refused_in_one_line_before_anything_is_staged(tmp_path):
+    with pytest.raises(JobError, match=r"^model.adapter runs/sft: azure train does not upload a start adapter yet; "
+                                       r"train from the base model there \(model.adapter=null\) or run this recipe "
+                                       r"locally$"):
+        submit_train(train_recipe(tmp_path, "model.adapter=runs/sft"), compute="gpu-cluster", instance_count=1,
+                     gpus_per_node=1, client_factory=None, dry_run=True, work_dir=tmp_path / "work")
+    assert not (tmp_path / "work").exists()

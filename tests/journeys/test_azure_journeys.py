@@ -118,6 +118,16 @@ def test_train_dry_run_of_a_recipe(azure_user, user, shared_data):
     one_line_naming_make_install_azure(user.run(*line))
 
 
+def test_train_dry_run_with_fsdp_over_two_nodes(azure_user, shared_data):
+    line = ["azure", "train", REPO / "recipes" / "tiny-cpu.yaml", "--compute", "gpu-cluster", "--dry-run",
+            "--parallelism", "fsdp", "--instance-count", "2", "--gpus-per-node", "2",
+            f"data.train_file={shared_data / FINETUNE_DATA}"]
+    out = azure_user.run(*line).ok().out
+    assert "4 ranks (FSDP2, one per GPU" in out and "dry run: nothing was sent" in out
+    refused = azure_user.run(*line[:-5], f"data.train_file={shared_data / FINETUNE_DATA}").failed().out
+    assert "training.parallelism=fsdp shards the model over several processes" in refused
+
+
 def test_invoke_without_a_workspace_is_one_line(azure_user, user):
     line = ["azure", "invoke", "--endpoint", "phi3-chat", "--prompt", "Hello"]
     out = azure_user.run(*line).failed(code=2).out
