@@ -9,6 +9,7 @@ Sizes:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -99,6 +100,14 @@ def repo_relative(path: str | Path) -> str:
 def machine_independent(text: str) -> str:
     """A results file's text with this checkout's absolute paths written from its root: `.` and `..`."""
     return text.replace(str(REPO_ROOT), ".").replace(str(REPO_ROOT.parent), "..")
+
+
+def write_results(path: Path, doc: dict) -> Path:
+    """A results file, whole or not at all (written beside, then renamed), with machine-independent paths."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(machine_independent(json.dumps(doc, indent=2, default=str)) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def long_tailed_lengths(n: int, seed: int = 0, median: float = 200.0, sigma: float = 0.6, low: int = 32,

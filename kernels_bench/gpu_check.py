@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from kernels_bench.common import PHI3_TOKENIZER, REPO_ROOT, RESULTS_DIR, WORK_DIR, machine_independent
+from kernels_bench.common import PHI3_TOKENIZER, REPO_ROOT, RESULTS_DIR, WORK_DIR, write_results
 from kernels_bench.real_size import (
     SETTINGS,
     Bench,
@@ -74,10 +74,7 @@ def available(module: str) -> bool:
 
 
 def save(results: dict) -> None:
-    path = RESULTS_DIR / f"{NAME}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(machine_independent(json.dumps(results, indent=2, default=str)) + "\n")
-    tmp.replace(path)
+    write_results(RESULTS_DIR / f"{NAME}.json", results)
 
 
 def pinned(package: str) -> str:

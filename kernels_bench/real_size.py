@@ -31,7 +31,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels_bench.common import CHAT_DATA, RESULTS_DIR, WORK_DIR, machine_independent, repo_relative
+from kernels_bench.common import CHAT_DATA, RESULTS_DIR, WORK_DIR, repo_relative, write_results
 from kernels_bench.memory import ProcessMemorySampler
 from kernels_bench.real_models import MEMBERS, ensure_real_model, tokenizer_of
 
@@ -337,11 +337,7 @@ def stage_chat(b: Bench) -> dict:
 # --------------------------------------------------------------------------------------------- driver
 
 def save(results: dict) -> Path:
-    path = RESULTS_DIR / f"{NAME}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(machine_independent(json.dumps(results, indent=2, default=str)) + "\n")
-    tmp.replace(path)
-    return path
+    return write_results(RESULTS_DIR / f"{NAME}.json", results)
 
 
 def summarise(entry: dict) -> dict:

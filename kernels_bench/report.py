@@ -9,7 +9,6 @@ and, when it has something to draw, `<out_dir>/<name>.png` (PNGs are not committ
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -21,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kernels_bench.common import write_results
 from phi3local.units import format_bytes as fmt_bytes  # noqa: F401 (the benchmarks' name for it)
 from phi3local.versions import package_versions
 
@@ -111,11 +111,7 @@ def save_result(out_dir: Path, name: str, size: str, device: torch.device | str,
         "notes": list(notes),
         "wall_s": wall_s,
     }
-    path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(doc), indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_results(out_dir / f"{name}.json", _clean(doc))
 
 
 # --------------------------------------------------------------------------------------------- formatting
