@@ -60,6 +60,7 @@ from kernels_bench.train_e2e import (
     data_files,
     ensure_bench_model,
     load_4bit_for_trl,
+    recipe_dict,
     step_clock,
 )
 
@@ -119,27 +120,15 @@ def write_pairs(size: str) -> tuple[Path, Path]:
 
 def make_recipe(size: str, packing: bool | str, run_dir: Path, device: torch.device,
                 gradient_checkpointing: bool | str = "auto"):
+    """train_e2e's recipe (the same model, LoRA, optimizer and schedule) as task preference on the pairs, DPO."""
     from phi3local.config import recipe_from_dict
 
     s = settings(size)
-    train, val = pairs_dir(size) / "train.jsonl", pairs_dir(size) / "validation.jsonl"
-    return recipe_from_dict({
-        "task": "preference", "output_dir": str(run_dir), "seed": s["seed"],
-        "model": {"name_or_path": str(ensure_bench_model(size)), "tokenizer": str(PHI3_TOKENIZER),
-                  "attn_implementation": "auto", "compute_dtype": "auto"},
-        "data": {"train_file": str(train), "validation_file": str(val), "max_seq_len": s["max_seq_len"],
-                 "packing": packing, "prepared_dir": str(prepared_dir(size)), "on_error": "skip"},
-        "lora": {"r": s["lora_r"], "alpha": s["lora_alpha"], "dropout": 0.0, "target_modules": TARGET_MODULES},
-        "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True},
-        "preference": {"loss": "dpo", "beta": s["beta"]},
-        "training": {"lr": s["lr"], "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "cosine",
-                     "min_lr_ratio": 0.1, "max_steps": s["steps"], "micro_batch_size": s["micro_batch_size"],
-                     "grad_accum": 1, "max_grad_norm": 1.0, "gradient_checkpointing": gradient_checkpointing,
-                     "optimizer": "adamw" if device.type == "cpu" else "paged_adamw_8bit",
-                     "loss_chunk_size": s["loss_chunk_size"], "log_every": 1, "checkpoint_every": 0,
-                     "keep_checkpoints": 1, "display": "none"},
-        "eval": {"every": 0, "max_batches": 0, "generate_samples": 0},
-    }, source="kernels_bench.dpo_e2e")
+    doc = recipe_dict(s, task="preference", model=ensure_bench_model(size), tokenizer=PHI3_TOKENIZER,
+                      train=pairs_dir(size) / "train.jsonl", val=pairs_dir(size) / "validation.jsonl",
+                      prepared=prepared_dir(size), packing=packing, run_dir=run_dir, device=device,
+                      gradient_checkpointing=gradient_checkpointing)
+    return recipe_from_dict({**doc, "preference": {"loss": "dpo", "beta": s["beta"]}}, source="kernels_bench.dpo_e2e")
 
 
 def prepare_data(size: str, device: torch.device) -> dict:

@@ -128,18 +128,16 @@ def prepared_dir(size: str) -> Path:
     return WORK_DIR / "e2e" / f"prepared-{size}"
 
 
-def make_recipe(size: str, packing: bool | str, run_dir: Path, device: torch.device,
-                gradient_checkpointing: bool | str = "auto"):
-    from phi3local.config import recipe_from_dict
-
-    s = settings(size)
-    train, val, tokenizer = data_files()
-    return recipe_from_dict({
-        "task": "causal_lm", "output_dir": str(run_dir), "seed": s["seed"],
-        "model": {"name_or_path": str(ensure_bench_model(size)), "tokenizer": str(tokenizer),
+def recipe_dict(s: dict, *, task: str, model: Path, tokenizer: Path, train: Path, val: Path, prepared: Path,
+                packing: bool | str, run_dir: Path, device: torch.device,
+                gradient_checkpointing: bool | str = "auto") -> dict:
+    """The end-to-end benches' recipe (train_e2e, dpo_e2e): what every contender is compared on."""
+    return {
+        "task": task, "output_dir": str(run_dir), "seed": s["seed"],
+        "model": {"name_or_path": str(model), "tokenizer": str(tokenizer),
                   "attn_implementation": "auto", "compute_dtype": "auto"},
         "data": {"train_file": str(train), "validation_file": str(val), "max_seq_len": s["max_seq_len"],
-                 "packing": packing, "prepared_dir": str(prepared_dir(size)), "on_error": "skip"},
+                 "packing": packing, "prepared_dir": str(prepared), "on_error": "skip"},
         "lora": {"r": s["lora_r"], "alpha": s["lora_alpha"], "dropout": 0.0, "target_modules": TARGET_MODULES},
         "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True},
         "training": {"lr": s["lr"], "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "cosine",
@@ -149,7 +147,19 @@ def make_recipe(size: str, packing: bool | str, run_dir: Path, device: torch.dev
                      "loss_chunk_size": s["loss_chunk_size"], "log_every": 1, "checkpoint_every": 0,
                      "keep_checkpoints": 1, "display": "none"},
         "eval": {"every": 0, "max_batches": 0, "generate_samples": 0},
-    }, source="kernels_bench.train_e2e")
+    }
+
+
+def make_recipe(size: str, packing: bool | str, run_dir: Path, device: torch.device,
+                gradient_checkpointing: bool | str = "auto"):
+    from phi3local.config import recipe_from_dict
+
+    train, val, tokenizer = data_files()
+    return recipe_from_dict(recipe_dict(settings(size), task="causal_lm", model=ensure_bench_model(size),
+                                        tokenizer=tokenizer, train=train, val=val, prepared=prepared_dir(size),
+                                        packing=packing, run_dir=run_dir, device=device,
+                                        gradient_checkpointing=gradient_checkpointing),
+                            source="kernels_bench.train_e2e")
 
 
 def prepare_data(size: str, device: torch.device) -> dict:
