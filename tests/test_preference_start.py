@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_helpers import interrupted_then_resumed, read_metrics
+from resume_helpers import interrupted_then_resumed, read_metrics, two_ranks
 from safetensors.torch import load_file
 
 from phi3local.config import load_recipe
@@ -237,21 +237,11 @@ def test_the_shipped_dpo_recipe_continues_the_shipped_sft_recipe():
 def test_two_ranks_equal_one_process_from_an_adapter(tmp_path, sft_run):
     """torchrun with 2 CPU ranks (gloo) against one process with grad_accum=2, both continuing the SFT adapter: the
     reference switch inside DDP's forward leaves the same losses and rewards."""
-    import os
-    import subprocess
-    import sys
-
     common = ["training.max_steps=3", "training.log_every=1", "eval.every=3", "training.checkpoint_every=0",
               "training.micro_batch_size=2", "eval.generate_samples=0", "data.packing=false",
               f"model.adapter={sft_run}", SFT_SHAPE]
-    launcher = Path(sys.executable).with_name("torchrun")
-    head = [str(launcher)] if launcher.is_file() else [sys.executable, "-m", "torch.distributed.run"]
     two = tmp_path / "two"
-    done = subprocess.run([*head, "--standalone", "--nproc_per_node", "2", "-m", "phi3local", "train", str(TINY_DPO),
-                           f"output_dir={two}", "training.display=plain", *common],
-                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two_ranks(TINY_DPO, two, *common)
     one = load_recipe(TINY_DPO, [f"output_dir={tmp_path / 'one'}", "training.display=none", *common,
                                  "training.grad_accum=2"])
     loop.run_training(one)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from resume_helpers import interrupted_then_resumed, read_metrics
+from resume_helpers import interrupted_then_resumed, read_metrics, two_ranks
 from stories_task import ADJ, NAMES, PLACES, THINGS, VERBS
 from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -325,23 +325,13 @@ def test_precomputed_reference_trains_as_the_per_step_reference(tmp_path):
 def test_two_ranks_equal_one_process_for_pairs(tmp_path):
     """torchrun with 2 CPU ranks (gloo) against one process with grad_accum=2: the same pairs per step, so the same
     losses and the same rewards (summed over the ranks before they are averaged)."""
-    import os
-    import subprocess
-    import sys
-
     from phi3local.model.load import resolve_model_path
 
     resolve_model_path("tiny")  # built once here, not by both ranks at the same time
     common = ["training.max_steps=4", "training.log_every=1", "eval.every=2", "training.checkpoint_every=0",
               "training.micro_batch_size=2", "eval.generate_samples=0", "data.packing=false"]
-    launcher = Path(sys.executable).with_name("torchrun")
-    head = [str(launcher)] if launcher.is_file() else [sys.executable, "-m", "torch.distributed.run"]
     two = tmp_path / "two"
-    done = subprocess.run([*head, "--standalone", "--nproc_per_node", "2", "-m", "phi3local", "train", str(TINY_DPO),
-                           f"output_dir={two}", "training.display=plain", *common],
-                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two_ranks(TINY_DPO, two, *common)
     one = tiny_dpo(tmp_path / "one", *common, "training.grad_accum=2")
     loop.run_training(one)
     keys = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "val_loss", "val_rewards/margins")
