@@ -330,11 +330,12 @@ def _toy_rank(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    world = distributed.World(rank=rank, size=2, local_rank=rank, backend="gloo", timeout_seconds=60)
     try:
-        world = distributed.World(rank=rank, size=2, local_rank=rank, backend="gloo", timeout_seconds=60)
         _toy_train(world, Path(out_dir) / f"rank{rank}.pt")
+        world.barrier()  # as the recipe's cleanup at a normal end (World.close says why)
     finally:
-        dist.destroy_process_group()
+        world.close()
 
 
 def test_ddp_sums_uneven_and_missing_micro_batches_as_one_process(tmp_path):

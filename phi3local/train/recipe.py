@@ -807,6 +807,8 @@ def cleanup(run: Run, failed: bool = False) -> None:
                     raise
                 run.console.print(f"[yellow]warning:[/] could not write {run.run_dir / 'loss.png'}: {e}")
     finally:
+        if not failed:
+            run.world.barrier()  # see World.close: no rank tears the group down while a peer is still in it
         run.held.close()
 
 
