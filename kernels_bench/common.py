@@ -54,7 +54,7 @@ class Ctx:
     out_dir: Path = RESULTS_DIR
     console: Console = field(default_factory=lambda: make_console())
     repeats: int | None = None  # override the size's repeat count
-    extended: bool = False  # also run the optional contenders (train_e2e: TRL packed with fp32 adapters)
+    extended: bool = False  # also run the optional contenders (train_e2e: CUDA experiments; dpo_e2e: two more)
     contenders: list[str] | None = None  # train_e2e: run exactly these contenders
 
     @property

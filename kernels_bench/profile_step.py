@@ -1,7 +1,8 @@
 """Where one phi3local training step spends its time: torch.profiler over `train_step`, top ops, MFU.
 
 The step is the product's own (`phi3local.train.recipe.setup` on the end-to-end benchmark's model and
-recipe, packing on, then `next_micro_batches` + `train_step`), after two warm-up steps. Ops are ranked
+recipe, packing and gradient checkpointing on: the like-for-like path of train_e2e, then `next_micro_batches`
++ `train_step`), after two warm-up steps. Ops are ranked
 by self time (CPU; CUDA kernel time on GPU) and grouped into categories (matmul, NF4 dequant, attention,
 loss, elementwise, optimizer, ...). MFU of unprofiled steps uses `phi3local.model.flops` as the
 end-to-end benchmark does.
@@ -44,7 +45,8 @@ def category(name: str) -> str:
     return "other"
 
 
-def child_profile(size: str, run_dir: str, packing: bool = True, variant: str | None = None) -> dict:
+def child_profile(size: str, run_dir: str, packing: bool = True, gradient_checkpointing: bool = True,
+                  selective_checkpointing: bool = False, variant: str | None = None) -> dict:
     from rich.console import Console
     from torch.profiler import ProfilerActivity, profile
 
@@ -53,7 +55,8 @@ def child_profile(size: str, run_dir: str, packing: bool = True, variant: str | 
     from phi3local.train import recipe as loop
 
     device = pick_device()
-    recipe = make_recipe(size, packing, Path(run_dir), device)
+    recipe = make_recipe(size, packing, Path(run_dir), device, gradient_checkpointing=gradient_checkpointing,
+                         selective_checkpointing=selective_checkpointing)
     run = loop.setup(recipe, overwrite=True, console=Console(file=io.StringIO()))
     apply_variant(loop, run, variant)
     run.model.train()
@@ -109,7 +112,9 @@ def child_profile(size: str, run_dir: str, packing: bool = True, variant: str | 
     # recomputation included, against the model FLOPs a LoRA step needs (phi3local.model.flops.lora_step_flops).
     executed = float(sum(e.flops for e in counted.key_averages() if getattr(e, "flops", 0)))
     return {
-        "variant": variant, "top_kernels": kernels[:TOP], "cuda_peak_bytes": peak_mem,
+        "variant": variant, "gradient_checkpointing": gradient_checkpointing,
+        "selective_checkpointing": selective_checkpointing, "top_kernels": kernels[:TOP],
+        "cuda_peak_bytes": peak_mem,
         "top_ops": events[:TOP], "categories": sorted(({"category": k, "self_s": v, "share": v / total_self}
                                                        for k, v in by_cat.items()), key=lambda x: -x["self_s"]),
         "total_self_s": total_self, "profiled_step_s": profiled_s, "step_s": step_s, "step_samples_s":
@@ -131,19 +136,29 @@ def run(ctx: Ctx) -> dict:
 
     ensure_bench_model(ctx.size)
     prepare_data(ctx.size, ctx.device)
-    result = run_isolated("kernels_bench.profile_step:child_profile",
-                          {"size": ctx.size, "run_dir": str(WORK_DIR / "e2e" / f"{ctx.size}-profile")},
-                          env={"TRANSFORMERS_VERBOSITY": "error", "KINETO_LOG_LEVEL": "99", "HF_HUB_OFFLINE": "1"})
+    # The like-for-like checkpointed step (every op recomputed), then the same step with the selective lever.
+    result, selective = (run_isolated("kernels_bench.profile_step:child_profile",
+                                      {"size": ctx.size, "run_dir": str(WORK_DIR / "e2e" / f"{ctx.size}-profile"),
+                                       "selective_checkpointing": keep},
+                                      env={"TRANSFORMERS_VERBOSITY": "error", "KINETO_LOG_LEVEL": "99",
+                                           "HF_HUB_OFFLINE": "1"})
+                         for keep in (False, True))
     rows = result["top_ops"]
-    summary = {k: result[k] for k in ("step_s", "profiled_step_s", "mfu", "hfu", "executed_matmul_flops",
-                                      "real_tokens", "trained_tokens",
+    summary = {k: result[k] for k in ("gradient_checkpointing", "step_s", "profiled_step_s", "mfu", "hfu",
+                                      "executed_matmul_flops", "real_tokens", "trained_tokens",
                                       "padded_tokens", "model_flops", "peak_flops", "total_self_s",
                                       "timing_basis")}
     summary["categories"] = result["categories"]
+    summary["selective_lever"] = {  # before/after of training.selective_checkpointing on the same micro-batch
+        "step_s_full_recompute": result["step_s"], "step_s_selective": selective["step_s"],
+        "speedup": result["step_s"] / selective["step_s"], "categories_selective": selective["categories"],
+        "step_samples_s_selective": selective["step_samples_s"]}
     path = save_result(ctx.out_dir, ctx.result_name(NAME), ctx.size, ctx.device, {**result["settings"], "top": TOP}, rows,
                        summary=summary, notes=[
-                           "one phi3local train_step (packed micro-batch, gradient checkpointing, NF4 + LoRA) "
-                           "after 2 warm-up steps; self time per op from torch.profiler",
+                           "one phi3local train_step (packed micro-batch, gradient checkpointing recomputing "
+                           "every op, NF4 + LoRA) after 2 warm-up steps; self time per op from torch.profiler",
+                           "selective_lever: the same step with training.selective_checkpointing=true, in a "
+                           "process of its own after the first",
                            "MFU: median of 3 unprofiled steps, real tokens x flops/token (6N + attention, "
                            "phi3local.model.flops) / step time / measured matmul peak",
                            "HFU: matmul FLOPs the profiler counted in the step (what was executed: no lm_head "
@@ -156,7 +171,9 @@ def run(ctx: Ctx) -> dict:
                 rows, [Column("op", "op", justify="left"), Column("category", "category", justify="left"),
                        Column("self_s", result["timing_basis"], fmt_seconds), Column("share", "share", fmt_pct),
                        Column("calls", "calls", str)], ctx.console)
-    print_table("Time by category", result["categories"], [
+    ctx.console.print(f"selective checkpointing: step {selective['step_s']:.2f} s against {result['step_s']:.2f} s "
+                      f"with every op recomputed ({result['step_s'] / selective['step_s']:.2f}x)", highlight=False)
+    print_table("Time by category (every op recomputed)", result["categories"], [
         Column("category", "category", justify="left"), Column("self_s", "self time", fmt_seconds),
         Column("share", "share", fmt_pct)], ctx.console)
     bar_chart(ctx.out_dir / f"{ctx.result_name(NAME)}.png", "phi3local train_step: self time by op", [r["op"][:60] for r in rows],

@@ -8,7 +8,7 @@ Per member (`kernels_bench.real_models`: the real shapes, seeded random bf16 wei
   train   `phi3local train RECIPE` (NF4 QLoRA, packing and checkpointing on) as a subprocess: its peak RSS
           (wait4), load time (start to its "trainable parameters" line), trained tokens/s over the timed steps
   trl     TRL's SFTTrainer + peft on the same 4-bit model, prepared tokens, LoRA, steps, packing and checkpointing,
-          LoRA weights kept fp32 ("tuned TRL" of kernels_bench.train_e2e), in a process of its own
+          LoRA weights kept fp32 (kernels_bench.train_e2e's trl_packed_fp32_gc), in a process of its own
   merge   `phi3local merge RUN --out MERGED --json` (its own check: merged logits against base + adapter)
   export  `phi3local export MERGED --precision int4 --target cpu --json` (time, peak RSS, size, parity report)
   chat    `phi3local chat ONNX --prompt ...` (one answer) and serve (`phi3local serve`, one /score request)
@@ -199,7 +199,7 @@ def stage_train(b: Bench, recipe: Path) -> dict:
 def child_trl(model_dir: str, tokenizer: str, prepared: str, run_dir: str, s: dict, packing: bool = True,
               unsloth: bool = False) -> dict:
     """TRL SFTTrainer + peft on the same 4-bit model and prepared tokens, checkpointing on. CPU: fp32 compute and
-    LoRA weights kept fp32 ("tuned TRL" of kernels_bench.train_e2e); CUDA: bf16, paged 8-bit AdamW (phi3local's
+    LoRA weights kept fp32 (kernels_bench.train_e2e's trl_packed_fp32_gc); CUDA: bf16, paged 8-bit AdamW (phi3local's
     CUDA default); unsloth: Unsloth's FastLanguageModel loads and wraps the model, trained by the same SFTTrainer."""
     if unsloth:
         import unsloth as _unsloth  # noqa: F401  (first: it patches transformers, peft and trl as it imports)

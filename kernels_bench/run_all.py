@@ -46,12 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="override the repeats (rounds for train_e2e and dpo_e2e)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: %(default)s)")
     p.add_argument("--extended", action="store_true",
-                   help="also run optional contenders (train_e2e: TRL packed with its LoRA weights kept in fp32; "
-                   "dpo_e2e: phi3local with the packing mode auto did not choose, TRL with fp32 LoRA weights)")
+                   help="also run optional contenders (train_e2e on CUDA: phi3local under autocast and with bf16 "
+                   "parameters; dpo_e2e: phi3local with the packing mode auto did not choose, TRL with fp32 LoRA weights)")
     p.add_argument("--contenders", help="train_e2e: comma-separated contenders to run instead of the size's "
-                   "default (phi3local, phi3local_unpacked, trl, trl_packed, trl_packed_fp32_lora, phi3local_no_gc, "
-                   "phi3local_autocast, phi3local_bf16_params); dpo_e2e: phi3local, phi3local_like, "
-                   "phi3local_packed, phi3local_unpacked, phi3local_other, trl, trl_fp32_lora")
+                   "default (phi3local, trl, phi3local_{packed,unpacked}_{gc,nogc}, "
+                   "trl_{packed,unpacked}_{fp32,bf16}_{gc,nogc}, trl_phi3local_batches, unsloth, phi3local_autocast, "
+                   "phi3local_bf16_params); dpo_e2e: phi3local, phi3local_like, phi3local_packed, phi3local_unpacked, "
+                   "phi3local_other, trl, trl_fp32_lora")
     p.add_argument("--keep-going", action="store_true", help="run the other benchmarks when one fails")
     return p.parse_args(argv)
 

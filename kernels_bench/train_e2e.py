@@ -7,21 +7,31 @@ tokenizer: answers trained, prompts masked), same sequence cap, micro-batch, ste
 schedule (cosine to 10%, no warm-up), optimizer (AdamW), gradient clipping and gradient checkpointing.
 
 Contenders, each in its own process (so peak RSS is its own), in alternating order over the rounds
-(A B C D, then D C B A) so that drift of the machine hits all of them alike:
+(A B C D, then D C B A) so that drift of the machine hits all of them alike. Each is one configuration of
+one tool, spelled out in its name: packing (`packed`: padding-free, `unpacked`: padded batches),
+gradient checkpointing (`gc` / `nogc`) and, for TRL, the adapter dtype (`fp32`, or `bf16` as SFTTrainer
+casts LoRA weights of a 4-bit model):
 - `phi3local`: the product loop with its defaults (`data.packing: auto`, `training.gradient_checkpointing:
   auto`): `setup()` -> `run_eval()` -> `train()` -> `cleanup()`, i.e. `phi3local.train.recipe.run_training`
   step by step, keeping the Run so the final model can be evaluated by the common yardstick below.
-- `phi3local_other`: the same with the packing mode auto did *not* choose (`phi3local_packed` or
-  `phi3local_unpacked`), so the run shows whether auto chose the faster one.
-- `phi3local_packed` / `phi3local_unpacked`: `data.packing=true` / `false` (length-grouped padding).
-- `trl`: SFTTrainer defaults for a pre-tokenised dataset (no packing: padded batches).
-- `trl_packed`: SFTTrainer with `packing=True` (its default `bfd` strategy, padding-free).
-- `trl_packed_fp32_lora`: "tuned TRL", as `trl_packed` with the LoRA weights cast back to fp32 after
-  SFTTrainer casts them to bf16 (the fastest TRL an expert would run on a CPU without bf16 units).
+- `phi3local_{packed,unpacked}_{gc,nogc}`: the same loop with both choices fixed (adapters in fp32); `gc`
+  recomputes every op as TRL's checkpointing does (training.selective_checkpointing=false).
+- `phi3local_{packed,unpacked}_gcsel`: checkpointing with the selective lever (the frozen matmuls' and
+  attention's outputs kept, `phi3local.model.selective_checkpointing`).
+- `trl`: SFTTrainer as a user starts it (SFTConfig defaults: unpacked, checkpointing on, bf16 adapters).
+- `trl_{packed,unpacked}_{fp32,bf16}_{gc,nogc}`: SFTTrainer + peft with both choices and the dtype fixed.
+- `trl_phi3local_batches`: TRL (unpacked, checkpointing, fp32 adapters) on phi3local's unpacked
+  micro-batches, for the loss check below.
 - `unsloth` (size `full`, CUDA, when `unsloth` is installed): Unsloth's FastLanguageModel in 4 bits with its
   gradient checkpointing, trained by the same SFTTrainer settings, packed; elsewhere "not measured".
-TRL keeps gradient checkpointing on (its SFTConfig setting here); phi3local's auto turns it off when its
-memory plan fits without it, and that choice is part of what is measured.
+
+The comparisons (`comparisons`), each phi3local against TRL, come in three kinds:
+- like for like: the same packing, checkpointing and adapter dtype (fp32) for both, once with checkpointing on
+  and once off (`lever`: the same with phi3local's selective checkpointing);
+- defaults: each tool as a user starts it (`phi3local` vs `trl`);
+- tuned: the fastest configuration each tool ran here (all of them fit the machine's memory), named.
+The targets set by issue 29: phi3local with checkpointing on >= 3x tuned TRL's trained tokens/s at <= 0.5x its
+peak memory, and with checkpointing off >= 3x as well.
 
 Trained tokens/s = tokens with a label (answers) per second over the timed steps (all but the first
 `skip` steps, which warm up allocators and kernels); seconds/step = median over timed steps; peak memory
@@ -76,16 +86,24 @@ def settings(size: str) -> dict:
     if size == "tiny":
         return {**common, "hidden": 64, "layers": 2, "heads": 4, "intermediate": 192, "max_seq_len": 1024,
                 "steps": 3, "skip": 1, "rounds": 1,
-                "contenders": ["phi3local", "trl_packed"]}
+                "contenders": ["phi3local", "trl", "phi3local_packed_gc", "trl_packed_fp32_gc"]}
     if size == "small":  # Phi-3-shaped (heads of 64, Phi-3's vocabulary), the issue's CPU comparison size
         return {**common, "hidden": 768, "layers": 4, "heads": 12, "intermediate": 2048, "max_seq_len": 1024,
-                "steps": 5, "skip": 1, "rounds": 1,
-                "contenders": ["phi3local", "phi3local_other", "trl", "trl_packed", "trl_packed_fp32_lora",
-                            "trl_phi3local_batches", "unsloth"]}
+                "steps": 5, "skip": 1, "rounds": 1, "contenders": STANDARD_CONTENDERS}
     return {**common, "hidden": 3072, "layers": 4, "heads": 32, "intermediate": 8192, "max_seq_len": 2048,
-            "steps": 20, "skip": 5, "rounds": 2, "lr": 2e-4,
-            "contenders": ["phi3local", "phi3local_other", "trl", "trl_packed", "trl_packed_fp32_lora",
-                            "trl_phi3local_batches", "unsloth"]}
+            "steps": 20, "skip": 5, "rounds": 2, "lr": 2e-4, "contenders": STANDARD_CONTENDERS}
+
+
+# Every row kind at sizes small and full: defaults, like for like (packed and unpacked, checkpointing on and
+# off), phi3local's selective checkpointing lever, TRL's other tuning candidates (bf16 adapters without
+# checkpointing), the loss check, Unsloth.
+STANDARD_CONTENDERS = [
+    "phi3local", "trl",
+    "phi3local_packed_gc", "trl_packed_fp32_gc", "phi3local_unpacked_gc", "trl_unpacked_fp32_gc",
+    "phi3local_packed_gcsel", "phi3local_unpacked_gcsel",
+    "phi3local_packed_nogc", "trl_packed_fp32_nogc", "phi3local_unpacked_nogc", "trl_unpacked_fp32_nogc",
+    "trl_packed_bf16_nogc", "trl_unpacked_bf16_nogc", "trl_phi3local_batches", "unsloth",
+]
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -130,7 +148,7 @@ def prepared_dir(size: str) -> Path:
 
 def recipe_dict(s: dict, *, task: str, model: Path, tokenizer: Path, train: Path, val: Path, prepared: Path,
                 packing: bool | str, run_dir: Path, device: torch.device,
-                gradient_checkpointing: bool | str = "auto") -> dict:
+                gradient_checkpointing: bool | str = "auto", selective_checkpointing: bool | str = "auto") -> dict:
     """The end-to-end benches' recipe (train_e2e, dpo_e2e): what every contender is compared on."""
     return {
         "task": task, "output_dir": str(run_dir), "seed": s["seed"],
@@ -143,6 +161,7 @@ def recipe_dict(s: dict, *, task: str, model: Path, tokenizer: Path, train: Path
         "training": {"lr": s["lr"], "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "cosine",
                      "min_lr_ratio": 0.1, "max_steps": s["steps"], "micro_batch_size": s["micro_batch_size"],
                      "grad_accum": 1, "max_grad_norm": 1.0, "gradient_checkpointing": gradient_checkpointing,
+                     "selective_checkpointing": selective_checkpointing,
                      "optimizer": "adamw" if device.type == "cpu" else "paged_adamw_8bit",
                      "loss_chunk_size": s["loss_chunk_size"], "log_every": 1, "checkpoint_every": 0,
                      "keep_checkpoints": 1, "display": "none"},
@@ -151,14 +170,15 @@ def recipe_dict(s: dict, *, task: str, model: Path, tokenizer: Path, train: Path
 
 
 def make_recipe(size: str, packing: bool | str, run_dir: Path, device: torch.device,
-                gradient_checkpointing: bool | str = "auto"):
+                gradient_checkpointing: bool | str = "auto", selective_checkpointing: bool | str = "auto"):
     from phi3local.config import recipe_from_dict
 
     train, val, tokenizer = data_files()
     return recipe_from_dict(recipe_dict(settings(size), task="causal_lm", model=ensure_bench_model(size),
                                         tokenizer=tokenizer, train=train, val=val, prepared=prepared_dir(size),
                                         packing=packing, run_dir=run_dir, device=device,
-                                        gradient_checkpointing=gradient_checkpointing),
+                                        gradient_checkpointing=gradient_checkpointing,
+                                        selective_checkpointing=selective_checkpointing),
                             source="kernels_bench.train_e2e")
 
 
@@ -209,12 +229,13 @@ def _peak_memory(device: torch.device) -> int:
 
 # --------------------------------------------------------------------------------------------- children
 
-def child_phi3local(size: str, packing: bool | str, run_dir: str, variant: str | None = None,
+def child_phi3local(size: str, packing: bool | str, run_dir: str, gradient_checkpointing: bool | str = "auto",
+                    selective_checkpointing: bool | str = "auto", variant: str | None = None,
                     name: str = "phi3local") -> dict:
     """The product loop on the bench model: setup -> run_eval -> train -> cleanup (= run_training).
 
-    variant (experiments behind recommended changes, `--extended`): `no_gc` = recipe
-    training.gradient_checkpointing=false; `bf16_params` = after setup, cast the parameters that peft's
+    variant (experiments behind recommended changes, `--extended`): `bf16_params` = after setup, cast the
+    parameters that peft's
     prepare_model_for_kbit_training upcast to fp32 (embeddings, norms, lm_head) back to the compute dtype,
     so activations stay in bf16 on CUDA; `autocast` = forward_loss under torch.autocast(compute dtype), as
     TRL/Trainer run it (fp32 master weights, bf16 matmuls and attention).
@@ -225,8 +246,8 @@ def child_phi3local(size: str, packing: bool | str, run_dir: str, variant: str |
     from phi3local.train.memory_plan import make_plan
 
     device = pick_device()
-    recipe = make_recipe(size, packing, Path(run_dir), device, gradient_checkpointing=False if variant == "no_gc"
-                         else "auto")
+    recipe = make_recipe(size, packing, Path(run_dir), device, gradient_checkpointing=gradient_checkpointing,
+                         selective_checkpointing=selective_checkpointing)
     steps: list[list[tuple[int, int, int]]] = []
     original = loop.next_micro_batches
 
@@ -254,6 +275,7 @@ def child_phi3local(size: str, packing: bool | str, run_dir: str, variant: str |
     return {
         "contender": name + (f"_{variant}" if variant else ""),
         "packing": run.recipe.data.packing, "gradient_checkpointing": run.recipe.training.gradient_checkpointing,
+        "selective_checkpointing": run.recipe.training.selective_checkpointing,
         "step_seconds": [r["step_seconds"] for r in step_records],
         "train_loss": [r["loss"] for r in step_records],
         "step_tokens": [[sum(b[i] for b in s) for i in range(3)] for s in steps],  # trained, real, padded
@@ -283,13 +305,15 @@ def apply_variant(loop, run, variant: str | None) -> None:
                 return forward_loss(run, batch, count_correct)
 
         loop.forward_loss = autocast_forward_loss
-    elif variant not in (None, "no_gc"):
+    elif variant is not None:
         raise ValueError(f"unknown variant {variant}")
 
 
-def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False, phi3local_batches: bool = False,
-              name: str | None = None) -> dict:
+def child_trl(size: str, packing: bool, run_dir: str, name: str, gradient_checkpointing: bool = True,
+              lora_dtype: str = "bf16", phi3local_batches: bool = False) -> dict:
     """TRL SFTTrainer + peft on the same 4-bit model and the same prepared tokens.
+
+    lora_dtype: `bf16` leaves the LoRA weights as SFTTrainer casts them for a 4-bit model; `fp32` casts them back.
 
     phi3local_batches: train on the micro-batches phi3local's unpacked mode plans (its length-grouped order,
     `plan_epoch`) instead of TRL's random sampler: the like-for-like loss check of the unpacked modes.
@@ -301,7 +325,6 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False, p
     model = load_4bit_for_trl(ensure_bench_model(size), device)
     peft_config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0,
                              target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
-    name = name or ("trl_packed_fp32_lora" if fp32_lora else ("trl_packed" if packing else "trl"))
     batches = None
     if phi3local_batches:
         from phi3local.data.prepare import load_prepared
@@ -312,8 +335,8 @@ def child_trl(size: str, packing: bool, run_dir: str, fp32_lora: bool = False, p
         batches = [[row[0] for row in micro_batch] for micro_batch in plan]
         # phi3local reshuffles for its next epoch; TRL would loop over this one again.
         assert len(batches) >= s["steps"], "more steps than micro-batches in an epoch: the batches would differ"
-    return run_sft(model, size, run_dir, device, packing, name, peft_config=peft_config, fp32_lora=fp32_lora,
-                   batches=batches)
+    return run_sft(model, size, run_dir, device, packing, name, peft_config=peft_config,
+                   gradient_checkpointing=gradient_checkpointing, fp32_lora=lora_dtype == "fp32", batches=batches)
 
 
 def load_4bit_for_trl(model_dir: Path, device: torch.device, attn: str = "sdpa"):
@@ -389,7 +412,8 @@ def step_clock(device: torch.device):
 
 
 def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool, name: str, peft_config=None,
-            fp32_lora: bool = False, batches: list[list[int]] | None = None) -> dict:
+            gradient_checkpointing: bool = True, fp32_lora: bool = False,
+            batches: list[list[int]] | None = None) -> dict:
     """TRL's SFTTrainer over the prepared tokens with the settings every TRL-based contender shares.
 
     batches: the training micro-batches as lists of row indices of the prepared split (default: TRL's own
@@ -428,7 +452,7 @@ def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool,
         gradient_accumulation_steps=1, learning_rate=s["lr"], lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch" if device.type == "cpu" else "paged_adamw_8bit",
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=s["max_seq_len"], packing=packing, seed=s["seed"], data_seed=s["seed"],
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
         dataloader_num_workers=0, use_cpu=device.type == "cpu",
@@ -450,7 +474,8 @@ def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool,
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
-        "contender": name, "step_seconds": clock.step_seconds, "train_loss": losses, "step_tokens": step_tokens,
+        "contender": name, "packing": packing, "gradient_checkpointing": gradient_checkpointing,
+        "step_seconds": clock.step_seconds, "train_loss": losses, "step_tokens": step_tokens,
         "first_val_loss": first_val, "final_val_loss": plain_val_loss(trainer.model, val_ids, val_labels, device),
         "peak_memory_bytes": _peak_memory(device), "train_rss_peak_bytes": rss.peak,
         "rss_before_train_bytes": rss.baseline, "lora_dtype_after_sft_init": lora_dtype,
@@ -459,27 +484,90 @@ def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool,
     }
 
 
-CHILDREN = {
-    "phi3local": ("kernels_bench.train_e2e:child_phi3local", {"packing": "auto"}),
-    "phi3local_packed": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "name": "phi3local_packed"}),
-    "phi3local_unpacked": ("kernels_bench.train_e2e:child_phi3local", {"packing": False, "name": "phi3local_unpacked"}),
-    "trl": ("kernels_bench.train_e2e:child_trl", {"packing": False}),
-    "trl_packed": ("kernels_bench.train_e2e:child_trl", {"packing": True}),
-    "trl_packed_fp32_lora": ("kernels_bench.train_e2e:child_trl", {"packing": True, "fp32_lora": True}),
-    "unsloth": ("kernels_bench.train_e2e:child_unsloth", {}),
-    "trl_phi3local_batches": ("kernels_bench.train_e2e:child_trl",
-                              {"packing": False, "phi3local_batches": True, "name": "trl_phi3local_batches"}),
-    "phi3local_no_gc": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "variant": "no_gc"}),
-    "phi3local_bf16_params": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "variant": "bf16_params"}),
-    "phi3local_autocast": ("kernels_bench.train_e2e:child_phi3local", {"packing": True, "variant": "autocast"}),
-}
+PHI3LOCAL_CHILD, TRL_CHILD = "kernels_bench.train_e2e:child_phi3local", "kernels_bench.train_e2e:child_trl"
+
+
+def _mode(packing: bool) -> str:
+    return "packed" if packing else "unpacked"
+
+
+def _gc(on: bool) -> str:
+    return "gc" if on else "nogc"
+
+
+def _children() -> dict[str, tuple[str, dict]]:
+    """Every contender by name: the child function and its arguments (see the module's docstring)."""
+    children = {
+        "phi3local": (PHI3LOCAL_CHILD, {"packing": "auto", "gradient_checkpointing": "auto", "name": "phi3local"}),
+        "trl": (TRL_CHILD, {"packing": False, "gradient_checkpointing": True, "lora_dtype": "bf16", "name": "trl"}),
+        "trl_phi3local_batches": (TRL_CHILD, {"packing": False, "gradient_checkpointing": True, "lora_dtype": "fp32",
+                                              "phi3local_batches": True, "name": "trl_phi3local_batches"}),
+        "unsloth": ("kernels_bench.train_e2e:child_unsloth", {}),
+        "phi3local_bf16_params": (PHI3LOCAL_CHILD, {"packing": True, "variant": "bf16_params"}),
+        "phi3local_autocast": (PHI3LOCAL_CHILD, {"packing": True, "variant": "autocast"}),
+    }
+    for packing in (True, False):
+        name = f"phi3local_{_mode(packing)}_gcsel"
+        children[name] = (PHI3LOCAL_CHILD, {"packing": packing, "gradient_checkpointing": True,
+                                            "selective_checkpointing": True, "name": name})
+        for gc in (True, False):
+            name = f"phi3local_{_mode(packing)}_{_gc(gc)}"  # checkpointing as TRL's: every op recomputed
+            children[name] = (PHI3LOCAL_CHILD, {"packing": packing, "gradient_checkpointing": gc,
+                                                "selective_checkpointing": False, "name": name})
+            for dtype in ("fp32", "bf16"):
+                name = f"trl_{_mode(packing)}_{dtype}_{_gc(gc)}"
+                children[name] = (TRL_CHILD, {"packing": packing, "gradient_checkpointing": gc, "lora_dtype": dtype,
+                                              "name": name})
+    return children
+
+
+CHILDREN = _children()
 
 
 def extended_contenders(device: torch.device) -> list[str]:
-    """Experiments behind the recommended changes (`--extended`)."""
-    if device.type == "cuda":
-        return ["phi3local_autocast", "phi3local_bf16_params"]
-    return ["trl_packed_fp32_lora", "phi3local_no_gc"]
+    """Experiments behind the recommended changes (`--extended`): CUDA only (on CPU the standard set holds them)."""
+    return ["phi3local_autocast", "phi3local_bf16_params"] if device.type == "cuda" else []
+
+
+def comparisons(by: dict[str, dict]) -> list[dict]:
+    """The rows the README reports, each phi3local against TRL: like for like (the same packing, checkpointing
+    and fp32 adapters), defaults (each tool as a user starts it), tuned (the fastest configuration of each)."""
+    found = []
+
+    def add(kind: str, label: str, ours: str, peer: str) -> None:
+        if ours in by and peer in by:
+            found.append({"kind": kind, "label": label, "ours": ours, "peer": peer})
+
+    for gc in (True, False):
+        for packing in (True, False):
+            add("like for like", f"{_mode(packing)}, checkpointing {'on' if gc else 'off'}, fp32 adapters",
+                f"phi3local_{_mode(packing)}_{_gc(gc)}", f"trl_{_mode(packing)}_fp32_{_gc(gc)}")
+    for packing in (True, False):
+        add("lever", f"{_mode(packing)}, checkpointing on (phi3local selective), fp32 adapters",
+            f"phi3local_{_mode(packing)}_gcsel", f"trl_{_mode(packing)}_fp32_gc")
+    add("defaults", "each as a user starts it", "phi3local", "trl")
+    tuned = tuned_contenders(by)
+    if tuned["trl"]:
+        for gc in (True, False):
+            if tuned[f"phi3local_{_gc(gc)}"]:
+                add("tuned", f"fastest of each; phi3local's with checkpointing {'on' if gc else 'off'}",
+                    tuned[f"phi3local_{_gc(gc)}"], tuned["trl"])
+    return found
+
+
+def tuned_contenders(by: dict[str, dict]) -> dict[str, str | None]:
+    """The fastest product configuration of each tool measured here: phi3local's with checkpointing on, with it off
+    (the defaults' run counts as what it chose), and TRL's over every configuration it ran. The loss-check run
+    and the `--extended` experiments are not configurations a user can pick."""
+    def fastest(names):
+        names = [n for n in names if n in by]
+        return max(names, key=lambda n: by[n]["trained_tokens_per_s"]) if names else None
+
+    ours = [n for n in by if n == "phi3local" or (n.startswith("phi3local_") and n.endswith(("gc", "gcsel")))]
+    theirs = [n for n in by if n == "trl" or (n.startswith("trl_") and n.endswith("gc"))]
+    return {"phi3local_gc": fastest([n for n in ours if by[n]["gradient_checkpointing"] is True]),
+            "phi3local_nogc": fastest([n for n in ours if by[n]["gradient_checkpointing"] is False]),
+            "trl": fastest(theirs)}
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -505,6 +593,71 @@ def summarise_run(raw: dict, skip: int, step_flops, peak_flops: float) -> dict:
     }
 
 
+def summarise_contender(name: str, runs: list[dict]) -> dict:
+    """One contender's row: medians over its rounds (its runs' own figures kept under `runs`)."""
+    sums = [x["summary"] for x in runs]
+
+    def med(key):
+        vals = [x[key] for x in sums if x[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    tps = [x["trained_tokens_per_s"] for x in sums]
+    return {
+        "contender": name, "rounds": len(runs), "packing": runs[0].get("packing"),
+        "gradient_checkpointing": runs[0].get("gradient_checkpointing"),
+        "selective_checkpointing": runs[0].get("selective_checkpointing", False),
+        "trained_tokens_per_s": med("trained_tokens_per_s"), "tps_min": min(tps), "tps_max": max(tps),
+        "real_tokens_per_s": med("real_tokens_per_s"), "seconds_per_step": med("seconds_per_step"),
+        "step_spread": med("step_spread"), "padding_share": med("padding_share"), "mfu": med("mfu"),
+        "trained_tokens_per_step": med("trained_tokens_per_step"),
+        "peak_memory_bytes": statistics.median([x["peak_memory_bytes"] for x in runs]),
+        "train_rss_peak_bytes": statistics.median([x["train_rss_peak_bytes"] for x in runs]),
+        "rss_before_train_bytes": statistics.median([x["rss_before_train_bytes"] for x in runs]),
+        "first_val_loss": statistics.median([x["first_val_loss"] for x in runs]),
+        "final_val_loss": statistics.median([x["final_val_loss"] for x in runs]),
+        "own_final_val_loss": runs[0].get("own_final_val_loss"),
+        "train_loss_curve": runs[0]["train_loss"],
+        "lora_dtype": runs[0].get("lora_dtype_trained", "float32"),
+        "runs": runs,
+    }
+
+
+def consistency_checks(by: dict[str, dict], dtype: torch.dtype, device: torch.device) -> dict[str, dict]:
+    """That the contenders computed the same thing: the same starting loss, final losses that agree where they
+    saw the same documents, phi3local's own evaluation equal to the common one, the memory plan on CUDA, and
+    `auto` choosing the faster packing mode at the checkpointing it chose."""
+    checks: dict[str, dict] = {}
+    # fp32 on CPU agrees to rounding; bf16 on CUDA differs by batch shape (packed vs one document per forward).
+    exact = 1e-3 if dtype == torch.float32 else 2e-2
+    firsts = [r["first_val_loss"] for r in by.values()]
+    checks["same_start"] = {"first_val_losses": firsts, "ok": max(firsts) - min(firsts) < exact}
+    # Final losses compare between contenders that see the same documents: both packed (one epoch), or unpacked
+    # on the same micro-batches; a random sampler and length-grouped batches see different ones in a few steps.
+    for a, b, kind in (("phi3local_packed_gc", "trl_packed_fp32_gc", "packed"),
+                       ("phi3local_unpacked_gc", "trl_phi3local_batches", "same_batches")):
+        if a in by and b in by:
+            diff = by[a]["final_val_loss"] - by[b]["final_val_loss"]
+            checks[f"val_loss {a} vs {b}"] = {"diff": diff, "tolerance": VAL_LOSS_TOLERANCE[kind],
+                                              "ok": abs(diff) <= VAL_LOSS_TOLERANCE[kind]}
+    auto = by.get("phi3local")
+    if auto and auto.get("own_final_val_loss") is not None:
+        diff = auto["own_final_val_loss"] - auto["final_val_loss"]
+        checks["phi3local evaluate() vs plain forward"] = {"diff": diff, "ok": abs(diff) < exact}
+    if auto and device.type == "cuda":  # on CPU peak memory is RSS, which the plan does not model
+        planned = auto["runs"][0]["planned_peak_bytes"]
+        checks["memory plan vs CUDA max allocated"] = {
+            "planned": planned, "measured": auto["peak_memory_bytes"],
+            "ok": abs(planned - auto["peak_memory_bytes"]) <= 0.15 * auto["peak_memory_bytes"]}
+    if auto:
+        other = f"phi3local_{_mode(not auto['packing'])}_{_gc(auto['gradient_checkpointing'])}"
+        if other in by:
+            checks["auto packing chose the faster mode"] = {
+                "chosen": _mode(auto["packing"]), "ok": auto["trained_tokens_per_s"] >= by[other]["trained_tokens_per_s"],
+                "tokens_per_s_chosen": auto["trained_tokens_per_s"],
+                "tokens_per_s_other": by[other]["trained_tokens_per_s"]}
+    return checks
+
+
 def run(ctx: Ctx) -> dict:
     from transformers import AutoConfig
 
@@ -521,8 +674,8 @@ def run(ctx: Ctx) -> dict:
     config = AutoConfig.from_pretrained(model_dir)
     step_flops = lora_step_flops(config, data["token_weighted_length"], TARGET_MODULES, s["lora_r"])
     peak_flops = measured_matmul_peak(ctx.device, ctx.dtype)
-    contenders = [c for c in (ctx.contenders or s["contenders"]) if c in CHILDREN or c == "phi3local_other"]
-    unknown = sorted(set(ctx.contenders or []) - set(CHILDREN) - {"phi3local_other"})
+    contenders = list(ctx.contenders or s["contenders"])
+    unknown = sorted(set(contenders) - set(CHILDREN))
     if unknown:
         raise ValueError(f"unknown contenders {unknown}; known: {sorted(CHILDREN)}")
     unsloth = unsloth_status(ctx.device) if "unsloth" in contenders else None
@@ -535,16 +688,9 @@ def run(ctx: Ctx) -> dict:
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "TOKENIZERS_PARALLELISM": "false", "KINETO_LOG_LEVEL": "99"}
     raw_runs: dict[str, list[dict]] = {}
-
-    def other_mode() -> str:
-        """The packing mode phi3local's auto did not choose (it decides in setup(), by measured cost)."""
-        chosen = raw_runs["phi3local"][0]["packing"] if raw_runs.get("phi3local") else True
-        return "phi3local_unpacked" if chosen else "phi3local_packed"
-
     for r in range(rounds):
         order = contenders if r % 2 == 0 else contenders[::-1]
         for name in order:
-            name = other_mode() if name == "phi3local_other" else name
             target, kwargs = CHILDREN[name]
             run_dir = WORK_DIR / "e2e" / f"{ctx.size}-{name}-r{r}"
             ctx.console.print(f"[dim]train_e2e round {r + 1}/{rounds}: {name} ...[/]", highlight=False)
@@ -559,96 +705,31 @@ def run(ctx: Ctx) -> dict:
                               f"val {result['first_val_loss']:.4f} -> {result['final_val_loss']:.4f} "
                               f"({result['process_wall_s']:.0f} s)[/]", highlight=False)
 
-    auto_packed = other_mode() == "phi3local_unpacked"
-    other = other_mode()
-    contenders = [other if c == "phi3local_other" else c for c in contenders]
-    rows = []
-    for name in contenders:
-        runs = raw_runs[name]
-        sums = [x["summary"] for x in runs]
-
-        def med(key, sums=sums):
-            vals = [x[key] for x in sums if x[key] is not None]
-            return statistics.median(vals) if vals else None
-
-        tps = [x["trained_tokens_per_s"] for x in sums]
-        rows.append({
-            "contender": name, "rounds": len(runs),
-            "trained_tokens_per_s": med("trained_tokens_per_s"), "tps_min": min(tps), "tps_max": max(tps),
-            "real_tokens_per_s": med("real_tokens_per_s"), "seconds_per_step": med("seconds_per_step"),
-            "step_spread": med("step_spread"), "padding_share": med("padding_share"), "mfu": med("mfu"),
-            "trained_tokens_per_step": med("trained_tokens_per_step"),
-            "peak_memory_bytes": statistics.median([x["peak_memory_bytes"] for x in runs]),
-            "train_rss_peak_bytes": statistics.median([x["train_rss_peak_bytes"] for x in runs]),
-            "rss_before_train_bytes": statistics.median([x["rss_before_train_bytes"] for x in runs]),
-            "first_val_loss": statistics.median([x["first_val_loss"] for x in runs]),
-            "final_val_loss": statistics.median([x["final_val_loss"] for x in runs]),
-            "own_final_val_loss": runs[0].get("own_final_val_loss"),
-            "train_loss_curve": runs[0]["train_loss"],
-            "lora_dtype": runs[0].get("lora_dtype_trained", "float32"),
-            "runs": runs,
-        })
+    rows = [summarise_contender(name, raw_runs[name]) for name in contenders]
     by = {r["contender"]: r for r in rows}
-    ratios, checks = {}, {}
-    ours = by.get("phi3local")
-    for peer in ("trl", "trl_packed", "trl_packed_fp32_lora", "unsloth", "phi3local_packed", "phi3local_unpacked"):
-        if ours and peer in by:
-            p = by[peer]
-            ratios[f"phi3local / {peer}"] = {
-                "trained_tokens_per_s": ours["trained_tokens_per_s"] / p["trained_tokens_per_s"],
-                "seconds_per_step": ours["seconds_per_step"] / p["seconds_per_step"],
-                "peak_memory": ours["peak_memory_bytes"] / p["peak_memory_bytes"],
-                "train_rss_peak": ours["train_rss_peak_bytes"] / p["train_rss_peak_bytes"],
-                "final_val_loss_diff": ours["final_val_loss"] - p["final_val_loss"],
-            }
-    if "phi3local_unpacked" in by and "trl" in by:
-        u, p = by["phi3local_unpacked"], by["trl"]
-        ratios["phi3local_unpacked / trl"] = {
-            "trained_tokens_per_s": u["trained_tokens_per_s"] / p["trained_tokens_per_s"],
-            "seconds_per_step": u["seconds_per_step"] / p["seconds_per_step"],
-            "peak_memory": u["peak_memory_bytes"] / p["peak_memory_bytes"],
-            "train_rss_peak": u["train_rss_peak_bytes"] / p["train_rss_peak_bytes"],
-            "final_val_loss_diff": u["final_val_loss"] - p["final_val_loss"],
-        }
-    # fp32 on CPU agrees to rounding; bf16 on CUDA differs by batch shape (packed vs one document per forward).
-    exact = 1e-3 if ctx.dtype == torch.float32 else 2e-2
-    firsts = [r["first_val_loss"] for r in rows]
-    checks["same_start"] = {"first_val_losses": firsts, "ok": max(firsts) - min(firsts) < exact}
-    # Val losses compare between contenders that see the same documents: both packed (one epoch), or unpacked
-    # on the same micro-batches. phi3local vs TRL default see different documents in their few steps.
-    packed_ours, unpacked_ours = ("phi3local", other) if auto_packed else (other, "phi3local")
-    pairs = [(packed_ours, "trl_packed", "packed"), (unpacked_ours, "trl_phi3local_batches", "same_batches")]
-    for a, b, kind in pairs:
-        if a in by and b in by:
-            diff = by[a]["final_val_loss"] - by[b]["final_val_loss"]
-            checks[f"val_loss {a} vs {b}"] = {"diff": diff, "tolerance": VAL_LOSS_TOLERANCE[kind],
-                                              "ok": abs(diff) <= VAL_LOSS_TOLERANCE[kind]}
-    if ours and ours.get("own_final_val_loss") is not None:
-        diff = ours["own_final_val_loss"] - ours["final_val_loss"]
-        checks["phi3local evaluate() vs plain forward"] = {"diff": diff, "ok": abs(diff) < exact}
+    compared = comparisons(by)
+    for c in compared:
+        ours, peer = by[c["ours"]], by[c["peer"]]
+        c.update({
+            "trained_tokens_per_s": ours["trained_tokens_per_s"] / peer["trained_tokens_per_s"],
+            "seconds_per_step": ours["seconds_per_step"] / peer["seconds_per_step"],
+            "peak_memory": ours["peak_memory_bytes"] / peer["peak_memory_bytes"],
+            "train_rss_peak": ours["train_rss_peak_bytes"] / peer["train_rss_peak_bytes"],
+            "final_val_loss_diff": ours["final_val_loss"] - peer["final_val_loss"],
+        })
+    checks = consistency_checks(by, ctx.dtype, ctx.device)
     targets = {}
-    if ours and ctx.device.type == "cuda":  # on CPU peak memory is RSS, which the plan does not model
-        planned = ours["runs"][0]["planned_peak_bytes"]
-        checks["memory plan vs CUDA max allocated"] = {
-            "planned": planned, "measured": ours["peak_memory_bytes"],
-            "ok": abs(planned - ours["peak_memory_bytes"]) <= 0.15 * ours["peak_memory_bytes"]}
-    if ours and other in by:
-        faster = ours["trained_tokens_per_s"] >= by[other]["trained_tokens_per_s"]
-        checks["auto packing chose the faster mode"] = {
-            "chosen": "packed" if auto_packed else "unpacked", "ok": faster,
-            "tokens_per_s_chosen": ours["trained_tokens_per_s"], "tokens_per_s_other": by[other]["trained_tokens_per_s"]}
-    if "phi3local / trl_packed_fp32_lora" in ratios:
-        tuned = ratios["phi3local / trl_packed_fp32_lora"]
-        targets["tokens/s >= 3x tuned TRL (trl_packed_fp32_lora)"] = tuned["trained_tokens_per_s"] >= 3.0
-        targets["peak memory < tuned TRL"] = tuned["peak_memory"] < 1
-    if "phi3local / trl" in ratios:
-        targets["tokens/s >= 1.5x trl (unpacked)"] = ratios["phi3local / trl"]["trained_tokens_per_s"] >= 1.5
-        targets["peak memory < trl"] = ratios["phi3local / trl"]["peak_memory"] < 1
-    if "phi3local / trl_packed" in ratios:
-        targets["tokens/s >= 1.1x trl_packed"] = ratios["phi3local / trl_packed"]["trained_tokens_per_s"] >= 1.1
-        targets["peak memory < trl_packed"] = ratios["phi3local / trl_packed"]["peak_memory"] < 1
-
-    cfg = {**s, "contenders": contenders, "auto_packing": "packed" if auto_packed else "unpacked",
+    for c in compared:
+        if c["kind"] == "tuned" and "checkpointing on" in c["label"]:
+            targets["checkpointing on: tokens/s >= 3x tuned TRL"] = c["trained_tokens_per_s"] >= 3.0
+            targets["checkpointing on: peak memory <= 0.5x tuned TRL"] = c["peak_memory"] <= 0.5
+        if c["kind"] == "tuned" and "checkpointing off" in c["label"]:
+            targets["checkpointing off: tokens/s >= 3x tuned TRL"] = c["trained_tokens_per_s"] >= 3.0
+    tuned = tuned_contenders(by)
+    auto = by.get("phi3local")
+    cfg = {**s, "contenders": contenders,
+           "auto_chose": {"packing": auto["packing"], "gradient_checkpointing": auto["gradient_checkpointing"]}
+           if auto else None, "tuned": tuned,
            "unsloth": (unsloth or "measured") if "unsloth" in (ctx.contenders or s["contenders"]) else "not selected",
            "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg()),
            "rounds": rounds, "model_dir": repo_relative(model_dir), "data": data,
@@ -667,24 +748,33 @@ def run(ctx: Ctx) -> dict:
         "tokens) per second / measured matmul peak, identical accounting for all contenders (padding, logits "
         "of untrained positions and recomputation are not counted)",
         "val loss: the same plain forward over the validation answers for all; val losses compare between "
-        "contenders that saw the same documents: phi3local_packed vs trl_packed (the whole epoch, packed "
-        "differently), phi3local_unpacked vs trl_phi3local_batches (TRL on phi3local's micro-batches); "
+        "contenders that saw the same documents: phi3local_packed_gc vs trl_packed_fp32_gc (the whole epoch, "
+        "packed differently), phi3local_unpacked_gc vs trl_phi3local_batches (TRL on phi3local's micro-batches); "
         "unpacked phi3local and TRL default train on different documents in these few steps",
-        "TRL casts LoRA weights to bf16 for 4-bit models (also on CPU); trl_packed_fp32_lora casts them back",
+        "TRL casts LoRA weights to bf16 for 4-bit models (also on CPU): its `bf16` contenders keep them so, its "
+        "`fp32` ones cast them back",
+        "comparisons: like for like = the same packing, checkpointing and fp32 adapters; defaults = phi3local vs "
+        "trl as each starts; tuned = the fastest configuration of each tool measured here (named)",
         "on CPU every contender keeps bitsandbytes' trainable NF4 layout (phi3local.model.load."
         "keep_cpu_4bit_layout): on AVX512-BF16 CPUs bitsandbytes 0.50 repacks 4-bit weights on the first no-grad "
         "pass (here the validation loss taken before training) for a bf16 kernel that passes no gradient "
         "through the frozen weights; a TRL run with no evaluation before training never repacks",
         "SFTConfig's default bf16=True is turned off on CPU (this CPU has no bf16 units: see nf4_linear)",
     ]
-    summary = {"ratios": ratios, "checks": checks, "targets": targets, "unsloth": cfg["unsloth"]}
+    summary = {"comparisons": compared, "checks": checks, "targets": targets, "tuned": tuned,
+               "unsloth": cfg["unsloth"]}
     for_json = [{k: v for k, v in r.items()} for r in rows]
     path = save_result(ctx.out_dir, ctx.result_name(NAME), ctx.size, ctx.device, cfg, for_json, summary=summary, notes=notes,
                        wall_s=time.perf_counter() - began)
+    for row in rows:
+        row["checkpointing"] = ("off" if row["gradient_checkpointing"] is False
+                                else "selective" if row["selective_checkpointing"] is True else "on")
     print_table(f"End to end: {s['steps']} steps, batch {s['micro_batch_size']} x <= {s['max_seq_len']} tokens, "
                 f"model h{s['hidden']} l{s['layers']} v{s['vocab']}, NF4 + LoRA r{s['lora_r']}, "
                 f"{ctx.device.type}, {rounds} rounds", rows, [
         Column("contender", "contender", justify="left"),
+        Column("packing", "packing", lambda x: _mode(x) if isinstance(x, bool) else str(x), justify="left"),
+        Column("checkpointing", "ckpt", justify="left"),
         Column("trained_tokens_per_s", "trained tok/s", fmt_num),
         Column("tps_min", "min", fmt_num), Column("tps_max", "max", fmt_num),
         Column("seconds_per_step", "s/step", fmt_seconds),
@@ -696,9 +786,9 @@ def run(ctx: Ctx) -> dict:
         Column("final_val_loss", "val loss end", lambda x: f"{x:.4f}"),
         Column("lora_dtype", "LoRA dtype", lambda x: x.replace("torch.", ""), justify="left"),
     ], ctx.console)
-    ratio_rows = [{"pair": k, **v} for k, v in ratios.items()]
-    print_table("Ratios", ratio_rows, [
-        Column("pair", "pair", justify="left"),
+    print_table("phi3local / TRL: like for like, defaults, tuned", compared, [
+        Column("kind", "kind", justify="left"), Column("label", "settings", justify="left"),
+        Column("ours", "phi3local", justify="left"), Column("peer", "TRL", justify="left"),
         Column("trained_tokens_per_s", "trained tok/s", fmt_ratio),
         Column("seconds_per_step", "s/step", fmt_ratio),
         Column("peak_memory", "peak mem", fmt_ratio), Column("train_rss_peak", "train RSS", fmt_ratio),

@@ -179,6 +179,10 @@ class TrainingConfig:
     max_grad_norm: float = num(1.0, ge=0)
     # auto: on only when the memory plan says the step would not fit without it (off is ~35% faster).
     gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # With checkpointing on: keep the outputs of the frozen matmuls and of attention from the forward and
+    # recompute only the cheap ops (norms, RoPE, activations, the LoRA paths), for the kept outputs' memory
+    # (`phi3local plan` counts it). auto: on when the memory plan fits with it at the chosen micro-batch.
+    selective_checkpointing: bool | Literal["auto"] = "auto"
     # With gradient checkpointing on CUDA: keep the checkpointed layer inputs in host memory (long contexts).
     offload_activations: bool = False
     # The card this recipe is written for, in GiB (a "24 GB" card: 24); `phi3local plan` checks against it

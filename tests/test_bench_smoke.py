@@ -66,3 +66,36 @@ def test_dpo_e2e_tiny_runs_both_contenders_from_ln2(tmp_path):
     ratio = doc["summary"]["ratios"]["phi3local / trl"]
     assert ratio["pairs_per_s"] > 0 and ratio["peak_memory"] > 0
     assert doc["config"]["data"]["train_pairs"] >= 4 and (tmp_path / "dpo_e2e_tiny.png").is_file()
+
+
+def test_train_e2e_tiny_reports_like_for_like_defaults_and_tuned_rows(tmp_path):
+    """Four contenders at the tiny size: phi3local and TRL as users start them, and both packed with checkpointing
+    on and fp32 adapters. Every row says its settings; the comparisons come in the three kinds the README reports."""
+    from kernels_bench import train_e2e
+
+    contenders = ["phi3local", "trl", "phi3local_packed_gc", "trl_packed_fp32_gc"]
+    assert train_e2e.settings("tiny")["contenders"] == contenders
+    ctx = Ctx(size="tiny", device=torch.device("cpu"), out_dir=tmp_path, console=make_console())
+    train_e2e.run(ctx)
+    doc = check_result_file(tmp_path / "train_e2e_tiny.json", "train_e2e_tiny")
+    rows = {r["contender"]: r for r in doc["rows"]}
+    assert list(rows) == contenders
+    assert (rows["trl"]["packing"], rows["trl"]["gradient_checkpointing"]) == (False, True)  # SFTConfig's defaults
+    assert rows["trl"]["lora_dtype"] == "torch.bfloat16" and rows["trl_packed_fp32_gc"]["lora_dtype"] == "torch.float32"
+    assert (rows["phi3local_packed_gc"]["packing"], rows["phi3local_packed_gc"]["gradient_checkpointing"]) == (True, True)
+    assert isinstance(rows["phi3local"]["gradient_checkpointing"], bool)  # auto resolved to what it chose
+    compared = doc["summary"]["comparisons"]
+    kinds = {(c["kind"], c["ours"], c["peer"]) for c in compared}
+    assert ("like for like", "phi3local_packed_gc", "trl_packed_fp32_gc") in kinds
+    assert ("defaults", "phi3local", "trl") in kinds
+    tuned = doc["summary"]["tuned"]
+    assert tuned["trl"] == max(["trl", "trl_packed_fp32_gc"], key=lambda n: rows[n]["trained_tokens_per_s"])
+    assert ("tuned", tuned["phi3local_gc"], tuned["trl"]) in kinds
+    for c in compared:
+        ours, peer = rows[c["ours"]], rows[c["peer"]]
+        assert c["trained_tokens_per_s"] == ours["trained_tokens_per_s"] / peer["trained_tokens_per_s"]
+        assert c["peak_memory"] == ours["peak_memory_bytes"] / peer["peak_memory_bytes"]
+    checks = doc["summary"]["checks"]
+    assert checks["same_start"]["ok"], checks  # every contender starts from the same validation loss
+    assert checks["val_loss phi3local_packed_gc vs trl_packed_fp32_gc"]["ok"], checks
+    assert checks["phi3local evaluate() vs plain forward"]["ok"], checks

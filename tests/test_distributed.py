@@ -434,15 +434,20 @@ def test_ranks_agree_on_auto_settings_that_timing_or_free_memory_could_split():
     assert alone.training.micro_batch_size > 1 and alone.training.gradient_checkpointing is False
     # The other rank has less free memory: both take its smaller micro-batch and its checkpointing; the
     # batch width rounding is rank 0's (each rank decides it by its device type; they must pad alike).
-    agreed = loop.decide_auto_settings(recipe, docs, quiet, OtherRankSays((1, True, 8)))
+    agreed = loop.decide_auto_settings(recipe, docs, quiet, OtherRankSays((1, True, 8, False)))
     assert (agreed.training.micro_batch_size, agreed.training.gradient_checkpointing) == (1, True)
+    # selective checkpointing only where every rank fits it (this rank, without checkpointing, did not choose it)
+    assert agreed.training.selective_checkpointing is False
     assert agreed.data.pad_to_multiple_of == alone.data.pad_to_multiple_of != 8
 
     class Rank1(OtherRankSays):
         def gather_lists(self, items):
             return [self.other, *items]  # rank 0's value comes first
 
-    assert loop.decide_auto_settings(recipe, docs, quiet, Rank1((1, True, 8))).data.pad_to_multiple_of == 8
+    assert loop.decide_auto_settings(recipe, docs, quiet, Rank1((1, True, 8, False))).data.pad_to_multiple_of == 8
+    both_fit = loop.decide_auto_settings(load_recipe(TINY, ["training.gradient_checkpointing=true"]), docs, quiet,
+                                         OtherRankSays((4, True, 8, True)))
+    assert both_fit.training.selective_checkpointing is True
 
 
 def test_rank_0s_packing_timing_decides_for_every_rank(monkeypatch):

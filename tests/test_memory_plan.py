@@ -74,7 +74,7 @@ def resident_bytes(model, optimizer) -> int:
 
 
 def measured_step_peak(model_path: str, micro_batch: int, seq_len: int, checkpointing: bool,
-                       task: str = "causal_lm") -> tuple[int, object]:
+                       task: str = "causal_lm", selective: bool = False) -> tuple[int, object]:
     """Peak tensor bytes of the second optimizer step of `recipe.train_step` (so AdamW's state exists).
 
     Method: the bytes held between steps (every storage of parameters, buffers, 4-bit quantization
@@ -83,6 +83,7 @@ def measured_step_peak(model_path: str, micro_batch: int, seq_len: int, checkpoi
     """
     recipe = load_recipe(TINY, [f"model.name_or_path={model_path}", "lora.modules_to_save=[]",
                                 f"training.gradient_checkpointing={str(checkpointing).lower()}",
+                                f"training.selective_checkpointing={str(selective).lower()}",
                                 "training.loss_chunk_size=256", f"data.max_seq_len={seq_len}",
                                 f"training.micro_batch_size={micro_batch}", f"task={task}",
                                 *CLASSIFICATION_LABELS * (task == "classification")])
@@ -100,17 +101,20 @@ def measured_step_peak(model_path: str, micro_batch: int, seq_len: int, checkpoi
     batch = collate([[i] for i in range(micro_batch)], ids, [list(x) for x in ids], 0, classes)
     loop.train_step(run, [batch])
     peak = resident_bytes(loaded.model, optimizer) + torch_allocated_peak_bytes(lambda: loop.train_step(run, [batch]))
-    plan = plan_step(recipe_shape(recipe), recipe, micro_batch, seq_len, checkpointing, "float32", "adamw")
+    plan = plan_step(recipe_shape(recipe), recipe, micro_batch, seq_len, checkpointing, "float32", "adamw",
+                     selective=selective)
     return peak, plan
 
 
 def measured_and_planned(model_path: str, task: str = "causal_lm") -> dict:
-    """Measured peak and plan for micro-batch 1 and 2, with and without checkpointing (run in a fresh process)."""
+    """Measured peak and plan for micro-batch 1 and 2, without checkpointing, with it and with it selective (run in
+    a fresh process)."""
     out = {}
     for micro_batch in (1, 2):
-        for checkpointing in (False, True):
-            peak, plan = measured_step_peak(model_path, micro_batch, 128, checkpointing, task)
-            out[f"micro_batch={micro_batch} checkpointing={checkpointing}"] = {"measured": peak, "planned": plan.total}
+        for checkpointing, selective in ((False, False), (True, False), (True, True)):
+            peak, plan = measured_step_peak(model_path, micro_batch, 128, checkpointing, task, selective)
+            out[f"micro_batch={micro_batch} checkpointing={checkpointing} selective={selective}"] = {
+                "measured": peak, "planned": plan.total}
     return out
 
 
@@ -124,7 +128,7 @@ def test_plan_is_within_15_percent_of_a_measured_step(model, task, request):
     result = run_isolated("tests.test_memory_plan:measured_and_planned", {"model_path": path, "task": task},
                           timeout=600)
     cases = {k: v for k, v in result.items() if k.startswith("micro_batch=")}
-    assert len(cases) == 4
+    assert len(cases) == 6
     for case, figures in cases.items():
         peak, planned = figures["measured"], figures["planned"]
         assert abs(planned - peak) <= 0.15 * peak, (model, task, case, planned, peak)

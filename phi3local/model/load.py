@@ -13,6 +13,7 @@ import torch
 
 from phi3local.config import Recipe
 from phi3local.errors import Phi3LocalError
+from phi3local.model.selective_checkpointing import checkpoint_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
     log.info("attention implementation: %s, compute dtype: %s, device: %s", attn, dtype, device)
 
     prepare_for_training(model, dtype, recipe.training.gradient_checkpointing is True,
-                         freeze=quant.load_in_4bit or recipe.lora.enabled)
+                         freeze=quant.load_in_4bit or recipe.lora.enabled,
+                         selective=recipe.training.selective_checkpointing is True)
     model.config.use_cache = False
 
     if recipe.lora.enabled:
@@ -194,8 +196,9 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
 
 
 def prepare_for_training(model: torch.nn.Module, dtype: torch.dtype, gradient_checkpointing: bool,
-                         freeze: bool = True) -> None:
-    """Freeze the base model with its floating parameters in the compute dtype, and turn on checkpointing.
+                         freeze: bool = True, selective: bool = False) -> None:
+    """Freeze the base model with its floating parameters in the compute dtype, and turn on checkpointing
+    (`selective`: keeping the expensive ops' outputs, `phi3local.model.selective_checkpointing`).
 
     What peft's prepare_model_for_kbit_training does, minus its fp32 upcast of embeddings, lm_head and
     norms: that upcast cost ~1 GiB of fp32 copies on Phi-3-mini (4.0 -> 3.1 GiB and 0.282 -> 0.138 s/step
@@ -210,8 +213,7 @@ def prepare_for_training(model: torch.nn.Module, dtype: torch.dtype, gradient_ch
         if param.is_floating_point() and param.dtype != dtype and not isinstance(param, bnb.nn.Params4bit):
             param.data = param.data.to(dtype)
     if gradient_checkpointing:
-        # Non-reentrant checkpointing needs no requires_grad on the embedding output (the reentrant one did).
-        kwargs = {"use_reentrant": False}
+        kwargs = checkpoint_kwargs(selective)
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:

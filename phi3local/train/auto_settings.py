@@ -11,6 +11,9 @@
 - `training.gradient_checkpointing: auto`: off when the memory plan fits without it (~35% faster on CPU,
   measured in kernels_bench/results/train_e2e_extended.json), else on.
 - `training.micro_batch_size: auto`: the largest the memory plan fits (at most `MAX_AUTO_MICRO_BATCH`).
+- `training.selective_checkpointing: auto`: with checkpointing on, on when the plan with the kept outputs stays
+  within `SELECTIVE_HEADROOM` of the memory available at the micro-batch chosen above (the micro-batch comes
+  first: the batch a step trains on is the user's first concern, the recomputation's speed the second).
 - `data.pad_to_multiple_of: auto`: by device type (`phi3local.train.batching.AUTO_PAD_TO_MULTIPLE_OF`; config.py
   says why), decided before the plan, which plans the rounded width.
 
@@ -23,6 +26,7 @@ it changes no batch's documents, order or loss, only its width, so it is re-deci
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 from phi3local.config import Recipe
@@ -39,7 +43,11 @@ from phi3local.train.memory_plan import (
 )
 
 MAX_AUTO_MICRO_BATCH = 64
-AUTO_KEYS = (("data", "packing"), ("training", "micro_batch_size"), ("training", "gradient_checkpointing"))
+# auto keeps selective checkpointing's outputs only within this share of the memory available: the plan's stated
+# error (15%, tests/test_memory_plan.py) must not turn a speed-up into an out-of-memory error.
+SELECTIVE_HEADROOM = 0.85
+AUTO_KEYS = (("data", "packing"), ("training", "micro_batch_size"), ("training", "gradient_checkpointing"),
+             ("training", "selective_checkpointing"))
 
 
 def adopt_saved_choices(recipe: Recipe, saved: dict) -> Recipe:
@@ -158,9 +166,10 @@ def resolve(recipe: Recipe, lengths: list[int] | None, device: str | None = None
     if available is None and shape is not None:
         available = available_bytes(device_kind(device))
 
-    def plan(micro_batch_size: int, gradient_checkpointing: bool) -> PlanReport:
+    def plan(micro_batch_size: int, gradient_checkpointing: bool, selective: bool = False) -> PlanReport:
         return make_plan(out, device=device, available=available, micro_batch_size=micro_batch_size,
-                         gradient_checkpointing=gradient_checkpointing, shape=shape)
+                         gradient_checkpointing=gradient_checkpointing, shape=shape,
+                         selective_checkpointing=selective)
 
     if t.micro_batch_size == "auto":
         without = plan(1, False).largest_micro_batch if t.gradient_checkpointing is not True else 0
@@ -173,11 +182,24 @@ def resolve(recipe: Recipe, lengths: list[int] | None, device: str | None = None
         t.gradient_checkpointing = not plan(t.micro_batch_size, False).plan.fits
         reasons["gradient_checkpointing"] = ("on: the step does not fit without it" if t.gradient_checkpointing
                                              else "off: the step fits without it")
+    selective_by_auto = t.selective_checkpointing == "auto"
+    if selective_by_auto:
+        if shape is None or not t.gradient_checkpointing:
+            t.selective_checkpointing = False
+        else:
+            kept = plan(t.micro_batch_size, True, True).plan
+            t.selective_checkpointing = kept.fits and (kept.available is None
+                                                       or kept.total <= SELECTIVE_HEADROOM * kept.available)
+            # short: the plan command prints it unwrapped, in 60 columns with the key
+            reasons["selective_checkpointing"] = "on: it fits" if t.selective_checkpointing else "off: it would not fit"
     if d.packing == "auto" and (out.task != "causal_lm" or shape is None):
         d.packing = out.task == "causal_lm"  # else measured once the model is loaded (measure_packing)
     if shape is None:
         return out, None, reasons
-    report = plan(t.micro_batch_size, t.gradient_checkpointing)
+    report = plan(t.micro_batch_size, t.gradient_checkpointing, t.selective_checkpointing is True)
+    if selective_by_auto and t.selective_checkpointing:
+        # What else fits (a larger micro-batch, a longer row) is what auto would then choose: without the kept outputs.
+        report = dataclasses.replace(plan(t.micro_batch_size, True, False), plan=report.plan)
     if not report.plan.fits:
         raise MemoryPlanError(does_not_fit_message(report))
     return out, report, reasons

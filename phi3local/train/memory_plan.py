@@ -12,6 +12,8 @@ then exceed max_seq_len, up to the model's positions):
 - activations: what autograd keeps for backward. Without checkpointing, per token and layer, the
   tensors each op of a Phi-3 decoder layer saves (listed in `_saved_per_token_per_layer`) plus one
   layer's gradients in flight; with checkpointing, one layer input per layer plus one layer recomputed;
+  selective checkpointing also keeps, per token and layer, the outputs of the frozen matmuls and attention
+  (`selective_kept_per_token_per_layer`);
 - loss: `phi3local.train.loss` keeps the trained tokens' hidden states and their gradient, plus one
   chunk of fp32 logits (and its cast when the lm_head weight is 16-bit).
 
@@ -101,6 +103,7 @@ class MemoryPlan:
     ranks: int = 1  # fsdp: the ranks every weight, gradient and optimizer state above is sharded over (per rank)
     gathered: int = 0  # fsdp: gathered whole during the step (the root unit and two decoder layers)
     reference_adapter: int = 0  # dpo/ipo from model.adapter: the start adapter kept frozen as the reference (fp32)
+    selective_checkpointing: bool = False  # with checkpointing: the frozen matmuls' and attention's outputs kept
 
     @property
     def total(self) -> int:
@@ -175,20 +178,35 @@ def saved_per_token_per_layer(shape: ModelShape, b: int, r: int, n_lora: int) ->
             + 4 * r * n_lora + 4 * shape.num_attention_heads)
 
 
+def selective_kept_per_token_per_layer(shape: ModelShape, b: int) -> int:
+    """Bytes selective checkpointing keeps per token and layer beyond the layer's input
+    (`phi3local.model.selective_checkpointing`): the frozen matmuls' outputs (qkv, o, gate_up, down) and
+    attention's (its output, and a fp32 log-sum-exp per head), in the compute dtype."""
+    qkv = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * shape.dims_per_head
+    return b * (qkv + 3 * shape.hidden_size + 2 * shape.intermediate_size) + 4 * shape.num_attention_heads
+
+
 def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, gradient_checkpointing: bool,
-                     r: int, n_lora: int) -> tuple[int, int]:
+                     r: int, n_lora: int, selective: bool = False) -> tuple[int, int]:
     """(kept for backward through the whole step, extra while backward passes one layer).
 
-    Kept: every layer's saved tensors, or with checkpointing only each layer's input; plus the loss's
+    Kept: every layer's saved tensors, or with checkpointing only each layer's input (selective: plus the
+    kept outputs of `selective_kept_per_token_per_layer`); plus the loss's
     gradient w.r.t. the trained hidden states (`phi3local.train.loss`) and half a hidden width more (the
     embedding output and final norm). In backward a layer's gradients (about three hidden widths in the
-    compute dtype) are alive, and with checkpointing the recomputed layer's saved tensors too.
+    compute dtype) are alive, and with checkpointing the recomputed layer's saved tensors too (selective: less
+    the kept outputs, which the recomputation reuses).
     """
     b, d = dtype_bytes, shape.hidden_size
     per_layer = saved_per_token_per_layer(shape, b, r, n_lora)
     kept_per_layer = d * b if gradient_checkpointing else per_layer
+    recomputed = per_layer if gradient_checkpointing else 0
+    if gradient_checkpointing and selective:  # the recomputation reuses the kept outputs instead of making them
+        selective_kept = selective_kept_per_token_per_layer(shape, b)
+        kept_per_layer += selective_kept
+        recomputed = max(per_layer - selective_kept, 0)
     kept = tokens * (shape.num_hidden_layers * kept_per_layer + d * b + d * b // 2)
-    working = tokens * (3 * d * b + (per_layer if gradient_checkpointing else 0))
+    working = tokens * (3 * d * b + recomputed)
     return kept, working
 
 
@@ -223,7 +241,7 @@ def reference_pass_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, r: in
 
 def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_len: int,
               gradient_checkpointing: bool, compute_dtype: str, optimizer: str,
-              available: int | None = None, device: str = "", ranks: int = 1) -> MemoryPlan:
+              available: int | None = None, device: str = "", ranks: int = 1, selective: bool = False) -> MemoryPlan:
     """The plan for one micro-batch of `micro_batch_size` x `max_seq_len` tokens (rounded up to the recipe's
     data.pad_to_multiple_of for `device`, default cpu), every token trained; per rank of `ranks` under fsdp."""
     b = DTYPE_BYTES[compute_dtype]
@@ -238,7 +256,9 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
     trainable = trainable_parameter_count(shape, lora.r, targets, saved, num_labels)
     sequences = 2 if recipe.task == "preference" else 1
     tokens = micro_batch_size * width * sequences
-    saved_tensors, working = activation_bytes(shape, tokens, b, gradient_checkpointing, lora.r, len(targets))
+    selective = selective and gradient_checkpointing
+    saved_tensors, working = activation_bytes(shape, tokens, b, gradient_checkpointing, lora.r, len(targets),
+                                              selective)
     if num_labels:
         head_kept, loss = classification_head_bytes(shape, tokens, b, num_labels)
         saved_tensors += head_kept
@@ -262,7 +282,7 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
         activations=saved_tensors, backward_working=working,
         loss=loss,
         available=available, device=device, task=recipe.task, width=width, sequences=sequences, reference=reference,
-        ranks=ranks, gathered=gathered, reference_adapter=reference_adapter,
+        ranks=ranks, gathered=gathered, reference_adapter=reference_adapter, selective_checkpointing=selective,
     )
 
 
@@ -409,7 +429,8 @@ class PlanReport:
 
 def make_plan(recipe: Recipe, device: str | None = None, available: int | None = None,
               micro_batch_size: int | None = None, gradient_checkpointing: bool | None = None,
-              shape: ModelShape | None = None, ranks: int | None = None) -> PlanReport:
+              shape: ModelShape | None = None, ranks: int | None = None,
+              selective_checkpointing: bool | None = None) -> PlanReport:
     """The plan of the recipe on `device` (default: this machine's) against `available` bytes (default: its
     free memory), with the largest micro-batch and longest sequence that fit; per rank of `ranks` under fsdp
     (default `fsdp_ranks`: the launcher's WORLD_SIZE)."""
@@ -422,10 +443,13 @@ def make_plan(recipe: Recipe, device: str | None = None, available: int | None =
     t = recipe.training
     mbs = micro_batch_size or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
     gc = gradient_checkpointing if gradient_checkpointing is not None else t.gradient_checkpointing is not False
+    # auto counts as off (the least memory), as auto checkpointing counts as on
+    selective = (selective_checkpointing if selective_checkpointing is not None
+                 else t.selective_checkpointing is True)
     seq = recipe.data.max_seq_len
 
     def plan(batch: int, length: int) -> MemoryPlan:
-        return plan_step(shape, recipe, batch, length, gc, dtype, optimizer, available, device, ranks)
+        return plan_step(shape, recipe, batch, length, gc, dtype, optimizer, available, device, ranks, selective)
 
     largest = largest_fitting(lambda n: plan(n, seq).fits, 1, 4096)
     at = mbs if largest >= 1 else 1  # nothing fits at this length: how long a row of one may be
@@ -456,6 +480,12 @@ LIMITED_BY = {"model positions": "model positions", "memory": "memory",
               "search": f"search ({LONGEST_SEARCHED})"}
 
 
+def _checkpointing(p: MemoryPlan) -> str:
+    if not p.gradient_checkpointing:
+        return "checkpointing off"
+    return "selective checkpointing" if p.selective_checkpointing else "checkpointing on"
+
+
 def plan_table(report: PlanReport, title: str = "memory plan"):
     """Two columns (part, bytes) that fit 80 terminal columns, then the verdict and what fits; every memory
     figure says what it counts (the step's tensors, not the process: see the module's docstring)."""
@@ -468,7 +498,7 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
     pairs = f" x {p.sequences} sequences" if p.sequences > 1 else ""
     per_rank = f", per rank of {p.ranks} (fsdp)" if p.ranks > 1 else ""
     table = Table(title=f"{title}: {p.micro_batch_size}{pairs} x {p.width or p.max_seq_len} tokens{padded}, {p.compute_dtype}, "
-                        f"checkpointing {'on' if p.gradient_checkpointing else 'off'}{per_rank}",
+                        f"{_checkpointing(p)}{per_rank}",
                   title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="cyan", no_wrap=True)
     table.add_column(justify="right", no_wrap=True)
@@ -518,6 +548,8 @@ def does_not_fit_message(report: PlanReport) -> str:
         fixes.append(f"{batch}data.max_seq_len={min(report.longest_seq_len, p.max_seq_len)}")
     if not p.gradient_checkpointing:
         fixes.append("training.gradient_checkpointing=true")
+    if p.selective_checkpointing:
+        fixes.append("training.selective_checkpointing=false")
     hint = "; ".join(fixes) if fixes else "a GPU with more memory (even one row of 128 tokens does not fit)"
     return (f"the memory plan needs {format_bytes(p.total)} for micro_batch_size={p.micro_batch_size} x "
             f"max_seq_len={p.max_seq_len}, but {p.device} has {format_bytes(p.available)} available; what fits: "

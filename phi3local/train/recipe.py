@@ -248,11 +248,13 @@ def decide_auto_settings(recipe: Recipe, docs: Documents, console: Console, worl
     """The recipe with its `auto` settings decided; prints the memory plan and why each auto chose what it did."""
     resolved, report, reasons = auto_settings.resolve(recipe, docs.lengths, device=pick_device().type)
     if world.distributed:  # every rank must plan the same batches: what fits on all of them
-        choices = world.gather_lists([(resolved.training.micro_batch_size, resolved.training.gradient_checkpointing,
-                                       resolved.data.pad_to_multiple_of)])
-        resolved.training.micro_batch_size = min(size for size, _, _ in choices)
-        resolved.training.gradient_checkpointing = any(checkpointing for _, checkpointing, _ in choices)
+        t = resolved.training
+        choices = world.gather_lists([(t.micro_batch_size, t.gradient_checkpointing, resolved.data.pad_to_multiple_of,
+                                       t.selective_checkpointing)])
+        t.micro_batch_size = min(choice[0] for choice in choices)
+        t.gradient_checkpointing = any(choice[1] for choice in choices)
         resolved.data.pad_to_multiple_of = choices[0][2]  # rank 0's: equal widths on every rank
+        t.selective_checkpointing = all(choice[3] is True for choice in choices)
     if report is not None:
         console.print(plan_table(report))
     for key, why in reasons.items():

@@ -168,3 +168,19 @@ def test_the_demo_as_make_demo_runs_it_and_its_chat_line(user):
     user.run("train", recipe, "output_dir=demo/run2", *short).ok()  # the cache now holds the tiny model
     adapters = [user.cwd / "demo" / d / "adapter" / "adapter_model.safetensors" for d in ("run", "run2")]
     assert _sha256(adapters[0]) == _sha256(adapters[1])
+
+
+def test_checkpointing_turned_on_is_selective_when_it_fits_and_trains_the_same(user):
+    """A user turns checkpointing on: the plan keeps the matmul outputs (auto), says so, and the run's losses and
+    adapter equal a run that recomputes every op (training.selective_checkpointing=false)."""
+    recipe = _copy_recipe(user)
+    args = [*QUICK, "training.log_every=1", "training.gradient_checkpointing=true"]
+    selective = " ".join(user.run("train", recipe, "output_dir=selective", *args).ok().out.split())  # any width
+    assert "float32, selective checkpointing" in selective and "auto selective_checkpointing: on" in selective
+    full = " ".join(user.run("train", recipe, "output_dir=full", *args, "training.selective_checkpointing=false")
+                    .ok().out.split())
+    assert "float32, checkpointing on" in full and "selective checkpointing" not in full
+    losses = {d: _losses(user.cwd / d) for d in ("selective", "full")}
+    assert len(losses["full"]) == 8 and losses["selective"] == losses["full"]  # the same ops on the same inputs
+    assert _sha256(user.cwd / "selective" / "adapter" / "adapter_model.safetensors") == _sha256(
+        user.cwd / "full" / "adapter" / "adapter_model.safetensors")
