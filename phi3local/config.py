@@ -181,7 +181,8 @@ class TrainingConfig:
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     # With checkpointing on: keep the outputs of the frozen matmuls and of attention from the forward and
     # recompute only the cheap ops (norms, RoPE, activations, the LoRA paths), for the kept outputs' memory
-    # (`phi3local plan` counts it). auto: on when the memory plan fits with it at the chosen micro-batch.
+    # (`phi3local plan` counts it). auto: on when the memory plan with it stays within 85% of the memory
+    # available at the chosen micro-batch (the plan's stated error is 15%).
     selective_checkpointing: bool | Literal["auto"] = "auto"
     # With gradient checkpointing on CUDA: keep the checkpointed layer inputs in host memory (long contexts).
     offload_activations: bool = False

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from functools import partial
 
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
 # Kept by qualified op name (a package that is not installed simply never shows its op).
 KEPT_OPS = frozenset({
     "bitsandbytes::gemm_4bit",  # a frozen NF4 linear layer: dequantise + matmul in one op (bitsandbytes >= 0.49)
@@ -25,8 +27,9 @@ KEPT_OPS = frozenset({
     "flash_attn::_flash_attn_varlen_forward",
 })
 # Plain matmuls (16-bit frozen weights) are kept unless one dimension is at most LOW_RANK: the LoRA paths,
-# cheap to redo and whose B output is as wide as the frozen layer's.
-DENSE_MATMULS = frozenset({"aten::mm", "aten::addmm", "aten::bmm"})
+# cheap to redo and whose B output is as wide as the frozen layer's. Not bmm: eager attention's scores
+# (tokens x tokens per head) go through it, and the memory plan counts no such thing.
+DENSE_MATMULS = frozenset({"aten::mm", "aten::addmm"})
 LOW_RANK = 64
 
 
@@ -41,8 +44,6 @@ def keeps(op_name: str, args: tuple) -> bool:
 
 
 def _policy(ctx, func, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
     name = getattr(getattr(func, "_schema", None), "name", "")
     return CheckpointPolicy.MUST_SAVE if keeps(name, args) else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -51,7 +52,5 @@ def checkpoint_kwargs(selective: bool) -> dict:
     """The keyword arguments of torch.utils.checkpoint.checkpoint for the model's decoder layers."""
     kwargs: dict = {"use_reentrant": False}  # non-reentrant: no requires_grad needed on the embedding output
     if selective:
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _policy)
     return kwargs

@@ -188,8 +188,7 @@ def resolve(recipe: Recipe, lengths: list[int] | None, device: str | None = None
             t.selective_checkpointing = False
         else:
             kept = plan(t.micro_batch_size, True, True).plan
-            t.selective_checkpointing = kept.fits and (kept.available is None
-                                                       or kept.total <= SELECTIVE_HEADROOM * kept.available)
+            t.selective_checkpointing = kept.available is None or kept.total <= SELECTIVE_HEADROOM * kept.available
             # short: the plan command prints it unwrapped, in 60 columns with the key
             reasons["selective_checkpointing"] = "on: it fits" if t.selective_checkpointing else "off: it would not fit"
     if d.packing == "auto" and (out.task != "causal_lm" or shape is None):

@@ -194,9 +194,9 @@ class World:
     def close(self) -> None:
         """Tear the process group down (the end of a run, or its failure).
 
-        At a run's normal end every rank passes a barrier first: a rank that destroys its gloo group while
-        its peer is still finishing the last collective aborts the peer ("terminate called without an
-        active exception", 4 of 30 two-rank runs of the DDP toy test without it, 0 of 40 with it)."""
+        At a run's normal end every rank passes a barrier first (`recipe.cleanup`): a rank that destroys its
+        gloo group while its peer is still finishing the last collective aborts the peer ("terminate called
+        without an active exception", 4 of 30 two-rank runs of the DDP toy test without it, 0 of 40 with it)."""
         if self.distributed and _dist().is_initialized():
             _dist().destroy_process_group()
 
