@@ -336,7 +336,7 @@ def child_trl(size: str, packing: bool, run_dir: str, name: str, gradient_checkp
         # phi3local reshuffles for its next epoch; TRL would loop over this one again.
         assert len(batches) >= s["steps"], "more steps than micro-batches in an epoch: the batches would differ"
     return run_sft(model, size, run_dir, device, packing, name, peft_config=peft_config,
-                   gradient_checkpointing=gradient_checkpointing, fp32_lora=lora_dtype == "fp32", batches=batches)
+                   gradient_checkpointing=gradient_checkpointing, lora_dtype=lora_dtype, batches=batches)
 
 
 def load_4bit_for_trl(model_dir: Path, device: torch.device, attn: str = "sdpa"):
@@ -412,7 +412,7 @@ def step_clock(device: torch.device):
 
 
 def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool, name: str, peft_config=None,
-            gradient_checkpointing: bool = True, fp32_lora: bool = False,
+            gradient_checkpointing: bool = True, lora_dtype: str = "bf16",
             batches: list[list[int]] | None = None) -> dict:
     """TRL's SFTTrainer over the prepared tokens with the settings every TRL-based contender shares.
 
@@ -462,8 +462,8 @@ def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool,
     clock = step_clock(device)
     trainer = CountingSFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                  peft_config=peft_config, callbacks=[clock])
-    lora_dtype = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))
-    if fp32_lora:
+    init_dtype = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))
+    if lora_dtype == "fp32":  # SFTTrainer cast them to bf16
         for p in trainer.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -478,7 +478,7 @@ def run_sft(model, size: str, run_dir: str, device: torch.device, packing: bool,
         "step_seconds": clock.step_seconds, "train_loss": losses, "step_tokens": step_tokens,
         "first_val_loss": first_val, "final_val_loss": plain_val_loss(trainer.model, val_ids, val_labels, device),
         "peak_memory_bytes": _peak_memory(device), "train_rss_peak_bytes": rss.peak,
-        "rss_before_train_bytes": rss.baseline, "lora_dtype_after_sft_init": lora_dtype,
+        "rss_before_train_bytes": rss.baseline, "lora_dtype_after_sft_init": init_dtype,
         "lora_dtype_trained": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)),
         "device": str(device), "train_docs": len(train_ds),
     }
@@ -522,6 +522,8 @@ def _children() -> dict[str, tuple[str, dict]]:
 
 
 CHILDREN = _children()
+# Contenders that are not a configuration a user picks: the loss check, the `--extended` experiments, another tool.
+NOT_CONFIGURATIONS = frozenset({"trl_phi3local_batches", "phi3local_bf16_params", "phi3local_autocast", "unsloth"})
 
 
 def extended_contenders(device: torch.device) -> list[str]:
@@ -563,8 +565,9 @@ def tuned_contenders(by: dict[str, dict]) -> dict[str, str | None]:
         names = [n for n in names if n in by]
         return max(names, key=lambda n: by[n]["trained_tokens_per_s"]) if names else None
 
-    ours = [n for n in by if n == "phi3local" or (n.startswith("phi3local_") and n.endswith(("gc", "gcsel")))]
-    theirs = [n for n in by if n == "trl" or (n.startswith("trl_") and n.endswith("gc"))]
+    picked = [n for n in by if n not in NOT_CONFIGURATIONS]
+    ours = [n for n in picked if n.startswith("phi3local")]
+    theirs = [n for n in picked if n.startswith("trl")]
     return {"phi3local_gc": fastest([n for n in ours if by[n]["gradient_checkpointing"] is True]),
             "phi3local_nogc": fastest([n for n in ours if by[n]["gradient_checkpointing"] is False]),
             "trl": fastest(theirs)}
