@@ -5,7 +5,9 @@ recipe, packing and gradient checkpointing on: the like-for-like path of train_e
 + `train_step`), after two warm-up steps. Ops are ranked
 by self time (CPU; CUDA kernel time on GPU) and grouped into categories (matmul, NF4 dequant, attention,
 loss, elementwise, optimizer, ...). MFU of unprofiled steps uses `phi3local.model.flops` as the
-end-to-end benchmark does.
+end-to-end benchmark does. Each speed lever gets its own before/after on the same micro-batch
+(`summary.fused_lora_lever`: peft's LoRA forward -> the fused node; `summary.selective_lever`: every op
+recomputed -> selective checkpointing).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def category(name: str) -> str:
 
 
 def child_profile(size: str, run_dir: str, packing: bool = True, gradient_checkpointing: bool = True,
-                  selective_checkpointing: bool = False, variant: str | None = None) -> dict:
+                  selective_checkpointing: bool = False, fused_lora: bool = True, variant: str | None = None) -> dict:
     from rich.console import Console
     from torch.profiler import ProfilerActivity, profile
 
@@ -57,6 +59,7 @@ def child_profile(size: str, run_dir: str, packing: bool = True, gradient_checkp
     device = pick_device()
     recipe = make_recipe(size, packing, Path(run_dir), device, gradient_checkpointing=gradient_checkpointing,
                          selective_checkpointing=selective_checkpointing)
+    recipe.training.fused_lora = fused_lora
     run = loop.setup(recipe, overwrite=True, console=Console(file=io.StringIO()))
     apply_variant(loop, run, variant)
     run.model.train()
@@ -113,7 +116,7 @@ def child_profile(size: str, run_dir: str, packing: bool = True, gradient_checkp
     executed = float(sum(e.flops for e in counted.key_averages() if getattr(e, "flops", 0)))
     return {
         "variant": variant, "gradient_checkpointing": gradient_checkpointing,
-        "selective_checkpointing": selective_checkpointing, "top_kernels": kernels[:TOP],
+        "selective_checkpointing": selective_checkpointing, "fused_lora": fused_lora, "top_kernels": kernels[:TOP],
         "cuda_peak_bytes": peak_mem,
         "top_ops": events[:TOP], "categories": sorted(({"category": k, "self_s": v, "share": v / total_self}
                                                        for k, v in by_cat.items()), key=lambda x: -x["self_s"]),
@@ -136,19 +139,25 @@ def run(ctx: Ctx) -> dict:
 
     ensure_bench_model(ctx.size)
     prepare_data(ctx.size, ctx.device)
-    # The like-for-like checkpointed step (every op recomputed), then the same step with the selective lever.
-    result, selective = (run_isolated("kernels_bench.profile_step:child_profile",
-                                      {"size": ctx.size, "run_dir": str(WORK_DIR / "e2e" / f"{ctx.size}-profile"),
-                                       "selective_checkpointing": keep},
-                                      env={"TRANSFORMERS_VERBOSITY": "error", "KINETO_LOG_LEVEL": "99",
-                                           "HF_HUB_OFFLINE": "1"})
-                         for keep in (False, True))
+    # Each speed lever's before/after on the same micro-batch, one process each: the like-for-like checkpointed
+    # step (every op recomputed) with peft's LoRA forward, the same with the fused LoRA node (the step profiled
+    # below), then with selective checkpointing as well.
+    plain, result, selective = (
+        run_isolated("kernels_bench.profile_step:child_profile",
+                     {"size": ctx.size, "run_dir": str(WORK_DIR / "e2e" / f"{ctx.size}-profile"),
+                      "selective_checkpointing": keep, "fused_lora": fused},
+                     env={"TRANSFORMERS_VERBOSITY": "error", "KINETO_LOG_LEVEL": "99", "HF_HUB_OFFLINE": "1"})
+        for fused, keep in ((False, False), (True, False), (True, True)))
     rows = result["top_ops"]
     summary = {k: result[k] for k in ("gradient_checkpointing", "step_s", "profiled_step_s", "mfu", "hfu",
                                       "executed_matmul_flops", "real_tokens", "trained_tokens",
                                       "padded_tokens", "model_flops", "peak_flops", "total_self_s",
                                       "timing_basis")}
     summary["categories"] = result["categories"]
+    summary["fused_lora_lever"] = {  # before/after of training.fused_lora, every op recomputed in both
+        "step_s_peft_forward": plain["step_s"], "step_s_fused": result["step_s"],
+        "speedup": plain["step_s"] / result["step_s"], "categories_peft_forward": plain["categories"],
+        "step_samples_s_peft_forward": plain["step_samples_s"]}
     summary["selective_lever"] = {  # before/after of training.selective_checkpointing on the same micro-batch
         "step_s_full_recompute": result["step_s"], "step_s_selective": selective["step_s"],
         "speedup": result["step_s"] / selective["step_s"], "categories_selective": selective["categories"],
@@ -156,9 +165,11 @@ def run(ctx: Ctx) -> dict:
     path = save_result(ctx.out_dir, ctx.result_name(NAME), ctx.size, ctx.device, {**result["settings"], "top": TOP}, rows,
                        summary=summary, notes=[
                            "one phi3local train_step (packed micro-batch, gradient checkpointing recomputing "
-                           "every op, NF4 + LoRA) after 2 warm-up steps; self time per op from torch.profiler",
-                           "selective_lever: the same step with training.selective_checkpointing=true, in a "
-                           "process of its own after the first",
+                           "every op, NF4 + LoRA through the fused node) after 2 warm-up steps; self time per op "
+                           "from torch.profiler",
+                           "fused_lora_lever: the same step with training.fused_lora=false (peft's LoRA forward) "
+                           "before it; selective_lever: with training.selective_checkpointing=true after it; "
+                           "each in a process of its own",
                            "MFU: median of 3 unprofiled steps, real tokens x flops/token (6N + attention, "
                            "phi3local.model.flops) / step time / measured matmul peak",
                            "HFU: matmul FLOPs the profiler counted in the step (what was executed: no lm_head "
@@ -171,6 +182,8 @@ def run(ctx: Ctx) -> dict:
                 rows, [Column("op", "op", justify="left"), Column("category", "category", justify="left"),
                        Column("self_s", result["timing_basis"], fmt_seconds), Column("share", "share", fmt_pct),
                        Column("calls", "calls", str)], ctx.console)
+    ctx.console.print(f"fused LoRA node: step {result['step_s']:.2f} s against {plain['step_s']:.2f} s with peft's "
+                      f"forward ({plain['step_s'] / result['step_s']:.2f}x)", highlight=False)
     ctx.console.print(f"selective checkpointing: step {selective['step_s']:.2f} s against {result['step_s']:.2f} s "
                       f"with every op recomputed ({result['step_s'] / selective['step_s']:.2f}x)", highlight=False)
     print_table("Time by category (every op recomputed)", result["categories"], [

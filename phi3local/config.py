@@ -184,6 +184,11 @@ class TrainingConfig:
     # (`phi3local plan` counts it). auto: on when the memory plan with it stays within 85% of the memory
     # available at the chosen micro-batch (the plan's stated error is 15%).
     selective_checkpointing: bool | Literal["auto"] = "auto"
+    # Each frozen 4-bit layer and its LoRA path as one autograd node (`phi3local.model.fused_lora`): the same
+    # arithmetic as peft's in fewer passes over the layer's output (one addmm forward, one for the input's
+    # gradient); no extra memory, gradients equal within float rounding. Layers with DoRA, a LoRA bias or
+    # several active adapters run peft's own forward. false: peft's forward everywhere.
+    fused_lora: bool = True
     # With gradient checkpointing on CUDA: keep the checkpointed layer inputs in host memory (long contexts).
     offload_activations: bool = False
     # The card this recipe is written for, in GiB (a "24 GB" card: 24); `phi3local plan` checks against it

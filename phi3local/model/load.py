@@ -13,6 +13,7 @@ import torch
 
 from phi3local.config import Recipe
 from phi3local.errors import Phi3LocalError
+from phi3local.model.fused_lora import use_fused_lora
 from phi3local.model.selective_checkpointing import checkpoint_kwargs
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
         model.peft_config[TRAINED_ADAPTER].base_model_name_or_path = base_path
         if start is not None:
             load_start_adapter(model, start, recipe)
+        if recipe.training.fused_lora:
+            use_fused_lora(model)
     return LoadedModel(model=model, device=device, compute_dtype=dtype, attn_implementation=attn,
                        base_path=base_path)
 
