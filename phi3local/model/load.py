@@ -13,6 +13,7 @@ import torch
 
 from phi3local.config import Recipe
 from phi3local.errors import Phi3LocalError
+from phi3local.model.document_attention import use_document_attention
 from phi3local.model.fused_lora import use_fused_lora
 from phi3local.model.selective_checkpointing import checkpoint_kwargs
 
@@ -154,6 +155,8 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
         model.to(device)
     elif device.type == "cpu":
         keep_cpu_4bit_layout(model)
+    if attn == "sdpa":  # packed rows' documents attended one by one, not through a whole-row mask
+        use_document_attention(model)
     log.info("attention implementation: %s, compute dtype: %s, device: %s", attn, dtype, device)
 
     prepare_for_training(model, dtype, recipe.training.gradient_checkpointing is True,
