@@ -222,6 +222,11 @@ class TrainingConfig:
     # sums the adapter's gradients; fsdp, FSDP2's fully_shard per decoder layer: every rank holds 1/N of the base,
     # the adapter and the optimizer state (docs/scaling.md).
     parallelism: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: keep each rank's shards (the base, the adapter, their gradients and the optimizer state) in host memory,
+    # FSDP2's CPUOffloadPolicy: each unit is copied to the GPU for its forward and backward, gradients go back to the
+    # host and the optimizer steps there (torch AdamW). Slower; for what does not fit the cards even sharded.
+    # `phi3local plan` then counts only what is on the device.
+    fsdp_cpu_offload: bool = False
 
 
 @dataclass
@@ -449,6 +454,13 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
         # yet); ddp is tested for preference tuning.
         raise RecipeError(f"{source}: task=preference with training.parallelism=fsdp is not supported yet (it hangs "
                           "on several ranks): use training.parallelism=ddp")
+    if t.fsdp_cpu_offload and t.parallelism != "fsdp":
+        raise RecipeError(f"{source}: training.fsdp_cpu_offload=true needs training.parallelism=fsdp (ddp keeps "
+                          "the whole model on every rank's device)")
+    if t.fsdp_cpu_offload and t.optimizer == "paged_adamw_8bit":
+        raise RecipeError(f"{source}: training.optimizer=paged_adamw_8bit steps on the GPU, but "
+                          "training.fsdp_cpu_offload=true keeps the optimizer state in host memory: use "
+                          "training.optimizer=adamw (or auto)")
     if d.max_tokens is not None and d.min_tokens > d.max_tokens:
         raise RecipeError(f"{source}: data.min_tokens={d.min_tokens} is greater than data.max_tokens={d.max_tokens}: "
                           "every row would be filtered out (rule: data.min_tokens <= data.max_tokens)")

@@ -101,6 +101,38 @@ def test_frozen_weights_held_per_rank_are_half_of_one_process(sixteen_bit):
     assert held["trainable_local"] < 0.55 * held["trainable_full"]
 
 
+def test_cpu_offload_trains_what_one_process_trains(sixteen_bit, tmp_path):
+    """training.fsdp_cpu_offload: FSDP2's CPUOffloadPolicy on every unit (on this CPU mesh the copies to the device
+    are no-ops, but the policy's code paths run: host shards, gradients moved to the host, the optimizer stepping
+    on the host shards); the losses and adapter equal one process's as without it."""
+    root, _, _ = sixteen_bit
+    done = run_two_ranks(tmp_path / "offload", *SIXTEEN_BIT, "training.fsdp_cpu_offload=true")
+    assert "in host memory (fsdp_cpu_offload)" in done.stdout
+    worst = assert_equal_runs(tmp_path / "offload", root / "one")
+    print(f"\nfsdp with CPU offload: largest relative per-step loss difference {worst:.2e} over {STEPS} steps")
+    summary = json.loads((tmp_path / "offload" / "summary.json").read_text())
+    assert summary["data_parallel"]["cpu_offload"] is True
+
+
+def test_cpu_offload_plans_the_shards_in_host_memory_and_needs_fsdp():
+    from phi3local.config import RecipeError, recipe_from_dict
+
+    recipe = load_recipe(TINY, ["model.name_or_path=microsoft/Phi-3-medium-4k-instruct", *SIXTEEN_BIT,
+                                "model.compute_dtype=bfloat16", "lora.modules_to_save=[]", "training.parallelism=fsdp"])
+    sharded = make_plan(recipe, device="cuda", available=12 << 30, ranks=2).plan
+    recipe.training.fsdp_cpu_offload = True
+    offloaded = make_plan(recipe, device="cuda", available=12 << 30, ranks=2).plan
+    assert not sharded.fits and offloaded.fits  # 14 GB of bf16 shards per rank: on a 12 GiB card no, offloaded yes
+    assert offloaded.total == sharded.total - sharded.shards  # the device keeps the gathered units and activations
+    assert offloaded.host == offloaded.shards > sharded.shards  # in host memory: the shards, and AdamW's fp32 state
+    assert sharded.optimizer == "paged_adamw_8bit" and offloaded.optimizer == "adamw"  # auto: the host steps
+    with pytest.raises(RecipeError, match=r"^recipe: training.fsdp_cpu_offload=true needs training.parallelism=fsdp"):
+        recipe_from_dict({"training": {"fsdp_cpu_offload": True}}, source="recipe")
+    with pytest.raises(RecipeError, match=r"^recipe: training.optimizer=paged_adamw_8bit steps on the GPU"):
+        recipe_from_dict({"training": {"parallelism": "fsdp", "fsdp_cpu_offload": True,
+                                       "optimizer": "paged_adamw_8bit"}}, source="recipe")
+
+
 def test_resume_from_a_sharded_checkpoint_is_exact(sixteen_bit):
     root, _, _ = sixteen_bit
     resumed = root / "resumed"
@@ -152,8 +184,8 @@ def test_changed_4bit_weights_after_sharding_refuse_the_run_naming_the_bitsandby
     model = load_model(recipe, load_tokenizer(resolve_model_path("tiny")), torch.device("cpu")).model
     real_shard = fsdp.shard
 
-    def shard_then_canonicalise(model, device_type, size):
-        root = real_shard(model, device_type, size)
+    def shard_then_canonicalise(model, device_type, size, cpu_offload=False):
+        root = real_shard(model, device_type, size, cpu_offload)
         weight = dict(fsdp._four_bit_modules(model))["base_model.model.model.layers.1.mlp.down_proj.base_layer"].weight
         local = weight.to_local().view(-1).view(torch.int32)
         local[7] = 0x7FC00000 if int(local[7]) != 0x7FC00000 else 0x7FC00001  # a NaN pattern, not the one stored
@@ -232,8 +264,6 @@ def test_accelerate_launch_with_an_fsdp_config_trains_the_fsdp_path(sixteen_bit,
 
 
 @pytest.mark.parametrize(("variables", "message"), [
-    ({"FSDP_OFFLOAD_PARAMS": "true"}, "sets fsdp_offload_params: true; phi3local's FSDP path keeps the shards on the "
-                                      "device: set it to false"),
     ({"FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, "asks for sharding strategy SHARD_GRAD_OP (reshard after forward: "
                                                   "true); phi3local shards fully"),
     ({"FSDP_RESHARD_AFTER_FORWARD": "false"}, "(reshard after forward: false)"),
@@ -253,3 +283,5 @@ def test_accelerate_fsdp_config_maps_to_recipe_overrides():
     assert launcher_overrides({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}) == ["training.parallelism=fsdp"]
     assert launcher_overrides({"ACCELERATE_USE_FSDP": "true", "FSDP_ACTIVATION_CHECKPOINTING": "true"}) == [
         "training.parallelism=fsdp", "training.gradient_checkpointing=true"]
+    assert launcher_overrides({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}) == [
+        "training.parallelism=fsdp", "training.fsdp_cpu_offload=true"]

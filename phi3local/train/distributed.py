@@ -142,15 +142,18 @@ class World:
             self._collective("sum the step's loss", lambda: _dist().all_reduce(t))
         return t
 
-    def wrap(self, model: torch.nn.Module, parallelism: str = "ddp") -> DataParallel | FullyShardedParallel | None:
-        """The model under torch's DistributedDataParallel (ddp) or FSDP2's fully_shard (fsdp) when there are several
-        ranks; None for one process. DDP's construction broadcasts rank 0's trainable parameters, so every rank starts
-        from one adapter; FSDP keeps each rank's shard of what every rank loaded alike (the same files and seed)."""
+    def wrap(self, model: torch.nn.Module, parallelism: str = "ddp",
+             cpu_offload: bool = False) -> DataParallel | FullyShardedParallel | None:
+        """The model under torch's DistributedDataParallel (ddp) or FSDP2's fully_shard (fsdp; `cpu_offload`: the
+        shards in host memory) when there are several ranks; None for one process. DDP's construction broadcasts
+        rank 0's trainable parameters, so every rank starts from one adapter; FSDP keeps each rank's shard of what
+        every rank loaded alike (the same files and seed)."""
         if not self.distributed:
             return None
         engine: list[DataParallel | FullyShardedParallel] = []
         if parallelism == "fsdp":
-            self._collective("shard the model with fully_shard", lambda: engine.append(FullyShardedParallel(model, self)))
+            self._collective("shard the model with fully_shard",
+                             lambda: engine.append(FullyShardedParallel(model, self, cpu_offload)))
         else:
             self._collective("wrap the model in DistributedDataParallel", lambda: engine.append(DataParallel(model, self)))
         return engine[0]
@@ -390,6 +393,8 @@ class FullyShardedParallel:
     - Lockstep: every forward and backward all-gathers and reduce-scatters, so the ranks run the same number of
       passes per step; a rank with fewer micro-batches runs zero-weight filler passes (`idle`) under a forked
       random stream, so its LoRA dropout masks stay those of every other rank.
+    - `cpu_offload` (training.fsdp_cpu_offload): every shard in host memory, copied to the device per unit; the
+      optimizer steps on the host copies.
     - A 4-bit (QLoRA) base is checked bit for bit after sharding: FSDP2 can change packed NF4 weights held in a
       float storage dtype (bitsandbytes issue 1945); a changed layer refuses the run at start.
     """
@@ -397,12 +402,13 @@ class FullyShardedParallel:
     engine = "torch.distributed.fsdp.fully_shard"
     zero_grads_in_place = False
 
-    def __init__(self, model: torch.nn.Module, world: World):
+    def __init__(self, model: torch.nn.Module, world: World, cpu_offload: bool = False):
         self.model = model
         self.world = world
         self.device = world.device or torch.device("cpu")
+        self.cpu_offload = cpu_offload
         before = fsdp.four_bit_digests(model)
-        self.root = fsdp.shard(model, self.device.type, world.size)
+        self.root = fsdp.shard(model, self.device.type, world.size, cpu_offload)
         changed = fsdp.changed_four_bit(self.root, before) if before else []
         if changed:
             raise DistributedError(f"rank {world.rank}: training.parallelism=fsdp changed the 4-bit weights of "
@@ -464,7 +470,7 @@ class FullyShardedParallel:
         """What the run's summary records: the engine, its mesh and policy, and the bytes each rank holds."""
         return {"engine": self.engine, "backend_name": self.world.backend, "world_size": self.world.size,
                 "mesh_device": self.device.type, "units": len(fsdp.decoder_layers(self.model)) + 1,
-                "mixed_precision": fsdp.describe_policy(), **self.bytes_held}
+                "mixed_precision": fsdp.describe_policy(), "cpu_offload": self.cpu_offload, **self.bytes_held}
 
 
 def engine_for(model, world: World):
@@ -572,16 +578,12 @@ def launcher_overrides(environ=None) -> list[str]:
     (ACCELERATE_USE_FSDP) selects training.parallelism=fsdp and `fsdp_activation_checkpointing: true`
     training.gradient_checkpointing=true. phi3local shards its own way (FSDP2 whatever fsdp_version says, one unit
     per decoder layer and the root, full sharding), so the wrap policy, prefetch, state-dict and loading settings do
-    not apply; the two that would change what is held where are refused unless they match: fsdp_offload_params
-    (not supported) and a sharding strategy other than full sharding. Overrides on the command line come after
-    these, so they win.
+    not apply; fsdp_offload_params: true selects training.fsdp_cpu_offload=true, and a sharding strategy other than
+    full sharding is refused. Overrides on the command line come after these, so they win.
     """
     environ = os.environ if environ is None else environ
     if environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("true", "1"):
         return []
-    if environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("true", "1"):
-        raise DistributedError("accelerate's FSDP config sets fsdp_offload_params: true; phi3local's FSDP path keeps "
-                               "the shards on the device: set it to false")
     strategy = environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
     reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
     if strategy not in ("FULL_SHARD", "1") or reshard not in ("true", "1"):
@@ -589,6 +591,8 @@ def launcher_overrides(environ=None) -> list[str]:
                                f"forward: {reshard}); phi3local shards fully: use fsdp_sharding_strategy: FULL_SHARD "
                                "(fsdp_reshard_after_forward: true)")
     overrides = ["training.parallelism=fsdp"]
+    if environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("true", "1"):
+        overrides.append("training.fsdp_cpu_offload=true")
     if environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("true", "1"):
         overrides.append("training.gradient_checkpointing=true")
     return overrides

@@ -49,18 +49,20 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(base.model.layers)
 
 
-def shard(model: torch.nn.Module, device_type: str, size: int) -> Root:
+def shard(model: torch.nn.Module, device_type: str, size: int, cpu_offload: bool = False) -> Root:
     """fully_shard per decoder layer and on the root, over an explicit 1-D mesh of `size` ranks on `device_type`
-    (gloo needs the CPU mesh named: FSDP2 would otherwise pick the accelerator's)."""
+    (gloo needs the CPU mesh named: FSDP2 would otherwise pick the accelerator's); `cpu_offload`: the shards in
+    host memory (FSDP2's CPUOffloadPolicy, pinned on CUDA for asynchronous copies)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (size,))
     policy = mixed_precision_policy()
+    offload = CPUOffloadPolicy(pin_memory=device_type == "cuda") if cpu_offload else OffloadPolicy()
     root = Root(model)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(root, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    fully_shard(root, mesh=mesh, mp_policy=policy, offload_policy=offload)
     for unit in [*decoder_layers(model), root]:  # each unit's own setting: these do not recurse
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)

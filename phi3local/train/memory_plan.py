@@ -104,19 +104,30 @@ class MemoryPlan:
     gathered: int = 0  # fsdp: gathered whole during the step (the root unit and two decoder layers)
     reference_adapter: int = 0  # dpo/ipo from model.adapter: the start adapter kept frozen as the reference (fp32)
     selective_checkpointing: bool = False  # with checkpointing: the frozen matmuls' and attention's outputs kept
+    cpu_offload: bool = False  # fsdp: the shards (weights, LoRA weights and gradients, optimizer) in host memory
+
+    @property
+    def shards(self) -> int:
+        """The weights, LoRA weights and gradients and optimizer state (one rank's shards under fsdp)."""
+        return self.weights_4bit + self.weights_kept + self.lora_weights + self.lora_gradients + self.optimizer_state
 
     @property
     def total(self) -> int:
-        return (self.weights_4bit + self.weights_kept + self.lora_weights + self.lora_gradients + self.optimizer_state
-                + self.reference_adapter + self.gathered
+        """The device's peak; with cpu_offload the shards are in host memory instead (`host`)."""
+        return ((0 if self.cpu_offload else self.shards) + self.reference_adapter + self.gathered
                 + max(self.activations + max(self.backward_working, self.loss), self.reference))
+
+    @property
+    def host(self) -> int:
+        """Host memory the step's shards take under cpu_offload (0 otherwise)."""
+        return self.shards if self.cpu_offload else 0
 
     @property
     def fits(self) -> bool:
         return self.available is None or self.total <= self.available
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total, "fits": self.fits}
+        return {**asdict(self), "total": self.total, "host": self.host, "fits": self.fits}
 
 
 def layer_linears(shape: ModelShape) -> dict[str, tuple[int, int]]:
@@ -289,6 +300,7 @@ def plan_step(shape: ModelShape, recipe: Recipe, micro_batch_size: int, max_seq_
         loss=loss,
         available=available, device=device, task=recipe.task, width=width, sequences=sequences, reference=reference,
         ranks=ranks, gathered=gathered, reference_adapter=reference_adapter, selective_checkpointing=selective,
+        cpu_offload=ranks > 1 and recipe.training.fsdp_cpu_offload,
     )
 
 
@@ -362,8 +374,12 @@ def resolved_dtype(recipe: Recipe, device: str) -> str:
 
 
 def resolved_optimizer(recipe: Recipe, device: str) -> str:
+    """auto: paged 8-bit AdamW on CUDA, torch AdamW elsewhere and where the optimizer steps in host memory
+    (training.fsdp_cpu_offload)."""
     choice = recipe.training.optimizer
-    return ("paged_adamw_8bit" if device == "cuda" else "adamw") if choice == "auto" else choice
+    if choice != "auto":
+        return choice
+    return "paged_adamw_8bit" if device == "cuda" and not recipe.training.fsdp_cpu_offload else "adamw"
 
 
 def available_bytes(device: str) -> int | None:
@@ -502,15 +518,17 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
     p = report.plan
     padded = f" (max_seq_len {p.max_seq_len} padded)" if p.width > p.max_seq_len else ""
     pairs = f" x {p.sequences} sequences" if p.sequences > 1 else ""
-    per_rank = f", per rank of {p.ranks} (fsdp)" if p.ranks > 1 else ""
+    per_rank = f", per rank of {p.ranks} (fsdp{', offload' if p.cpu_offload else ''})" if p.ranks > 1 else ""
     table = Table(title=f"{title}: {p.micro_batch_size}{pairs} x {p.width or p.max_seq_len} tokens{padded}, {p.compute_dtype}, "
                         f"{_checkpointing(p)}{per_rank}",
                   title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="cyan", no_wrap=True)
     table.add_column(justify="right", no_wrap=True)
-    rows = [
+    shards = [
         ("weights, 4-bit", p.weights_4bit), (f"weights, {p.compute_dtype}", p.weights_kept),
         ("LoRA weights + gradients", p.lora_weights + p.lora_gradients), (f"optimizer ({p.optimizer})", p.optimizer_state),
+    ]
+    rows = ([] if p.cpu_offload else shards) + [
         ("activations kept", p.activations), ("backward, one layer", p.backward_working),
         ("score head logits" if p.task == "classification" else "loss chunk", p.loss),
     ] + ([("reference adapter (frozen)", p.reference_adapter)] if p.reference_adapter else []) + (
@@ -519,6 +537,8 @@ def plan_table(report: PlanReport, title: str = "memory plan"):
     for name, value in rows:
         table.add_row(name, format_bytes(value))
     table.add_row("[bold]peak (step's tensors)[/]", f"[bold]{format_bytes(p.total)}[/]")
+    if p.cpu_offload:  # fsdp_cpu_offload: the shards are host memory, not the device's
+        table.add_row("host memory (offloaded shards)", format_bytes(p.host))
     if p.available is not None:
         table.add_row(f"available ({p.device})", format_bytes(p.available))
         verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"

@@ -46,7 +46,7 @@ from phi3local.train import auto_settings, distributed
 from phi3local.train import checkpoint as ckpt
 from phi3local.train.batching import collate, plan_epoch, resolved_pad_to_multiple_of, rows_for_attention  # noqa: F401
 from phi3local.train.display import TrainDisplay, peak_memory_bytes
-from phi3local.train.memory_plan import plan_table
+from phi3local.train.memory_plan import plan_table, resolved_optimizer
 from phi3local.train.metrics import MetricsLog, NullMetricsLog
 from phi3local.train.plots import plot_losses
 from phi3local.train.tasks import Documents, task_for
@@ -197,9 +197,7 @@ def make_optimizer(model, recipe: Recipe, device: torch.device) -> torch.optim.O
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("no trainable parameters: enable lora or list modules in lora.modules_to_save")
-    choice = recipe.training.optimizer
-    if choice == "auto":
-        choice = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+    choice = resolved_optimizer(recipe, device.type)
     if choice == "paged_adamw_8bit":
         import bitsandbytes as bnb
 
@@ -353,11 +351,14 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
     trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
     console.print(f"trainable parameters: {trainable:,}")
     # Wrapped before the optimizer is built: fully_shard replaces the parameters with their shards.
-    engine = world.wrap(loaded.model, recipe.training.parallelism)  # DDP broadcasts rank 0's adapter to every rank
+    # DDP broadcasts rank 0's adapter to every rank
+    engine = world.wrap(loaded.model, recipe.training.parallelism, recipe.training.fsdp_cpu_offload)
     if isinstance(engine, distributed.FullyShardedParallel):
         console.print(f"sharded data parallel: {world.size} ranks ({world.backend}), {engine.engine} per decoder layer "
                       f"and the root; frozen weights held per rank {format_bytes(max(engine.bytes_held['frozen_per_rank']))}"
-                      f" of {format_bytes(engine.bytes_held['frozen_full'])}", soft_wrap=True, highlight=False)
+                      f" of {format_bytes(engine.bytes_held['frozen_full'])}"
+                      f"{' in host memory (fsdp_cpu_offload)' if engine.cpu_offload else ''}",
+                      soft_wrap=True, highlight=False)
     elif engine is not None:
         console.print(f"data parallel: {world.size} ranks ({world.backend}), {engine.engine}, gradients summed by "
                       "a comm hook", soft_wrap=True, highlight=False)
