@@ -6,8 +6,9 @@ recipe, packing and gradient checkpointing on: the like-for-like path of train_e
 by self time (CPU; CUDA kernel time on GPU) and grouped into categories (matmul, NF4 dequant, attention,
 loss, elementwise, optimizer, ...). MFU of unprofiled steps uses `phi3local.model.flops` as the
 end-to-end benchmark does. Each speed lever gets its own before/after on the same micro-batch
-(`summary.fused_lora_lever`: peft's LoRA forward -> the fused node; `summary.selective_lever`: every op
-recomputed -> selective checkpointing).
+(`summary.fused_lora_lever`: peft's LoRA forward -> the fused node; `summary.document_attention_lever`:
+the whole-row mask -> packed documents one by one; `summary.selective_lever`: every op recomputed -> selective
+checkpointing).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def category(name: str) -> str:
 
 
 def child_profile(size: str, run_dir: str, packing: bool = True, gradient_checkpointing: bool = True,
-                  selective_checkpointing: bool = False, fused_lora: bool = True, variant: str | None = None) -> dict:
+                  selective_checkpointing: bool = False, fused_lora: bool = True, document_attention: bool = True,
+                  variant: str | None = None) -> dict:
     from rich.console import Console
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,6 +64,10 @@ def child_profile(size: str, run_dir: str, packing: bool = True, gradient_checkp
     recipe.training.fused_lora = fused_lora
     run = loop.setup(recipe, overwrite=True, console=Console(file=io.StringIO()))
     apply_variant(loop, run, variant)
+    if not document_attention:  # transformers' own SDPA: packed rows through the block-diagonal mask
+        from phi3local.model.load import base_causal_lm
+
+        base_causal_lm(run.model).set_attn_implementation("sdpa")
     run.model.train()
     # The fullest micro-batch of the first epoch, so the profile shows a full step (not the short last one).
     plan = loop.make_batches(run, run.train_docs, epoch=0)
@@ -116,7 +122,8 @@ def child_profile(size: str, run_dir: str, packing: bool = True, gradient_checkp
     executed = float(sum(e.flops for e in counted.key_averages() if getattr(e, "flops", 0)))
     return {
         "variant": variant, "gradient_checkpointing": gradient_checkpointing,
-        "selective_checkpointing": selective_checkpointing, "fused_lora": fused_lora, "top_kernels": kernels[:TOP],
+        "selective_checkpointing": selective_checkpointing, "fused_lora": fused_lora,
+        "document_attention": document_attention, "top_kernels": kernels[:TOP],
         "cuda_peak_bytes": peak_mem,
         "top_ops": events[:TOP], "categories": sorted(({"category": k, "self_s": v, "share": v / total_self}
                                                        for k, v in by_cat.items()), key=lambda x: -x["self_s"]),
@@ -139,15 +146,16 @@ def run(ctx: Ctx) -> dict:
 
     ensure_bench_model(ctx.size)
     prepare_data(ctx.size, ctx.device)
-    # Each speed lever's before/after on the same micro-batch, one process each: the like-for-like checkpointed
-    # step (every op recomputed) with peft's LoRA forward, the same with the fused LoRA node (the step profiled
-    # below), then with selective checkpointing as well.
-    plain, result, selective = (
+    # Each speed lever's before/after on the same micro-batch, one process each, one lever added at a time: the
+    # like-for-like checkpointed step (every op recomputed) with peft's LoRA forward and transformers' masked SDPA,
+    # then the fused LoRA node, then document attention (the step profiled below), then selective checkpointing.
+    plain, fused, result, selective = (
         run_isolated("kernels_bench.profile_step:child_profile",
                      {"size": ctx.size, "run_dir": str(WORK_DIR / "e2e" / f"{ctx.size}-profile"),
-                      "selective_checkpointing": keep, "fused_lora": fused},
+                      "selective_checkpointing": keep, "fused_lora": fuse, "document_attention": documents},
                      env={"TRANSFORMERS_VERBOSITY": "error", "KINETO_LOG_LEVEL": "99", "HF_HUB_OFFLINE": "1"})
-        for fused, keep in ((False, False), (True, False), (True, True)))
+        for fuse, documents, keep in ((False, False, False), (True, False, False), (True, True, False),
+                                      (True, True, True)))
     rows = result["top_ops"]
     summary = {k: result[k] for k in ("gradient_checkpointing", "step_s", "profiled_step_s", "mfu", "hfu",
                                       "executed_matmul_flops", "real_tokens", "trained_tokens",
@@ -155,9 +163,12 @@ def run(ctx: Ctx) -> dict:
                                       "timing_basis")}
     summary["categories"] = result["categories"]
     summary["fused_lora_lever"] = {  # before/after of training.fused_lora, every op recomputed in both
-        "step_s_peft_forward": plain["step_s"], "step_s_fused": result["step_s"],
-        "speedup": plain["step_s"] / result["step_s"], "categories_peft_forward": plain["categories"],
-        "step_samples_s_peft_forward": plain["step_samples_s"]}
+        "step_s_peft_forward": plain["step_s"], "step_s_fused": fused["step_s"],
+        "speedup": plain["step_s"] / fused["step_s"], "categories_peft_forward": plain["categories"],
+        "step_samples_s_peft_forward": plain["step_samples_s"], "step_samples_s_fused": fused["step_samples_s"]}
+    summary["document_attention_lever"] = {  # before/after of phi3local.model.document_attention, fused in both
+        "step_s_masked_sdpa": fused["step_s"], "step_s_documents": result["step_s"],
+        "speedup": fused["step_s"] / result["step_s"], "categories_masked_sdpa": fused["categories"]}
     summary["selective_lever"] = {  # before/after of training.selective_checkpointing on the same micro-batch
         "step_s_full_recompute": result["step_s"], "step_s_selective": selective["step_s"],
         "speedup": result["step_s"] / selective["step_s"], "categories_selective": selective["categories"],
@@ -167,9 +178,10 @@ def run(ctx: Ctx) -> dict:
                            "one phi3local train_step (packed micro-batch, gradient checkpointing recomputing "
                            "every op, NF4 + LoRA through the fused node) after 2 warm-up steps; self time per op "
                            "from torch.profiler",
-                           "fused_lora_lever: the same step with training.fused_lora=false (peft's LoRA forward) "
-                           "before it; selective_lever: with training.selective_checkpointing=true after it; "
-                           "each in a process of its own",
+                           "levers, each in a process of its own, added one at a time: fused_lora_lever: peft's "
+                           "LoRA forward and transformers' masked SDPA -> the fused node; document_attention_lever: "
+                           "-> packed documents attended one by one (the profiled step); selective_lever: -> "
+                           "training.selective_checkpointing=true",
                            "MFU: median of 3 unprofiled steps, real tokens x flops/token (6N + attention, "
                            "phi3local.model.flops) / step time / measured matmul peak",
                            "HFU: matmul FLOPs the profiler counted in the step (what was executed: no lm_head "
@@ -182,8 +194,10 @@ def run(ctx: Ctx) -> dict:
                 rows, [Column("op", "op", justify="left"), Column("category", "category", justify="left"),
                        Column("self_s", result["timing_basis"], fmt_seconds), Column("share", "share", fmt_pct),
                        Column("calls", "calls", str)], ctx.console)
-    ctx.console.print(f"fused LoRA node: step {result['step_s']:.2f} s against {plain['step_s']:.2f} s with peft's "
-                      f"forward ({plain['step_s'] / result['step_s']:.2f}x)", highlight=False)
+    ctx.console.print(f"fused LoRA node: step {fused['step_s']:.2f} s against {plain['step_s']:.2f} s with peft's "
+                      f"forward ({plain['step_s'] / fused['step_s']:.2f}x)", highlight=False)
+    ctx.console.print(f"document attention: step {result['step_s']:.2f} s against {fused['step_s']:.2f} s through "
+                      f"the whole-row mask ({fused['step_s'] / result['step_s']:.2f}x)", highlight=False)
     ctx.console.print(f"selective checkpointing: step {selective['step_s']:.2f} s against {result['step_s']:.2f} s "
                       f"with every op recomputed ({result['step_s'] / selective['step_s']:.2f}x)", highlight=False)
     print_table("Time by category (every op recomputed)", result["categories"], [
