@@ -310,6 +310,14 @@ def test_auto_packing_weighs_attention_width_against_per_micro_batch_overhead():
     equal_long = [500] * 64  # no padding to save and no two fit a row: the same batches either way
     packing, costs = auto_settings.choose_packing(equal_long, shape, recipe, 4, fixed_flops=overhead)
     assert costs["packed_flops"] == costs["unpacked_flops"]
+    # Documents attended one by one (phi3local.model.document_attention): a packed row pays its documents' own
+    # attention, so packing costs fewer FLOPs than padding even without the overhead.
+    packing, costs = auto_settings.choose_packing(short_mixed, shape, recipe, 4, per_document=True)
+    assert packing and costs["packed_flops"] < costs["unpacked_flops"]
+    row, lengths = [[0, 1, 2]], [100, 200, 150]  # 450 tokens in a row padded to 512: 100², 200², (150 + 62)²
+    attention = 12.0 * shape.num_hidden_layers * shape.num_attention_heads * shape.dims_per_head
+    assert auto_settings.batch_flops(row, lengths, shape, 512, per_document=True) == pytest.approx(
+        512 * 6.0 * shape.parameter_count + attention * (100**2 + 200**2 + 212**2))
 
 
 def test_measured_packing_choice_follows_its_measurement_and_leaves_no_trace():
@@ -322,13 +330,15 @@ def test_measured_packing_choice_follows_its_measurement_and_leaves_no_trace():
     ids = [torch.randint(3, 500, (int(n),), generator=g).tolist() for n in torch.randint(8, 60, (48,), generator=g)]
     docs = Documents(input_ids=ids, labels=[list(x) for x in ids], sources=[str(i) for i in range(len(ids))])
     rng_before = torch.get_rng_state()
+    loaded.model.eval()
     chosen, why = auto_settings.measure_packing(recipe, docs, loaded, tokenizer.pad_token_id, forward_loss)
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert all(p.grad is None for p in loaded.model.parameters())
     assert why["measured_seconds"]["packed"] > 0 and why["measured_seconds"]["padded"] > 0
     again, costs = auto_settings.choose_packing(docs.lengths, recipe_shape(recipe), recipe, 4,
-                                                why["fixed_flops_per_micro_batch"])
+                                                why["fixed_flops_per_micro_batch"], per_document=True)
     assert chosen.data.packing is again and recipe.data.packing == "auto"
+    assert not loaded.model.training  # timed in train mode (the document path), left as it was
 
 
 def test_train_refuses_before_loading_when_the_plan_does_not_fit(tmp_path, monkeypatch):

@@ -2,8 +2,10 @@
 
 - `data.packing: auto`: the cheaper epoch of the two, by measured cost. A micro-batch's FLOPs come from the
   real document lengths and the batches `phi3local.train.batching.plan_epoch` would make: a row of width w
-  costs w x (6N + 12 x layers x d x w) (dense matmuls plus attention; a packed row's block-diagonal mask
-  still computes the whole w x w), so packing wins by filling rows and loses by lengthening attention.
+  costs 6N x w for the dense matmuls plus 12 x layers x d x (the attention's square): w x w where a packed
+  row's block-diagonal mask computes the whole row, the sum of its documents' squares where they are attended
+  one by one (`phi3local.model.document_attention`, SDPA's training path), so packing wins by filling rows and,
+  with the mask, loses by lengthening attention.
   Once the model is loaded, one packed and one padded micro-batch are timed (forward + backward, after a
   warm-up each) to fit seconds = fixed + per-FLOP x FLOPs, which adds what FLOPs miss (per-step overheads
   that dominate small models, kernels of unequal speed); each epoch's batches are then costed with it.
@@ -60,14 +62,23 @@ def adopt_saved_choices(recipe: Recipe, saved: dict) -> Recipe:
     return out
 
 
-def batch_flops(batch: list[list[int]], lengths: list[int], shape: ModelShape, pad_to_multiple_of: int = 1) -> float:
+def batch_flops(batch: list[list[int]], lengths: list[int], shape: ModelShape, pad_to_multiple_of: int = 1,
+                per_document: bool = False) -> float:
     """Estimated FLOPs of one micro-batch's forward + backward (see the module docstring), at the width collate
-    gives it (data.pad_to_multiple_of's rounding included)."""
+    gives it (data.pad_to_multiple_of's rounding included); `per_document`: each row's documents attended one by
+    one (a row's pads extend its last document), else the whole row."""
     dense = 6.0 * shape.parameter_count
     attention = 12.0 * shape.num_hidden_layers * shape.num_attention_heads * shape.dims_per_head
     width = padded_width(max(sum(lengths[d] for d in row) for row in batch), pad_to_multiple_of,
                          shape.max_position_embeddings)
-    return len(batch) * width * (dense + attention * width)
+    if not per_document:
+        return len(batch) * width * (dense + attention * width)
+    squares = 0
+    for row in batch:
+        docs = [lengths[d] for d in row]
+        docs[-1] += width - sum(docs)
+        squares += sum(n * n for n in docs)
+    return len(batch) * width * dense + attention * squares
 
 
 def epoch_batches(lengths: list[int], recipe: Recipe, micro_batch_size: int, packing: bool) -> list:
@@ -75,9 +86,11 @@ def epoch_batches(lengths: list[int], recipe: Recipe, micro_batch_size: int, pac
 
 
 def choose_packing(lengths: list[int], shape: ModelShape, recipe: Recipe, micro_batch_size: int,
-                   fixed_flops: float = 0.0, pad_to_multiple_of: int = 1) -> tuple[bool, dict]:
-    """Packed or not by estimated epoch cost; `fixed_flops`: a measured per-micro-batch overhead in FLOPs."""
-    costs = {packing: sum(fixed_flops + batch_flops(b, lengths, shape, pad_to_multiple_of)
+                   fixed_flops: float = 0.0, pad_to_multiple_of: int = 1,
+                   per_document: bool = False) -> tuple[bool, dict]:
+    """Packed or not by estimated epoch cost; `fixed_flops`: a measured per-micro-batch overhead in FLOPs;
+    `per_document`: packed documents attended one by one (see batch_flops)."""
+    costs = {packing: sum(fixed_flops + batch_flops(b, lengths, shape, pad_to_multiple_of, per_document)
                           for b in epoch_batches(lengths, recipe, micro_batch_size, packing))
              for packing in (True, False)}
     return costs[True] <= costs[False], {"packed_flops": costs[True], "unpacked_flops": costs[False]}
@@ -104,6 +117,14 @@ def measure_packing(recipe: Recipe, docs, loaded, pad_id: int, forward_loss) -> 
         out.data.packing = True
         return out, {"chosen": "packed", "why": "flash-attention 2 varlen: packed rows pay no cross-document attention"}
     probe = SimpleNamespace(recipe=out, model=loaded.model, device=loaded.device)
+    # SDPA models attend a packed row's documents one by one in training forwards (load_model switched them to
+    # phi3local.model.document_attention): timed in train mode, costed per document.
+    per_document = loaded.attn_implementation == "sdpa"
+    was_training = loaded.model.training
+    loaded.model.train()
+
+    def flops(rows: list[list[int]]) -> float:
+        return batch_flops(rows, lengths, shape, multiple, per_document)
 
     multiple = resolved_pad_to_multiple_of(out.data.pad_to_multiple_of, loaded.device.type)
 
@@ -125,17 +146,18 @@ def measure_packing(recipe: Recipe, docs, loaded, pad_id: int, forward_loss) -> 
     samples = {}
     with torch.random.fork_rng(devices=[loaded.device] if loaded.device.type == "cuda" else []):
         for packing in (True, False):
-            batches = sorted(epoch_batches(lengths, out, mbs, packing), key=lambda b: batch_flops(b, lengths, shape, multiple))
+            batches = sorted(epoch_batches(lengths, out, mbs, packing), key=flops)
             rows = batches[len(batches) // 2]  # the median micro-batch of its kind
-            samples[packing] = (batch_flops(rows, lengths, shape, multiple), seconds(rows))
+            samples[packing] = (flops(rows), seconds(rows))
     loaded.model.zero_grad(set_to_none=True)
+    loaded.model.train(was_training)
     (f_packed, t_packed), (f_padded, t_padded) = samples[True], samples[False]
     # seconds = fixed + per_flop x flops through the two points; noise can tilt it, so keep both >= 0.
     per_flop = (t_packed - t_padded) / (f_packed - f_padded) if f_packed != f_padded else 0.0
     if per_flop <= 0:
         per_flop = max(t_packed, t_padded) / max(f_packed, f_padded)
     fixed_flops = max(t_padded - per_flop * f_padded, 0.0) / per_flop
-    out.data.packing, costs = choose_packing(lengths, shape, out, mbs, fixed_flops, multiple)
+    out.data.packing, costs = choose_packing(lengths, shape, out, mbs, fixed_flops, multiple, per_document)
     return out, {**costs, "fixed_flops_per_micro_batch": fixed_flops,
                  "measured_seconds": {"packed": t_packed, "padded": t_padded},
                  "chosen": "packed" if out.data.packing else "length-grouped padding"}
