@@ -60,6 +60,19 @@ def test_only_packed_training_forwards_take_the_document_path():
     left_padded = torch.tensor([[1, 1, *range(14)], list(range(16))])
     assert bounds(train, q, q, {"position_ids": left_padded}) is None
     assert bounds(train, q[:, :, :1], q, {"position_ids": packed[:, :1]}) is None  # a cached decoding step
+    # Found once per position_ids tensor (every layer of a forward passes the same one), again when it changed.
+    searches = []
+    original = torch.Tensor.nonzero
+    torch.Tensor.nonzero = lambda self, *a, **k: searches.append(1) or original(self, *a, **k)
+    try:
+        fresh = packed_positions([[3, 13], [6, 10]])
+        for _ in range(4):
+            assert bounds(train, q, q, {"position_ids": fresh}) == [[(0, 3), (3, 16)], [(0, 6), (6, 16)]]
+        assert len(searches) == 2  # one search per row, for the first layer only
+        fresh[1, 6:] = torch.arange(10) + 6  # changed in place: row 1 is one document now
+        assert bounds(train, q, q, {"position_ids": fresh}) == [[(0, 3), (3, 16)], [(0, 16)]]
+    finally:
+        torch.Tensor.nonzero = original
 
 
 def load_tiny(*overrides):

@@ -18,6 +18,8 @@ Under selective checkpointing each document's attention output is kept as the wh
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 NAME = "sdpa_documents"  # the attention implementation's name in transformers' registry
@@ -48,14 +50,9 @@ def _document_bounds(module, query, key, kwargs: dict) -> list[list[tuple[int, i
     if (not module.training or positions is None or positions.dim() != 2 or positions.shape[0] != query.shape[0]
             or query.shape[2] != key.shape[2] or positions.shape[1] != query.shape[2]):
         return None
-    width = positions.shape[1]
-    starts = positions == 0
-    if not bool(starts[:, 0].all()) or int(starts.sum()) == positions.shape[0]:
-        return None  # a row that does not start a document (padding on the left), or one document per row
-    bounds = []
-    for row in starts:
-        first = row.nonzero().flatten().tolist()
-        bounds.append(list(zip(first, [*first[1:], width])))
+    bounds = _bounds_of(positions)
+    if bounds is None:
+        return None
     window = kwargs.get("sliding_window")
     if window and any(end - start > window for row in bounds for start, end in row):
         return None  # a document longer than the sliding window: the window's mask applies
@@ -70,3 +67,26 @@ def use_document_attention(model: torch.nn.Module) -> None:
     AttentionInterface.register(NAME, document_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
+
+
+# Every decoder layer of one forward gets the same position_ids tensor: its documents are found once (on CUDA
+# each search is a host sync) and reused while that tensor, unchanged, is the one passed.
+_last: tuple[weakref.ref, int, list | None] | None = None
+
+
+def _bounds_of(positions: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    """Each row's documents as (start, end) ranges from where positions restart at 0; None for a row that does not
+    start a document (padding on the left) or one document per row."""
+    global _last
+    if _last is not None and _last[0]() is positions and _last[1] == positions._version:
+        return _last[2]
+    width = positions.shape[1]
+    starts = positions == 0
+    bounds = None
+    if bool(starts[:, 0].all()) and int(starts.sum()) > positions.shape[0]:
+        bounds = []
+        for row in starts:
+            first = row.nonzero().flatten().tolist()
+            bounds.append(list(zip(first, [*first[1:], width])))
+    _last = (weakref.ref(positions), positions._version, bounds)
+    return bounds
