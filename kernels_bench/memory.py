@@ -126,7 +126,7 @@ class RssSampler(_Sampler):
 
 
 class ProcessMemorySampler(_Sampler):
-    """Samples another (or this) process's /proc/PID/status in a thread: peak VmRSS and peak RssAnon.
+    """Samples another (or this) process's /proc/PID/status in a thread: peak VmRSS, RssAnon and RssFile.
 
     RssAnon is the memory the process itself allocated; VmRSS (and ru_maxrss) also count pages of files it maps,
     such as safetensors shards being loaded, which the kernel drops under pressure without any swap. Both are
@@ -136,7 +136,7 @@ class ProcessMemorySampler(_Sampler):
     def __init__(self, pid: int | None = None, interval: float = 0.2):
         super().__init__(interval)
         self.pid = pid or os.getpid()
-        self.peak_rss = self.peak_anon = 0
+        self.peak_rss = self.peak_anon = self.peak_file = 0
 
     def sample(self) -> None:
         try:
@@ -144,9 +144,10 @@ class ProcessMemorySampler(_Sampler):
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
         except OSError:  # the process has ended
             return
-        kib = {k: int(v.split()[0]) * 1024 for k, v in fields.items() if k in ("VmRSS", "RssAnon")}
+        kib = {k: int(v.split()[0]) * 1024 for k, v in fields.items() if k in ("VmRSS", "RssAnon", "RssFile")}
         self.peak_rss = max(self.peak_rss, kib.get("VmRSS", 0))
         self.peak_anon = max(self.peak_anon, kib.get("RssAnon", 0))
+        self.peak_file = max(self.peak_file, kib.get("RssFile", 0))
 
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str = "cuda") -> int:

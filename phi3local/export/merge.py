@@ -22,6 +22,7 @@ import torch
 from phi3local.errors import Phi3LocalError
 from phi3local.export.tokenizer_files import collect_stop_ids, copy_tokenizer_files, find_tokenizer_dir, load_hf_tokenizer
 from phi3local.folders import check_output_dir, dir_size, publish_dir, staging_dir
+from phi3local.model.pretrained import from_pretrained
 from phi3local.serve.json_files import as_id_list, read_json, write_json
 from phi3local.versions import export_versions
 
@@ -129,14 +130,13 @@ def _load_base(base: str, task: str, dtype: torch.dtype, adapter_dir: Path, toke
             raise MergeError("cannot tell the number of labels: the adapter has no `score` weights and no recipe.yaml")
         if labels is None or len(labels) != n:
             labels = [f"LABEL_{i}" for i in range(n)]
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base, num_labels=n, id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, **kwargs,
-        )
+        model = from_pretrained(AutoModelForSequenceClassification, base, config_kwargs={
+            "num_labels": n, "id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}},
+            **kwargs)
         if tokenizer is not None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
     elif task in ("CAUSAL_LM", None, ""):
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        model = from_pretrained(AutoModelForCausalLM, base, **kwargs)
     else:
         raise MergeError(f"adapter task_type {task!r} is not supported (CAUSAL_LM or SEQ_CLS)")
     return model.eval()

@@ -132,7 +132,9 @@ def load_reference_model(hf_model_dir: Path, adapter_path: Path | None = None):
     """The float32 PyTorch model (with the LoRA adapter applied, unmerged, when one is given)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_model_dir), dtype=torch.float32)
+    from phi3local.model.pretrained import from_pretrained
+
+    model = from_pretrained(AutoModelForCausalLM, str(hf_model_dir), dtype=torch.float32)
     if adapter_path is not None:
         from peft import PeftModel
 

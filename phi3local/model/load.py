@@ -15,6 +15,7 @@ from phi3local.config import Recipe
 from phi3local.errors import Phi3LocalError
 from phi3local.model.document_attention import use_document_attention
 from phi3local.model.fused_lora import use_fused_lora
+from phi3local.model.pretrained import from_pretrained
 from phi3local.model.selective_checkpointing import checkpoint_kwargs
 
 log = logging.getLogger(__name__)
@@ -144,13 +145,12 @@ def load_model(recipe: Recipe, tokenizer, device: torch.device | None = None) ->
         labels = recipe.model.labels
         if len(labels) < 2:
             raise ModelSetupError("task=classification needs model.labels with at least two label names")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, **kwargs,
-        )
+        model = from_pretrained(AutoModelForSequenceClassification, base_path, config_kwargs={
+            "num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        model = from_pretrained(AutoModelForCausalLM, base_path, **kwargs)
     if not quant.load_in_4bit:
         model.to(device)
     elif device.type == "cpu":

@@ -1,0 +1,69 @@
+"""Loading a model folder's safetensors checkpoint without keeping the whole file in the process's memory.
+
+transformers' `from_pretrained` maps every shard (mmap) and unmaps them only once the whole model is built, so
+every page it has read stays resident in the process (RssFile) until the end: a 3.8B bf16 checkpoint adds its
+7.6 GB to the load's peak on top of the model being built. Measured with `phi3local train` on Phi-4-mini's real
+shapes (NF4, this 2-core CPU): 7.8 GB of checkpoint pages and 5.1 GB of model at the end of the load, a 13.2 GB
+peak RSS, against 8.3 GB in the training step that follows. Read through safetensors' `pread` backend instead,
+each tensor is copied out of the file when transformers converts it and freed after: the load's peak is the
+model being built plus the tensors in flight (a Phi-3-mini-shaped 8-layer model: 2.55 GB peak RSS instead of
+4.61 GB, the same weights bit for bit).
+
+Used for local folders with `model.safetensors` or a `model.safetensors.index.json`; anything else (a Hub id,
+.bin checkpoints, a safetensors without the pread backend) loads through `from_pretrained` as before.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+
+def checkpoint_files(folder: Path) -> list[Path] | None:
+    """The safetensors files of a model folder as its index names them, or None when it has none."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        files = [folder / name for name in names]
+        return files if files and all(f.is_file() for f in files) else None
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def _pread_handles(files: list[Path], stack: ExitStack) -> list | None:
+    from safetensors import safe_open
+
+    try:
+        return [stack.enter_context(safe_open(str(f), framework="pt", device="cpu", backend="pread")) for f in files]
+    except TypeError:  # a safetensors without the backend argument (< 0.6)
+        return None
+
+
+def from_pretrained(auto_class, name_or_path: str, config_kwargs: dict | None = None, **kwargs):
+    """`auto_class.from_pretrained(name_or_path, **config_kwargs, **kwargs)`, reading a local folder's safetensors
+    through pread (the module docstring says why). config_kwargs: what goes into the config (num_labels, ...)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config_kwargs = config_kwargs or {}
+    folder = Path(name_or_path).expanduser()
+    files = checkpoint_files(folder) if folder.is_dir() else None
+    model_class = None
+    if files is not None:
+        config = AutoConfig.from_pretrained(str(folder), **config_kwargs)
+        model_class = getattr(auto_class, "_model_mapping", {}).get(type(config), None)
+    if model_class is None:
+        return auto_class.from_pretrained(name_or_path, **config_kwargs, **kwargs)
+    with ExitStack() as stack:
+        handles = _pread_handles(files, stack)
+        if handles is None:
+            return auto_class.from_pretrained(name_or_path, **config_kwargs, **kwargs)
+        # Slices, not tensors: transformers reads each one when it converts it, as it does with its own handles.
+        state = {key: handle.get_slice(key) for handle in handles for key in handle.keys()}  # noqa: SIM118 (a handle is not iterable)
+        model = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
+        del state
+    # from_pretrained(None, ...) names the model "None"; peft and the model facts read where it came from.
+    model.config.name_or_path = model.name_or_path = name_or_path
+    if (folder / "generation_config.json").is_file() and model.can_generate():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model
