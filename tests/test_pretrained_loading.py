@@ -118,3 +118,41 @@ def test_a_folder_it_cannot_read_whole_goes_to_from_pretrained(tmp_path):
     assert checkpoint_files(tmp_path) is None  # nothing there
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "missing.safetensors"}}))
     assert checkpoint_files(tmp_path) is None  # a shard the index names is missing: transformers says which
+
+
+def hub_load(repo_id: str) -> dict:
+    """In a process whose Hub cache and offline mode come from its environment: load `repo_id` both ways."""
+    from transformers import AutoModelForCausalLM
+
+    from phi3local.model.pretrained import from_pretrained, hub_snapshot
+
+    snapshot = hub_snapshot(repo_id)
+    ours = from_pretrained(AutoModelForCausalLM, repo_id, dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
+    same = ours.state_dict().keys() == theirs.state_dict().keys() and all(
+        torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    return {"snapshot": str(snapshot), "missing": hub_snapshot("acme/not-there"), "same": same,
+            "name_or_path": ours.name_or_path, "eos": ours.generation_config.eos_token_id}
+
+
+def test_a_hub_id_loads_from_its_cached_snapshot_the_same_way(tmp_path):
+    """A Hub id (the usual model.name_or_path) goes through the snapshot folder the Hub client keeps: here a cache
+    laid out as the client lays it out, read offline."""
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-phi"
+    snapshot = repo / "snapshots" / commit
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=7)
+    torch.manual_seed(0)
+    Phi3ForCausalLM(config).save_pretrained(snapshot, max_shard_size="20KB")
+    GenerationConfig(eos_token_id=[7, 5]).save_pretrained(snapshot)
+    assert (snapshot / "model.safetensors.index.json").is_file()
+    result = run_isolated("tests.test_pretrained_loading:hub_load", {"repo_id": "acme/tiny-phi"}, timeout=300,
+                          env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert result["snapshot"] == str(snapshot)
+    assert result["missing"] is None  # not cached and offline: from_pretrained gets it and says so
+    assert result["same"] and result["name_or_path"] == "acme/tiny-phi" and result["eos"] == [7, 5]

@@ -9,8 +9,10 @@ each tensor is copied out of the file when transformers converts it and freed af
 model being built plus the tensors in flight (a Phi-3-mini-shaped 8-layer model: 2.55 GB peak RSS instead of
 4.61 GB, the same weights bit for bit).
 
-Used for local folders with `model.safetensors` or a `model.safetensors.index.json`; anything else (a Hub id,
-.bin checkpoints, a safetensors without the pread backend) loads through `from_pretrained` as before.
+Used for folders with `model.safetensors` or a `model.safetensors.index.json`: a local folder, or for a Hub id the
+snapshot folder the Hub client keeps those files in (fetched first when missing, as from_pretrained would fetch
+them). Anything else (.bin checkpoints, a Hub id the client cannot resolve, a safetensors without the pread
+backend) loads through `from_pretrained` as before, which reports any problem in its own words.
 """
 
 from __future__ import annotations
@@ -31,6 +33,33 @@ def checkpoint_files(folder: Path) -> list[Path] | None:
     return [single] if single.is_file() else None
 
 
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local snapshot folder holding a Hub model's config and safetensors checkpoint (the index and every shard
+    it names), downloading what is missing; None where that fails (offline and not cached, no safetensors, a gated
+    repo): from_pretrained then tries and says why."""
+    from huggingface_hub import hf_hub_download
+
+    def fetch(name: str) -> Path:
+        return Path(hf_hub_download(repo_id, name, revision=revision))
+
+    try:
+        config = fetch("config.json")
+        try:
+            index = fetch("model.safetensors.index.json")
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except Exception:  # no index: a single-file checkpoint
+            shards = {"model.safetensors"}
+        for shard in sorted(shards):
+            fetch(shard)
+        try:
+            fetch("generation_config.json")
+        except Exception:  # optional
+            pass
+    except Exception:
+        return None
+    return config.parent
+
+
 def _pread_handles(files: list[Path], stack: ExitStack) -> list | None:
     from safetensors import safe_open
 
@@ -41,12 +70,15 @@ def _pread_handles(files: list[Path], stack: ExitStack) -> list | None:
 
 
 def from_pretrained(auto_class, name_or_path: str, config_kwargs: dict | None = None, **kwargs):
-    """`auto_class.from_pretrained(name_or_path, **config_kwargs, **kwargs)`, reading a local folder's safetensors
-    through pread (the module docstring says why). config_kwargs: what goes into the config (num_labels, ...)."""
+    """`auto_class.from_pretrained(name_or_path, **config_kwargs, **kwargs)`, reading the safetensors of a local
+    folder or a Hub id's snapshot through pread (the module docstring says why). config_kwargs: what goes into the
+    config (num_labels, ...)."""
     from transformers import AutoConfig, GenerationConfig
 
     config_kwargs = config_kwargs or {}
     folder = Path(name_or_path).expanduser()
+    if not folder.is_dir() and not name_or_path.startswith((".", "/", "~")) and name_or_path.count("/") == 1:
+        folder = hub_snapshot(name_or_path, kwargs.get("revision")) or folder
     files = checkpoint_files(folder) if folder.is_dir() else None
     model_class = None
     if files is not None:
@@ -60,7 +92,8 @@ def from_pretrained(auto_class, name_or_path: str, config_kwargs: dict | None = 
             return auto_class.from_pretrained(name_or_path, **config_kwargs, **kwargs)
         # Slices, not tensors: transformers reads each one when it converts it, as it does with its own handles.
         state = {key: handle.get_slice(key) for handle in handles for key in handle.keys()}  # noqa: SIM118 (a handle is not iterable)
-        model = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
+        model = model_class.from_pretrained(None, config=config, state_dict=state,
+                                            **{k: v for k, v in kwargs.items() if k != "revision"})
         del state
     # from_pretrained(None, ...) names the model "None"; peft and the model facts read where it came from.
     model.config.name_or_path = model.name_or_path = name_or_path
