@@ -10,9 +10,10 @@ model being built plus the tensors in flight (a Phi-3-mini-shaped 8-layer model:
 4.61 GB, the same weights bit for bit).
 
 Used for folders with `model.safetensors` or a `model.safetensors.index.json`: a local folder, or for a Hub id the
-snapshot folder the Hub client keeps those files in (fetched first when missing, as from_pretrained would fetch
-them). Anything else (.bin checkpoints, a Hub id the client cannot resolve, a safetensors without the pread
-backend) loads through `from_pretrained` as before, which reports any problem in its own words.
+snapshot folder where the Hub client's cache already holds its config and every shard (a model used before, or
+fetched with `hf download`). Anything else (a Hub id not yet downloaded, .bin checkpoints, a safetensors without
+the pread backend) loads through `from_pretrained` as before, which downloads and reports problems in its own
+words: resolving from the cache alone adds no network call, so an unreachable Hub is waited for once.
 """
 
 from __future__ import annotations
@@ -34,13 +35,12 @@ def checkpoint_files(folder: Path) -> list[Path] | None:
 
 
 def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
-    """The local snapshot folder holding a Hub model's config and safetensors checkpoint (the index and every shard
-    it names), downloading what is missing; None where that fails (offline and not cached, no safetensors, a gated
-    repo): from_pretrained then tries and says why."""
+    """The snapshot folder in which the Hub client's cache holds a model's config and whole safetensors checkpoint
+    (the index and every shard it names); None when any of it is not there (from_pretrained then downloads it)."""
     from huggingface_hub import hf_hub_download
 
     def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=revision))
+        return Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=True))
 
     try:
         config = fetch("config.json")
