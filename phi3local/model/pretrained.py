@@ -4,10 +4,11 @@ transformers' `from_pretrained` maps every shard (mmap) and unmaps them only onc
 every page it has read stays resident in the process (RssFile) until the end: a 3.8B bf16 checkpoint adds its
 7.6 GB to the load's peak on top of the model being built. Measured with `phi3local train` on Phi-4-mini's real
 shapes (NF4, this 2-core CPU): 7.8 GB of checkpoint pages and 5.1 GB of model at the end of the load, a 13.2 GB
-peak RSS, against 8.3 GB in the training step that follows. Read through safetensors' `pread` backend instead,
-each tensor is copied out of the file when transformers converts it and freed after: the load's peak is the
-model being built plus the tensors in flight (a Phi-3-mini-shaped 8-layer model: 2.55 GB peak RSS instead of
-4.61 GB, the same weights bit for bit).
+peak RSS, against 8.3 GB in the training step that follows. When the load converts the weights (quantizes them
+or casts them), they are read through safetensors' `pread` backend instead: each tensor is copied out of the file
+when transformers converts it and freed after, so the load's peak is the model being built plus the tensors in
+flight (a Phi-3-mini-shaped 8-layer model in NF4: 2.55 GB peak RSS instead of 4.61 GB, the same weights bit for
+bit). A load that keeps the stored dtype goes through from_pretrained's zero-copy mapping (`converts`).
 
 Used for folders with `model.safetensors` or a `model.safetensors.index.json`: a local folder, or for a Hub id the
 snapshot folder where the Hub client's cache already holds its config and every shard (a model used before, or
@@ -51,10 +52,6 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
             shards = {"model.safetensors"}
         for shard in sorted(shards):
             fetch(shard)
-        try:
-            fetch("generation_config.json")
-        except Exception:  # optional
-            pass
     except Exception:
         return None
     return config.parent
@@ -67,6 +64,23 @@ def _pread_handles(files: list[Path], stack: ExitStack) -> list | None:
         return [stack.enter_context(safe_open(str(f), framework="pt", device="cpu", backend="pread")) for f in files]
     except TypeError:  # a safetensors without the backend argument (< 0.6)
         return None
+
+
+STORED_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # torch dtype -> safetensors dtype
+
+
+def converts(handles: list, kwargs: dict) -> bool:
+    """Whether loading converts the stored weights (quantizes them, or casts them to another dtype). Only then is
+    each one copied anyway, so reading it through pread costs nothing; loaded as stored, from_pretrained's mapping
+    is zero-copy, and the weights stay file pages the kernel can drop, which pread would make anonymous memory
+    (the export's parity reference, a fp32 merged model loaded in fp32: 22.2 GB anonymous instead of 6.9 GB)."""
+    if kwargs.get("quantization_config") is not None:
+        return True
+    wanted = str(kwargs.get("dtype") or "auto").removeprefix("torch.")
+    if wanted not in STORED_NAMES:  # auto: as stored
+        return False
+    stored = {handle.get_slice(key).get_dtype() for handle in handles for key in handle.keys()}  # noqa: SIM118
+    return any(name in STORED_NAMES.values() and name != STORED_NAMES[wanted] for name in stored)
 
 
 def from_pretrained(auto_class, name_or_path: str, config_kwargs: dict | None = None, **kwargs):
@@ -88,7 +102,7 @@ def from_pretrained(auto_class, name_or_path: str, config_kwargs: dict | None = 
         return auto_class.from_pretrained(name_or_path, **config_kwargs, **kwargs)
     with ExitStack() as stack:
         handles = _pread_handles(files, stack)
-        if handles is None:
+        if handles is None or not converts(handles, kwargs):
             return auto_class.from_pretrained(name_or_path, **config_kwargs, **kwargs)
         # Slices, not tensors: transformers reads each one when it converts it, as it does with its own handles.
         state = {key: handle.get_slice(key) for handle in handles for key in handle.keys()}  # noqa: SIM118 (a handle is not iterable)
