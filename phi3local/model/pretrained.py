@@ -23,15 +23,22 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a safetensors index maps the weights to."""
+    return sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+
 
 def checkpoint_files(folder: Path) -> list[Path] | None:
     """The safetensors files of a model folder as its index names them, or None when it has none."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        files = [folder / name for name in names]
+        files = [folder / name for name in shard_names(index)]
         return files if files and all(f.is_file() for f in files) else None
-    single = folder / "model.safetensors"
+    single = folder / SINGLE
     return [single] if single.is_file() else None
 
 
@@ -46,11 +53,10 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     try:
         config = fetch("config.json")
         try:
-            index = fetch("model.safetensors.index.json")
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            shards = shard_names(fetch(INDEX))
         except Exception:  # no index: a single-file checkpoint
-            shards = {"model.safetensors"}
-        for shard in sorted(shards):
+            shards = [SINGLE]
+        for shard in shards:
             fetch(shard)
     except Exception:
         return None
