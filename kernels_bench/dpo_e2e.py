@@ -195,8 +195,8 @@ def child_phi3local(size: str, packing: bool | str, run_dir: str, name: str = "p
     steps: list[list[tuple[int, int, int, int]]] = []
     original = loop.next_micro_batches
 
-    def counting_next_micro_batches(run, plans):
-        batches = original(run, plans)
+    def counting_next_micro_batches(*args, **kwargs):
+        batches = original(*args, **kwargs)
         steps.append([(len(b.doc_ids), b.trained_tokens, b.real_tokens, b.padded_tokens) for b in batches])
         return batches
 

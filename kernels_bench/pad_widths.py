@@ -17,7 +17,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -51,7 +50,6 @@ def main() -> None:
     loaded = load_model(recipe, load_tokenizer(resolve_model_path("tiny")), torch.device("cpu"))
     loaded.model.train()
     optimizer = loop.make_optimizer(loaded.model, recipe, loaded.device)
-    probe = SimpleNamespace(model=loaded.model, recipe=recipe, device=loaded.device)
     g = torch.Generator().manual_seed(1)
 
     def step_seconds(width: int, multiple: int) -> float:
@@ -60,7 +58,7 @@ def main() -> None:
         batch = collate([[i] for i in range(args.rows)], ids, [list(x) for x in ids], 32000,
                         pad_to_multiple_of=multiple)
         start, cpu = time.perf_counter(), time.process_time()
-        loss_sum, _, _ = loop.forward_loss(probe, batch)  # what train_step does for one micro-batch
+        loss_sum, _, _ = loop.forward_loss(recipe, loaded.model, batch)  # what train_step does for one micro-batch
         (loss_sum / batch.trained_tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

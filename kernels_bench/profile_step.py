@@ -70,7 +70,7 @@ def child_profile(size: str, run_dir: str, packing: bool = True, gradient_checkp
         base_causal_lm(run.model).set_attn_implementation("sdpa")
     run.model.train()
     # The fullest micro-batch of the first epoch, so the profile shows a full step (not the short last one).
-    plan = loop.make_batches(run, run.train_docs, epoch=0)
+    plan = loop.epoch_plan(run.recipe, run.train_docs.lengths, 0)
     docs = run.train_docs
     rows = max(plan, key=lambda rs: len(rs) * max(sum(len(docs.input_ids[d]) for d in r) for r in rs))
     batch = loop.collate(rows, docs.input_ids, docs.labels, run.tokenizer.pad_token_id)

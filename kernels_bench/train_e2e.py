@@ -251,8 +251,8 @@ def child_phi3local(size: str, packing: bool | str, run_dir: str, gradient_check
     steps: list[list[tuple[int, int, int]]] = []
     original = loop.next_micro_batches
 
-    def counting_next_micro_batches(run, plans):
-        batches = original(run, plans)
+    def counting_next_micro_batches(*args, **kwargs):
+        batches = original(*args, **kwargs)
         steps.append([(b.trained_tokens, b.real_tokens, b.padded_tokens) for b in batches])
         return batches
 
@@ -299,10 +299,10 @@ def apply_variant(loop, run, variant: str | None) -> None:
     elif variant == "autocast":
         forward_loss = loop.forward_loss
 
-        def autocast_forward_loss(run, batch, count_correct=False):
+        def autocast_forward_loss(recipe, model, batch, count_correct=False):
             with torch.autocast(run.device.type, dtype=run.loaded.compute_dtype,
                                 enabled=run.loaded.compute_dtype != torch.float32):
-                return forward_loss(run, batch, count_correct)
+                return forward_loss(recipe, model, batch, count_correct)
 
         loop.forward_loss = autocast_forward_loss
     elif variant is not None:

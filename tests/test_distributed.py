@@ -362,10 +362,7 @@ def fake_run(world: distributed.World, lengths: list[int], packing: bool, grad_a
                                 "training.micro_batch_size=3", "data.max_seq_len=64", "seed=7"])
     docs = loop.Documents(input_ids=[[d % 50 + 1] * n for d, n in enumerate(lengths)],
                           labels=[[5] * n for n in lengths], sources=[str(d) for d in range(len(lengths))])
-    # The model only for its positions (collate's width cap, loop.padding).
-    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
-    return SimpleNamespace(recipe=recipe, state=loop.ckpt.TrainerState(), train_docs=docs, world=world,
-                           tokenizer=SimpleNamespace(pad_token_id=0), model=model, device=torch.device("cpu"))
+    return SimpleNamespace(recipe=recipe, state=loop.ckpt.TrainerState(), train_docs=docs, world=world)
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -381,7 +378,8 @@ def test_every_document_once_per_epoch_over_the_ranks(packing, size, grad_accum)
         for _ in range(steps_per_epoch):
             for run, plan in zip(runs, plans):
                 assert run.state.epoch == epoch
-                batches = loop.next_micro_batches(run, plan)
+                batches = loop.next_micro_batches(run.recipe, run.state, run.train_docs, plan, world=run.world,
+                                                  pad_id=0, sizes={"max_width": 4096})
                 assert len(batches) <= grad_accum
                 seen_empty |= not batches
                 used += [d for b in batches for d in b.doc_ids]

@@ -35,7 +35,7 @@ def profiled_step(tmp_path_factory):
     try:
         run.model.train()
         docs = run.train_docs
-        batch = loop.collate(loop.make_batches(run, docs, epoch=0)[3], docs.input_ids, docs.labels,
+        batch = loop.collate(loop.epoch_plan(run.recipe, docs.lengths, 0)[3], docs.input_ids, docs.labels,
                              run.tokenizer.pad_token_id)
         loop.train_step(run, [batch])  # warm-up
         with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:

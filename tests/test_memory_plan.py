@@ -5,7 +5,6 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from phi3local.train.memory_plan import (
     plan_step,
     recipe_shape,
 )
+from phi3local.train.tasks import task_for
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny-cpu.yaml"
@@ -75,7 +75,7 @@ def resident_bytes(model, optimizer) -> int:
 
 def measured_step_peak(model_path: str, micro_batch: int, seq_len: int, checkpointing: bool,
                        task: str = "causal_lm", selective: bool = False) -> tuple[int, object]:
-    """Peak tensor bytes of the second optimizer step of `recipe.train_step` (so AdamW's state exists).
+    """Peak tensor bytes of the second optimizer step of `recipe.optimizer_step` (so AdamW's state exists).
 
     Method: the bytes held between steps (every storage of parameters, buffers, 4-bit quantization
     constants and optimizer state) plus the highest running total of torch.profiler's allocation and
@@ -91,16 +91,20 @@ def measured_step_peak(model_path: str, micro_batch: int, seq_len: int, checkpoi
     loaded = load_model(recipe, load_tokenizer(resolve_model_path("tiny")), torch.device("cpu"))
     loaded.model.train()
     optimizer = loop.make_optimizer(loaded.model, recipe, loaded.device)
-    run = SimpleNamespace(model=loaded.model, recipe=recipe, device=loaded.device, optimizer=optimizer,
-                          scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                          state=SimpleNamespace(step=0), train_docs=None, world=World())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    def step():
+        loop.optimizer_step(task_for(recipe), loaded.model, [batch], optimizer, scheduler, World(),
+                            device=loaded.device, max_grad_norm=recipe.training.max_grad_norm,
+                            chunk_size=recipe.training.loss_chunk_size)
+
     vocab = base_causal_lm(loaded.model).config.vocab_size
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(3, vocab, (seq_len,), generator=g).tolist() for _ in range(micro_batch)]
     classes = [i % 3 for i in range(micro_batch)] if task == "classification" else None
     batch = collate([[i] for i in range(micro_batch)], ids, [list(x) for x in ids], 0, classes)
-    loop.train_step(run, [batch])
-    peak = resident_bytes(loaded.model, optimizer) + torch_allocated_peak_bytes(lambda: loop.train_step(run, [batch]))
+    step()
+    peak = resident_bytes(loaded.model, optimizer) + torch_allocated_peak_bytes(step)
     plan = plan_step(recipe_shape(recipe), recipe, micro_batch, seq_len, checkpointing, "float32", "adamw",
                      selective=selective)
     return peak, plan
@@ -233,13 +237,12 @@ def test_the_run_summary_says_what_its_peak_memory_counts(device, label, value):
     from rich.console import Console
 
     console = Console(width=80, record=True)
-    run = SimpleNamespace(run_dir=Path("runs/x"), console=console, device=torch.device(device))
     summary = {"steps": 3, "trained_tokens": 513, "tokens_per_second": 100.0, "padding_share": 0.0,
                "peak_memory_bytes": int(636.5 * 1024**2), "first_val_loss": 6.0, "final": {"val_loss": 5.0},
                "best_val_loss": 5.0, "best_step": 3, "samples": [],
                "cost": {"wall_seconds": 1.0, "device_hours": 0.0, "usd": None, "energy_kwh": None,
                         "energy_note": "not measured"}}
-    loop.print_summary(run, summary)
+    loop.print_summary(Path("runs/x"), summary, console, torch.device(device))
     row = next(line for line in console.export_text().splitlines() if "peak memory" in line)
     assert label in row and value in row, row
 

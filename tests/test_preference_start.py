@@ -59,7 +59,7 @@ def test_dpo_from_an_sft_run_starts_at_ln2_continues_the_adapter_and_merges(tmp_
         assert sorted(run.model.peft_config) == ["default", "reference"]
         trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
         assert trainable and all(".default." in n for n in trainable)
-        rows = next(iter(loop.make_batches(run, run.val_docs, 0)))
+        rows = next(iter(loop.epoch_plan(run.recipe, run.val_docs.lengths, 0)))
         batch = run.task.collate(rows, run.val_docs, run.tokenizer.pad_token_id)
         with torch.no_grad():
             reference = run.task.reference_logps(run.model, batch, 1024)

@@ -223,7 +223,7 @@ def base_ranking_accuracy(run) -> float:
     """Share of validation pairs whose preferred answer the model without its adapter finds more likely."""
     right = total = 0
     with run.model.disable_adapter(), torch.no_grad():
-        for rows in loop.make_batches(run, run.val_docs, 0):
+        for rows in loop.epoch_plan(run.recipe, run.val_docs.lengths, 0):
             logps = answer_logps(run.model, run.task.collate(rows, run.val_docs, run.tokenizer.pad_token_id), 1024)
             right += int((logps[0::2] > logps[1::2]).sum())
             total += sum(len(r) for r in rows)
@@ -258,7 +258,7 @@ def test_orpo_from_the_base_model_makes_greedy_answers_the_preferred_ones(tmp_pa
     recipe = stories_recipe(tmp_path, "orpo", 30, 3e-3, "eval.generate_samples=8", "eval.max_new_tokens=24")
     run = loop.setup(recipe)
     try:
-        before = loop.sample_generations(run, run.val_docs, 8, 24)
+        before = loop.sample_generations(run.recipe, run.model, run.tokenizer, run.val_docs, 8, 24)
         loop.run_eval(run)
         summary = loop.train(run)
     finally:

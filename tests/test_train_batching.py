@@ -1,7 +1,5 @@
 """Packing, loss and gradient accumulation: exact equalities on a tiny random Phi-3 (fp32, CPU)."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,7 +9,8 @@ from phi3local.config import Recipe
 from phi3local.train.batching import MicroBatch, collate, pack_rows, plan_epoch
 from phi3local.train.distributed import World
 from phi3local.train.loss import chunked_cross_entropy
-from phi3local.train.recipe import forward_loss, train_step
+from phi3local.train.recipe import forward_loss, optimizer_step
+from phi3local.train.tasks import task_for
 
 VOCAB = 97
 
@@ -36,10 +35,10 @@ def documents(n=6, seed=1):
     return ids, labels
 
 
-def run_for(model, task="causal_lm", chunk=7):
+def recipe_for(task="causal_lm", chunk=7):
     recipe = Recipe(task=task)
     recipe.training.loss_chunk_size = chunk
-    return SimpleNamespace(model=model, recipe=recipe, device=torch.device("cpu"), world=World())
+    return recipe
 
 
 def test_pack_rows_first_fit_never_exceeds_capacity():
@@ -70,7 +69,7 @@ def test_packed_batch_gives_the_same_per_document_hidden_states_and_loss():
         # use_cache=False matters: with a KV cache transformers does not derive the packed mask.
         hidden = model.model(input_ids=packed.input_ids, position_ids=packed.position_ids,
                              use_cache=False).last_hidden_state
-        loss_packed, _, _ = forward_loss(run_for(model), packed)
+        loss_packed, _, _ = forward_loss(recipe_for(), model, packed)
         loss_single = 0.0
         for b, row in enumerate(rows):
             at = 0
@@ -79,7 +78,7 @@ def test_packed_batch_gives_the_same_per_document_hidden_states_and_loss():
                 n = len(ids[d])
                 assert (hidden[b, at : at + n] - alone).abs().max() < 1e-5
                 one = collate([[d]], ids, labels, pad_id=0)
-                loss_single += float(forward_loss(run_for(model), one)[0])
+                loss_single += float(forward_loss(recipe_for(), model, one)[0])
                 at += n
     assert abs(float(loss_packed) - loss_single) < 1e-4 * max(1.0, loss_single)
 
@@ -106,14 +105,12 @@ def _lora_step(micro_batches_rows, ids, labels):
                                                     init_lora_weights=False, lora_dropout=0.0))
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    run = run_for(model)
-    run.recipe.training.max_grad_norm = 0.0
-    run.optimizer = torch.optim.SGD(params, lr=1.0)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: 1.0)
-    run.state = SimpleNamespace(step=0)
-    run.train_docs = SimpleNamespace(sources=[str(i) for i in range(len(ids))])
+    recipe = recipe_for()
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     batches = [collate(rows, ids, labels, pad_id=0) for rows in micro_batches_rows]
-    loss, _ = train_step(run, batches)
+    loss, _ = optimizer_step(task_for(recipe), model, batches, optimizer, scheduler, World(), device=torch.device("cpu"),
+                             max_grad_norm=0.0, chunk_size=recipe.training.loss_chunk_size)
     return float(loss), [p.detach() - b for p, b in zip(params, before)]
 
 
@@ -299,9 +296,9 @@ def test_flash_attention_gets_packed_documents_as_one_row_with_every_boundary():
     flat = MicroBatch(flat_ids, flat_pos, flat_targets, None, packed.doc_ids, packed.trained_tokens,
                       packed.real_tokens, packed.padded_tokens)
     with torch.no_grad():
-        loss_rows = float(forward_loss(run_for(model), packed)[0])
-        loss_flat = float(forward_loss(run_for(model), flat)[0])
-        loss_alone = sum(float(forward_loss(run_for(model), collate([[d]], ids, labels, pad_id=0))[0])
+        loss_rows = float(forward_loss(recipe_for(), model, packed)[0])
+        loss_flat = float(forward_loss(recipe_for(), model, flat)[0])
+        loss_alone = sum(float(forward_loss(recipe_for(), model, collate([[d]], ids, labels, pad_id=0))[0])
                          for d in range(len(ids)))
     assert abs(loss_flat - loss_alone) < 1e-4 * loss_alone and abs(loss_rows - loss_alone) < 1e-4 * loss_alone
 
@@ -330,16 +327,16 @@ def test_widths_rounded_to_a_multiple_keep_every_document_loss():
             mine, theirs = doc_losses(model, rows, ids, labels), doc_losses(model, rows, ids, labels,
                                                                             pad_to_multiple_of=16)
             assert all(abs(mine[d] - theirs[d]) <= 1e-6 * max(1.0, mine[d]) for d in mine), (rows, mine, theirs)
-            run = run_for(model)
-            assert abs(float(forward_loss(run, exact)[0]) - float(forward_loss(run, rounded)[0])) <= 1e-5
+            recipe = recipe_for()
+            assert abs(float(forward_loss(recipe, model, exact)[0]) - float(forward_loss(recipe, model, rounded)[0])) <= 1e-5
     # Classification reads each row's last real token: the extra pads change no logit.
     cls = classifier()
-    run = run_for(cls, task="classification")
+    recipe = recipe_for(task="classification")
     rows = [[0], [1], [2]]
     exact, rounded = (collate(rows, ids, labels, pad_id=0, class_labels=[0, 1, 2, 0, 1, 2, 0, 1], pad_to_multiple_of=m)
                       for m in (1, 16))
     assert rounded.input_ids.shape[1] == 32 > exact.input_ids.shape[1]
-    assert torch.allclose(forward_loss(run, exact)[2], forward_loss(run, rounded)[2], atol=1e-6, rtol=0)
+    assert torch.allclose(forward_loss(recipe, cls, exact)[2], forward_loss(recipe, cls, rounded)[2], atol=1e-6, rtol=0)
 
 
 def test_rounded_width_stops_at_the_model_positions_and_longrope_switch():
@@ -369,12 +366,12 @@ def test_a_longrope_classifier_keeps_its_logits_when_rounding_passes_the_switch(
             if p.dim() == 2:
                 p.normal_(0, 0.3)
     ids, labels = mixed_documents()
-    run = run_for(model, task="classification")
+    recipe = recipe_for(task="classification")
     logits = {}
     with torch.no_grad():
         for multiple in (1, 12):
             batch = collate([[0], [5]], ids, labels, 0, class_labels=[0] * len(ids), position_limit=SWITCH,
                             pad_to_multiple_of=multiple, max_width=4 * SWITCH)
-            logits[batch.input_ids.shape[1]] = forward_loss(run, batch)[2]
+            logits[batch.input_ids.shape[1]] = forward_loss(recipe, model, batch)[2]
     assert sorted(logits) == [15, 24]
     assert (logits[24] - logits[15]).abs().max() < 1e-5

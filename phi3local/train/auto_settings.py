@@ -99,11 +99,10 @@ def choose_packing(lengths: list[int], shape: ModelShape, recipe: Recipe, micro_
 def measure_packing(recipe: Recipe, docs, loaded, pad_id: int, forward_loss) -> tuple[Recipe, dict]:
     """`recipe` with data.packing decided by timing one micro-batch of each kind on the loaded model.
 
-    `docs`: the training Documents; `forward_loss(run, batch)`: the loop's loss (run needs recipe, model,
-    device). Gradients are cleared and the RNG state restored afterwards: training starts as it would have.
+    `docs`: the training Documents; `forward_loss(recipe, model, batch)`: the loop's loss. Gradients are cleared
+    and the RNG state restored afterwards: training starts as it would have.
     """
     import time
-    from types import SimpleNamespace
 
     import torch
 
@@ -116,7 +115,6 @@ def measure_packing(recipe: Recipe, docs, loaded, pad_id: int, forward_loss) -> 
     if loaded.attn_implementation == "flash_attention_2":
         out.data.packing = True
         return out, {"chosen": "packed", "why": "flash-attention 2 varlen: packed rows pay no cross-document attention"}
-    probe = SimpleNamespace(recipe=out, model=loaded.model, device=loaded.device)
     # SDPA models attend a packed row's documents one by one in training forwards (load_model switched them to
     # phi3local.model.document_attention): timed in train mode, costed per document.
     per_document = loaded.attn_implementation == "sdpa"
@@ -136,7 +134,7 @@ def measure_packing(recipe: Recipe, docs, loaded, pad_id: int, forward_loss) -> 
             if loaded.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            loss_sum, _, _ = forward_loss(probe, batch)
+            loss_sum, _, _ = forward_loss(out, loaded.model, batch)
             loss_sum.backward()
             if loaded.device.type == "cuda":
                 torch.cuda.synchronize()

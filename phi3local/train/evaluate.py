@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from rich.console import Console
@@ -73,8 +72,8 @@ def evaluate_model(path: Path, data_file: Path, overrides: list[str] | None = No
             recipe.lora.enabled, recipe.model.adapter = True, start
             add_start_reference(model, recipe, loaded.base_path)  # dpo/ipo after model.adapter: training's reference
         model.eval()
-        run = SimpleNamespace(model=model, recipe=recipe, tokenizer=tokenizer, device=loaded.device, world=World())
         with torch.no_grad():
-            result = evaluate(run, task_for(recipe).documents(docs_ds))
+            result = evaluate(recipe, model, task_for(recipe).documents(docs_ds), pad_id=tokenizer.pad_token_id,
+                              device=loaded.device, world=World())
     result["rows"] = len(docs_ds)
     return result

@@ -419,11 +419,11 @@ def install_signal_handlers(run: Run) -> None:
 
 # --------------------------------------------------------------------------------------------- steps
 
-def forward_loss(run, batch, count_correct: bool = False):
+def forward_loss(recipe: Recipe, model, batch, count_correct: bool = False):
     """The task's loss of one micro-batch: (loss sum over its units, correct count or None, classification
-    logits or None). `run` needs only recipe and model (auto_settings times it on a probe)."""
-    loss_sum, stats = task_for(run.recipe).loss(run.model, batch, chunk_size=run.recipe.training.loss_chunk_size,
-                                                count_correct=count_correct)
+    logits or None)."""
+    loss_sum, stats = task_for(recipe).loss(model, batch, chunk_size=recipe.training.loss_chunk_size,
+                                            count_correct=count_correct)
     return loss_sum, stats.get("correct"), stats.get("logits")
 
 
@@ -435,34 +435,27 @@ def epoch_plan(recipe: Recipe, lengths: list[int], epoch: int, packing: bool | N
                       recipe.seed, epoch, long_from=long_from(recipe))
 
 
-def make_batches(run, docs, epoch: int, packing: bool | None = None) -> list[list[list[int]]]:
-    return epoch_plan(run.recipe, docs.lengths, epoch, packing)
-
-
-def next_micro_batches(run, plans: dict[int, list]) -> list:
-    """This rank's micro-batches of the next optimizer step (grad_accum per rank); a step never crosses an
-    epoch boundary. Advances run.state's data position."""
-    s = run.state
+def next_micro_batches(recipe: Recipe, state: ckpt.TrainerState, docs, plans: dict[int, list], *,
+                       world: distributed.World, pad_id: int, sizes: dict) -> list:
+    """This rank's micro-batches of the next optimizer step (grad_accum per rank) over the training `docs`; a step
+    never crosses an epoch boundary. Advances `state`'s data position; `plans` caches the current epoch's plan.
+    sizes: collate's width rounding (`widths`)."""
+    s = state
     if s.epoch not in plans:
         plans.clear()
-        plans[s.epoch] = make_batches(run, run.train_docs, s.epoch)
+        plans[s.epoch] = epoch_plan(recipe, docs.lengths, s.epoch)
     plan = plans[s.epoch]
-    chosen = plan[s.batch_in_epoch : s.batch_in_epoch + run.recipe.training.grad_accum * run.world.size]
+    chosen = plan[s.batch_in_epoch : s.batch_in_epoch + recipe.training.grad_accum * world.size]
     s.batch_in_epoch += len(chosen)
     if s.batch_in_epoch >= len(plan):
         s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-    return collate_rows(task_for(run.recipe), run.world.share(chosen), run.train_docs, run.tokenizer.pad_token_id,
-                        run.recipe, padding(run))
+    return collate_rows(task_for(recipe), world.share(chosen), docs, pad_id, recipe, sizes)
 
 
 def collate_rows(task, plan: list, docs, pad_id: int, recipe: Recipe, widths: dict) -> list:
     """The task's micro-batches of planned rows, with the LongRoPE position limit and the width rounding."""
     limit = long_from(recipe)
     return [task.collate(rows, docs, pad_id, position_limit=limit, **widths) for rows in plan]
-
-
-def padding(run) -> dict:
-    return widths(run.recipe, run.model, run.device)
 
 
 def widths(recipe: Recipe, model, device: torch.device) -> dict:
@@ -493,11 +486,10 @@ class StepResult:
         return iter((self.loss, self.grad_norm))
 
 
-def train_step(run, batches: list) -> StepResult:
+def train_step(run: Run, batches: list) -> StepResult:
     """One optimizer step of the run (its task, model, optimizer, scheduler, world) over `batches`."""
     t = run.recipe.training
-    return optimizer_step(task_for(run.recipe), getattr(run, "engine", None) or run.model, batches, run.optimizer,
-                          run.scheduler, run.world,
+    return optimizer_step(run.task, run.engine or run.model, batches, run.optimizer, run.scheduler, run.world,
                           device=run.device, max_grad_norm=t.max_grad_norm, chunk_size=t.loss_chunk_size,
                           offload_activations=t.offload_activations, step=run.state.step + 1,
                           sources=run.train_docs.sources if run.train_docs is not None else ())
@@ -562,37 +554,38 @@ def step_metrics(task, result: StepResult, world: distributed.World) -> dict:
 
 
 @torch.no_grad()
-def evaluate(run, docs, max_batches: int = 0) -> dict:
-    """The task's validation metrics over `docs` (always val_loss). `run` needs recipe, model, tokenizer, device
-    and world (`phi3local eval` passes exactly those)."""
+def evaluate(recipe: Recipe, model, docs, *, pad_id: int, device: torch.device, world: distributed.World,
+             engine: distributed.DataParallel | distributed.FullyShardedParallel | None = None,
+             max_batches: int = 0) -> dict:
+    """The task's validation metrics of `model` over `docs` (always val_loss). engine: the training run's
+    (World.wrap) when several ranks evaluate; None for one process (`phi3local eval`)."""
     if not len(docs):
         return {}
-    task = task_for(run.recipe)
-    was_training = run.model.training
-    run.model.eval()
-    plan = make_batches(run, docs, epoch=0)
+    task = task_for(recipe)
+    was_training = model.training
+    model.eval()
+    plan = epoch_plan(recipe, docs.lengths, 0)
     if max_batches:
         plan = plan[:max_batches]
-    limit, widths = long_from(run.recipe), padding(run)
-    share = run.world.share(plan)
-    batches = (task.collate(rows, docs, run.tokenizer.pad_token_id, position_limit=limit, **widths).to(run.device)
+    limit, sizes = long_from(recipe), widths(recipe, model, device)
+    share = world.share(plan)
+    batches = (task.collate(rows, docs, pad_id, position_limit=limit, **sizes).to(device)
                for rows in share)  # one at a time
-    engine = getattr(run, "engine", None) or distributed.Local(run.model)
-    missing = math.ceil(len(plan) / run.world.size) - len(share)  # fsdp: filler forwards to the most any rank has
+    engine = engine or distributed.Local(model)
+    missing = math.ceil(len(plan) / world.size) - len(share)  # fsdp: filler forwards to the most any rank has
     try:
-        return engine.evaluate(lambda model, own: task.evaluate(model, own, run.world,
-                                                                chunk_size=run.recipe.training.loss_chunk_size),
+        return engine.evaluate(lambda m, own: task.evaluate(m, own, world, chunk_size=recipe.training.loss_chunk_size),
                                batches, missing)
     finally:
-        run.model.train(was_training)
+        model.train(was_training)
 
 
-def sample_generations(run, docs, count: int, max_new_tokens: int) -> list[dict]:
+def sample_generations(recipe: Recipe, model, tokenizer, docs, count: int, max_new_tokens: int) -> list[dict]:
     """Greedy answers to the first validation prompts (tasks whose adapter chats; none for the others)."""
-    task = task_for(run.recipe)
+    task = task_for(recipe)
     if not task.generates or count <= 0:
         return []
-    return task.samples(run.model, docs, run.tokenizer, count, max_new_tokens)
+    return task.samples(model, docs, tokenizer, count, max_new_tokens)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -627,7 +620,8 @@ def adapter_state(run: Run) -> dict | None:
 
 
 def run_eval(run: Run) -> dict:
-    result = evaluate(run, run.val_docs, run.recipe.eval.max_batches)
+    result = evaluate(run.recipe, run.model, run.val_docs, pad_id=run.tokenizer.pad_token_id, device=run.device,
+                      world=run.world, engine=run.engine, max_batches=run.recipe.eval.max_batches)
     if not result:
         return {}
     s = run.state
@@ -643,6 +637,7 @@ def train(run: Run) -> dict:
     r, s, task = run.recipe, run.state, run.task
     run.model.train()
     plans: dict[int, list] = {}
+    sizes = widths(r, run.model, run.device)
     display = TrainDisplay(run.total_steps, r.training.display if run.world.is_main else "none", run.console)
     window_tokens = window_real = window_padded = 0
     window_start = time.perf_counter()
@@ -651,7 +646,8 @@ def train(run: Run) -> dict:
     energy = EnergyMeter(run.device.type, run.device.index)  # this session's energy (a resumed run's earlier part is not in it)
     with display:
         while s.step < run.total_steps:
-            batches = next_micro_batches(run, plans)
+            batches = next_micro_batches(r, s, run.train_docs, plans, world=run.world,
+                                         pad_id=run.tokenizer.pad_token_id, sizes=sizes)
             try:
                 result = train_step(run, batches)
                 loss, grad_norm = result
@@ -709,8 +705,9 @@ def train(run: Run) -> dict:
     s.elapsed_seconds = time.perf_counter() - run_start
     # Rank 0 generates alone; under fsdp it would need the other ranks' shards at every token, so none are made.
     sharded = isinstance(run.engine, distributed.FullyShardedParallel)
-    samples = sample_generations(run, run.val_docs, r.eval.generate_samples if run.world.is_main and not sharded
-                                 else 0, r.eval.max_new_tokens)
+    samples = sample_generations(r, run.model, run.tokenizer, run.val_docs,
+                                 r.eval.generate_samples if run.world.is_main and not sharded else 0,
+                                 r.eval.max_new_tokens)
     if sharded and r.eval.generate_samples:
         run.console.print("[dim]eval.generate_samples: none under training.parallelism=fsdp (chat with the adapter "
                           "instead)[/]", soft_wrap=True, highlight=False)
@@ -734,7 +731,7 @@ def train(run: Run) -> dict:
     summary["first_val_loss"] = vals[0] if vals else None
     folders.write_text_atomic(run.run_dir / "summary.json", json.dumps(summary, indent=2))
     folders.write_text_atomic(run.run_dir / "trainer_state.json", json.dumps(ckpt.asdict(s), indent=2))
-    print_summary(run, summary, task)
+    print_summary(run.run_dir, summary, run.console, run.device, task)
     return summary
 
 
@@ -768,8 +765,8 @@ def _round(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def print_summary(run: Run, summary: dict, task=None) -> None:
-    table = Table(title=f"run {run.run_dir}")
+def print_summary(run_dir: Path, summary: dict, console: Console, device: torch.device, task=None) -> None:
+    table = Table(title=f"run {run_dir}")
     table.add_column("metric", style="cyan")
     table.add_column("value")
     final = summary["final"] or {}
@@ -781,7 +778,7 @@ def print_summary(run: Run, summary: dict, task=None) -> None:
         # What peak_memory_bytes counts: CUDA's allocated tensors (the plan's "peak (step's tensors)" counts the
         # same), else the process's peak RSS, which adds the Python runtime, torch and the data to the tensors.
         ("peak memory, CUDA tensors", f"{format_bytes(summary['peak_memory_bytes'])} (the plan's count)")
-        if run.device.type == "cuda" else
+        if device.type == "cuda" else
         ("peak memory, process RSS", f"{format_bytes(summary['peak_memory_bytes'])} (Python, libraries, tensors)"),
         ("first → final val loss", f"{_round(summary['first_val_loss'])} → {_round(final.get('val_loss'))}"),
         ("best val loss (step)", f"{_round(summary['best_val_loss'])} ({summary['best_step']})"),
@@ -790,9 +787,9 @@ def print_summary(run: Run, summary: dict, task=None) -> None:
     rows += summary_rows(summary["cost"])
     for k, v in rows:
         table.add_row(k, v)
-    run.console.print(table)
+    console.print(table)
     for sample in summary["samples"]:
-        run.console.print(f"[dim]prompt:[/] {sample['prompt']!r}\n[green]generated:[/] {sample['generated']!r}")
+        console.print(f"[dim]prompt:[/] {sample['prompt']!r}\n[green]generated:[/] {sample['generated']!r}")
 
 
 def cleanup(run: Run, failed: bool = False) -> None:
