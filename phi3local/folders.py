@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from phi3local.errors import Phi3LocalError
@@ -160,14 +160,21 @@ def remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A fresh folder beside out_dir to build into; removed if the block raises."""
+def staged(out_dir: Path, stage: str | None = None, overwrite: bool = False) -> Iterator[Path]:
+    """Build out_dir whole or not at all: the block writes into a fresh folder beside it
+    (`.NAME.tmp-PID-*`), which replaces out_dir in one rename when the block ends and is removed when it
+    raises. stage: out_dir must be empty or that stage's own output (checked again before the rename, and
+    the folder is marked as it: `publish_dir`); None: the caller owns out_dir (a run's adapter)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
+        if stage is None:
+            replace_dir(tmp, out_dir)
+        else:
+            publish_dir(tmp, out_dir, stage, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,13 +185,37 @@ def publish_dir(tmp: Path, out_dir: Path, stage: str, overwrite: bool) -> None:
     tmp, out_dir = Path(tmp), Path(out_dir)
     check_output_dir(out_dir, stage, overwrite)  # again: the folder may have changed while we worked
     write_marker(tmp, stage)
+    replace_dir(tmp, out_dir)
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished folder tmp to out_dir. An existing out_dir is first renamed aside
+    (`.NAME.old-PID-*`, deleted after), so out_dir is at every moment either the old folder or the new one."""
+    tmp, out_dir = Path(tmp), Path(out_dir)
     old = None
-    if out_dir.exists():
+    if out_dir.exists() or out_dir.is_symlink():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
+
+
+def settle(out_dir: Path, stale: Callable[[Path], bool] = lambda tmp: True) -> None:
+    """Tidy what a crash left beside out_dir: its staging folders `.NAME.tmp-*` are removed (those `stale`
+    says no live process writes), and a `.NAME.old-*` (a crash between replace_dir's two renames) is put
+    back as out_dir if out_dir is gone, else removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        if stale(tmp):
+            remove(tmp)
+    for old in sorted(out_dir.parent.glob(f".{out_dir.name}.old-*")):
+        if out_dir.exists() or out_dir.is_symlink():
+            remove(old)
+        else:
+            os.replace(old, out_dir)
 
 
 @contextlib.contextmanager

@@ -444,3 +444,37 @@ def test_resume_accepts_keys_that_do_not_change_training_and_keys_newer_than_the
     del saved["lora"]["use_dora"]
     now["lora"]["use_dora"] = True  # a newer key set to something else than its default does change training
     assert ckpt.recipe_changes(saved, now) == ["lora.use_dora: None -> True"]
+
+
+def test_a_staged_folder_is_whole_or_absent_and_replaces_only_its_own_stage(tmp_path):
+    out = tmp_path / "merged"
+    with pytest.raises(RuntimeError), folders.staged(out, "merge") as tmp:
+        (tmp / "model.safetensors").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []  # neither out nor its staging folder
+    with folders.staged(out, "merge") as tmp:
+        (tmp / "model.safetensors").write_text("first")
+    with folders.staged(out, "merge", overwrite=True) as tmp:
+        (tmp / "model.safetensors").write_text("second")
+    assert (out / "model.safetensors").read_text() == "second" and folders.owner(out) == "merge"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("keep")
+    with pytest.raises(folders.OutputExistsError), folders.staged(mine, "merge", overwrite=True) as tmp:
+        (tmp / "model.safetensors").write_text("x")
+    assert [p.name for p in mine.iterdir()] == ["todo.txt"] and len(list(tmp_path.iterdir())) == 2
+
+
+def test_settle_restores_a_folder_a_crash_left_renamed_aside_and_removes_stale_staging(tmp_path):
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_text("trained")
+    adapter.rename(tmp_path / "run" / ".adapter.old-1-ab")  # killed between replace_dir's two renames
+    (tmp_path / "run" / ".adapter.tmp-1-cd").mkdir()
+    ckpt.clean_stale_temporaries(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter"]
+    assert (adapter / "adapter_model.safetensors").read_text() == "trained"
+    (tmp_path / "run" / ".adapter.old-2-ef").mkdir()  # out_dir exists: the old copy is the stale one
+    ckpt.clean_stale_temporaries(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter"]

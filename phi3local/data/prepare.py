@@ -22,9 +22,7 @@ import json
 import math
 import os
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,18 +438,12 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temporaries(out_dir: Path) -> None:
     """Remove what a crashed prepare left next to out_dir: `.NAME.tmp-PID-*` of dead processes, and
     `.NAME.old-*` (restored as out_dir if a crash fell between the two renames)."""
-    parent = out_dir.parent
-    if not parent.is_dir():
-        return
-    for p in parent.glob(f".{out_dir.name}.tmp-*"):
-        pid = p.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if not (pid.isdigit() and _pid_alive(int(pid))):
-            shutil.rmtree(p, ignore_errors=True)
-    for p in sorted(parent.glob(f".{out_dir.name}.old-*")):
-        if not out_dir.exists() and (p / "stats.json").exists():
-            p.rename(out_dir)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
+
+    def stale(tmp: Path) -> bool:
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        return not (pid.isdigit() and _pid_alive(int(pid)))
+
+    folders.settle(out_dir, stale)
 
 
 # ------------------------------------------------------------------------------------------- prepare
@@ -548,24 +540,19 @@ def _print_summary(stats: dict[str, Any], console, max_rows_shown: int) -> None:
 def _publish(out_dir: Path, stats: dict[str, Any], train_ds, validation_ds, started: float, console,
              max_rows_shown: int) -> PrepareResult:
     """Write the two splits and stats.json under a temporary name, rename into place, print the summary."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     import datasets
 
     bars_were_on = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
-        tmp.mkdir()
-        _save(train_ds, tmp / "train")
-        _save(validation_ds, tmp / "validation")
-        stats["seconds"] = round(time.time() - started, 2)
-        # backslashreplace: a file name that is not UTF-8 (decoded by Python into surrogates) must not crash here.
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n", encoding="utf-8",
-                                        errors="backslashreplace")
-        folders.publish_dir(tmp, out_dir, "prepare", overwrite=True)  # replaces only an earlier prepare output
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # overwrite=True: replaces an earlier prepare output only (check_output_dir refuses anything else).
+        with folders.staged(out_dir, "prepare", overwrite=True) as tmp:
+            _save(train_ds, tmp / "train")
+            _save(validation_ds, tmp / "validation")
+            stats["seconds"] = round(time.time() - started, 2)
+            # backslashreplace: a file name that is not UTF-8 (decoded by Python into surrogates) must not crash.
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n",
+                                            encoding="utf-8", errors="backslashreplace")
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()

@@ -33,7 +33,7 @@ from phi3local.export.gguf_convert import (
     stage_converter_input,
     tensor_types,
 )
-from phi3local.folders import check_output_dir, dir_size, publish_dir, staging_dir
+from phi3local.folders import check_output_dir, dir_size, staged
 from phi3local.serve.json_files import read_json, write_json
 from phi3local.versions import export_versions
 
@@ -181,7 +181,7 @@ def export_gguf(model_dir: Path, out_dir: Path, quant: str | None = None, fmt: s
     check_output_dir(out_dir, "export", overwrite)
     config = check_source(model_dir)
 
-    with staging_dir(out_dir) as tmp:
+    with staged(out_dir, "export", overwrite) as tmp:
         gguf_path, conversion = convert(model_dir, tmp, quant)
         report = {
             "format": fmt, "model_dir": str(model_dir), "quant": quant, "gguf": gguf_path.name,
@@ -198,7 +198,6 @@ def export_gguf(model_dir: Path, out_dir: Path, quant: str | None = None, fmt: s
         report["seconds"] = round(time.perf_counter() - t0, 3)
         report["size_bytes"] = dir_size(tmp) - sum((tmp / n).stat().st_size for n in REPORT_FILES if (tmp / n).exists())
         write_json(tmp / "export_report.json", report)
-        publish_dir(tmp, out_dir, "export", overwrite)
     if parity is not None:  # point the report at the published file
         parity["gguf"] = str(out_dir / gguf_path.name)
         write_json(out_dir / "parity.json", parity)

@@ -21,7 +21,7 @@ import torch
 
 from phi3local.errors import Phi3LocalError
 from phi3local.export.tokenizer_files import collect_stop_ids, copy_tokenizer_files, find_tokenizer_dir, load_hf_tokenizer
-from phi3local.folders import check_output_dir, dir_size, publish_dir, staging_dir
+from phi3local.folders import check_output_dir, dir_size, staged
 from phi3local.model.pretrained import from_pretrained
 from phi3local.serve.json_files import as_id_list, read_json, write_json
 from phi3local.versions import export_versions
@@ -247,7 +247,7 @@ def merge_adapter(
     if adapter_effect == 0.0:
         log.warning("the adapter does not change the logits at all (untrained or zero-initialised LoRA B)")
 
-    with staging_dir(out_dir) as tmp:
+    with staged(out_dir, "merge", overwrite) as tmp:
         merged_model.config.use_cache = True  # training turns it off; inference needs the KV cache
         merged_model.save_pretrained(tmp)
         report["tie_word_embeddings"] = _clean_config(tmp / "config.json")
@@ -258,7 +258,6 @@ def merge_adapter(
         report["seconds"] = round(time.perf_counter() - t0, 3)
         report["versions"] = export_versions()
         write_json(tmp / "merge_report.json", report)
-        publish_dir(tmp, out_dir, "merge", overwrite)
     log.info("merged model saved to %s (max |diff| %.3g, %.3g x logit scale)", out_dir, max_diff,
              report["relative_diff"])
     return report

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from phi3local.errors import Phi3LocalError
 from phi3local.export.tokenizer_files import collect_stop_ids, copy_tokenizer_files
-from phi3local.folders import check_output_dir, dir_size, publish_dir, staging_dir
+from phi3local.folders import check_output_dir, dir_size, staged
 from phi3local.serve.chat import LONGROPE_FILE
 from phi3local.serve.json_files import as_id_list, read_json, write_json
 from phi3local.versions import export_versions
@@ -388,7 +388,7 @@ def export_onnx(
         kv.append(f"adapter_path={adapter_path}")
     stop_ids = collect_stop_ids(model_dir)
 
-    with staging_dir(out_dir) as tmp:
+    with staged(out_dir, "export", overwrite) as tmp:
         cache = tmp / "_builder_cache"
         log_path = tmp / "builder.log"
         patch = _lm_head_matches_output_embeddings(base_mod) if collisions else contextlib.nullcontext()
@@ -483,7 +483,6 @@ def export_onnx(
         report["size_bytes"] = dir_size(tmp) - sum(
             (tmp / n).stat().st_size for n in REPORT_FILES if (tmp / n).exists())
         write_json(tmp / "export_report.json", report)
-        publish_dir(tmp, out_dir, "export", overwrite)
 
     if parity is not None:  # point the report at the published folder
         parity["onnx_dir"] = str(out_dir)

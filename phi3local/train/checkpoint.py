@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phi3local import versions
+from phi3local import folders, versions
 from phi3local.config import Recipe, flatten_keys
 from phi3local.errors import Phi3LocalError
 
@@ -198,9 +198,7 @@ def save_checkpoint(
         if full:
             raise CheckpointError(disk_full_message(writing, run_dir)) from e
         raise
-    if final.exists():  # a re-save of the same step (e.g. the final step after a signal)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    folders.replace_dir(tmp, final)  # over a re-save of the same step (e.g. the final step after a signal)
     return final
 
 
@@ -299,10 +297,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def clean_stale_temporaries(run_dir: Path) -> None:
+    """What a crash left in the run folder (call it holding the run's lock: nothing else writes there):
+    checkpoints being written, and the adapter's or a re-saved checkpoint's staging (`folders.settle`)."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for p in root.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)
+        for old in root.glob(".step-*.old-*"):
+            folders.settle(root / old.name[1:].split(".old-", 1)[0])
+    folders.settle(Path(run_dir) / "adapter")
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> None:

@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import random
-import shutil
 import signal
 import time
 from contextlib import ExitStack
@@ -741,23 +740,18 @@ def save_adapter(run: Run, state: dict | None = None) -> Path:
     from transformers import GenerationConfig
 
     out = run.run_dir / "adapter"
-    tmp = run.run_dir / ".tmp-adapter"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    run.model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
-    run.tokenizer.save_pretrained(tmp)
-    if run.task.generates:
-        try:
-            gen = GenerationConfig.from_pretrained(
-                run.loaded.base_path, **revision_kwargs(run.loaded.base_path, run.recipe.model.revision))
-        except OSError:
-            gen = GenerationConfig()
-        gen.eos_token_id = stop_token_ids(run.tokenizer)
-        gen.pad_token_id = run.tokenizer.pad_token_id
-        gen.save_pretrained(tmp)
-    if out.exists() or out.is_symlink():
-        folders.remove(out)
-    tmp.rename(out)
+    with folders.staged(out) as tmp:  # the run folder is ours (locked): no stage check
+        run.model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
+        run.tokenizer.save_pretrained(tmp)
+        if run.task.generates:
+            try:
+                gen = GenerationConfig.from_pretrained(
+                    run.loaded.base_path, **revision_kwargs(run.loaded.base_path, run.recipe.model.revision))
+            except OSError:
+                gen = GenerationConfig()
+            gen.eos_token_id = stop_token_ids(run.tokenizer)
+            gen.pad_token_id = run.tokenizer.pad_token_id
+            gen.save_pretrained(tmp)
     return out
 
 
