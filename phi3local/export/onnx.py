@@ -342,6 +342,51 @@ def export_onnx(
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir, "export", overwrite)
+    config, collisions = check_request(model_dir, precision, target, vocab_collision)
+    builder, base_mod = _import_builder()
+    kv = [f"{k}={v}" for k, v in (extra_options or {}).items()]
+    if adapter_path is not None:
+        adapter_path = Path(adapter_path)
+        if (adapter_path / "adapter" / "adapter_config.json").is_file():
+            adapter_path = adapter_path / "adapter"
+        kv.append(f"adapter_path={adapter_path}")
+    stop_ids = collect_stop_ids(model_dir)
+
+    with staged(out_dir, "export", overwrite) as tmp:
+        build_seconds = run_builder(builder, base_mod, model_dir, tmp, precision, target, kv, collisions)
+        report = {
+            "model_dir": str(model_dir),
+            "adapter_path": str(adapter_path) if adapter_path else None,
+            "precision": precision,
+            "target": target,
+            "export_seconds": round(build_seconds, 3),
+            **complete_folder(tmp, model_dir, stop_ids),
+            "source_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
+            "vocab_size": config["vocab_size"],
+            "vocab_collision": collisions,
+            "vocab_collision_fix": "has_lm_head matched only get_output_embeddings()" if collisions else None,
+            "versions": export_versions(),
+        }
+        parity = None
+        if check:
+            parity = check_export(tmp, model_dir, precision, target, adapter_path, prompts, new_tokens, report,
+                                  out_dir, show)
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        # The model as shipped: everything but the reports.
+        report["size_bytes"] = dir_size(tmp) - sum(
+            (tmp / n).stat().st_size for n in REPORT_FILES if (tmp / n).exists())
+        write_json(tmp / "export_report.json", report)
+
+    if parity is not None:  # point the report at the published folder
+        parity["onnx_dir"] = str(out_dir)
+        write_json(out_dir / "parity.json", parity)
+    if show:
+        _print_report(report)
+    return report
+
+
+def check_request(model_dir: Path, precision: str, target: str, vocab_collision: str) -> tuple[dict, list[str]]:
+    """Refuse, before anything is built, what the builder cannot export right: (config.json, vocab collisions)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if target not in TARGETS:
@@ -378,118 +423,97 @@ def export_onnx(
             "export this model wrong. Use vocab_collision='fix' (matches only the real lm_head) or change "
             "vocab_size (e.g. pad the embeddings to a multiple of 64 that differs from every projection width)."
         )
+    return config, collisions
 
-    builder, base_mod = _import_builder()
-    kv = [f"{k}={v}" for k, v in (extra_options or {}).items()]
-    if adapter_path is not None:
-        adapter_path = Path(adapter_path)
-        if (adapter_path / "adapter" / "adapter_config.json").is_file():
-            adapter_path = adapter_path / "adapter"
-        kv.append(f"adapter_path={adapter_path}")
-    stop_ids = collect_stop_ids(model_dir)
 
-    with staged(out_dir, "export", overwrite) as tmp:
-        cache = tmp / "_builder_cache"
-        log_path = tmp / "builder.log"
-        patch = _lm_head_matches_output_embeddings(base_mod) if collisions else contextlib.nullcontext()
-        hf_config = read_json(Path(model_dir) / "config.json")
-        head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
-        tb = time.perf_counter()
-        buf = io.StringIO()
+def run_builder(builder, base_mod, model_dir: Path, tmp: Path, precision: str, target: str, kv: list[str],
+                collisions: list[str]) -> float:
+    """onnxruntime-genai's model builder from model_dir into tmp, with the project's patches; its output goes to
+    tmp/builder.log (and into the error when it fails). Returns the build's seconds."""
+    cache = tmp / "_builder_cache"
+    log_path = tmp / "builder.log"
+    patch = _lm_head_matches_output_embeddings(base_mod) if collisions else contextlib.nullcontext()
+    hf_config = read_json(Path(model_dir) / "config.json")
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    started = time.perf_counter()
+    buf = io.StringIO()
+    try:
+        with patch, _no_gqa_for_small_heads(base_mod, head_dim), _int4_from_disk(base_mod, tmp), \
+                _quiet_builder_logging(), \
+                contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
+                builder_input(model_dir, hf_config, tmp) as source:
+            extra = builder.parse_extra_options(None, str(source), str(tmp), precision, target, str(cache), kv)
+            builder.create_model(None, str(source), str(tmp), precision, target, str(cache), **extra)
+    except Exception as e:
+        raise ExportError(f"the model builder failed: {e}\n--- builder output ---\n{buf.getvalue()[-4000:]}") from e
+    finally:
+        log_path.write_text(buf.getvalue(), encoding="utf-8")
+    seconds = time.perf_counter() - started
+    shutil.rmtree(cache, ignore_errors=True)
+    return seconds
+
+
+def complete_folder(tmp: Path, model_dir: Path, stop_ids: list[int]) -> dict:
+    """What the runtime reads beside the graph: the tokenizer files, the LongRoPE switch and a genai_config with
+    every stop id. Returns the report's fields about the folder."""
+    tokenizer_files = copy_tokenizer_files(model_dir, tmp)
+    switch = longrope_switch_of(read_json(Path(model_dir) / "config.json"))
+    if switch is not None:
+        write_json(tmp / LONGROPE_FILE, {"original_max_position_embeddings": switch})
+    genai_cfg = _fix_genai_config(tmp, stop_ids)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    return {"model_bytes": sum(s for n, s in files.items() if n.endswith((".onnx", ".onnx.data"))), "files": files,
+            "eos_token_id": genai_cfg["model"]["eos_token_id"], "tokenizer_files": tokenizer_files}
+
+
+def check_export(tmp: Path, model_dir: Path, precision: str, target: str, adapter_path: Path | None, prompts,
+                 new_tokens: int, report: dict, out_dir: Path, show: bool) -> dict | None:
+    """Parity against PyTorch where the graph runs here (fp32: ParityError past FP32_PARITY_TOLERANCE) and the
+    serving measurements where it runs on its own target; both go into `report`. Returns the parity report."""
+    parity = None
+    provider = None
+    if target == "cuda" and not _cuda_available():
+        # No CUDA here: fp16 and int4 CUDA graphs still run on the CPU EP, so parity can be measured
+        # (bf16 MatMul has no CPU kernel; the fp32 CUDA graph does not load on the CPU EP).
+        provider = "cpu" if precision in ("fp16", "int4") else None
+    runnable = target == "cpu" or _cuda_available() or provider == "cpu"
+    tol = FP32_PARITY_TOLERANCE if precision == "fp32" else None
+    if runnable:
+        from phi3local.export.parity import check_parity
+
         try:
-            with patch, _no_gqa_for_small_heads(base_mod, head_dim), _int4_from_disk(base_mod, tmp), \
-                    _quiet_builder_logging(), \
-                    contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
-                    builder_input(model_dir, hf_config, tmp) as source:
-                extra = builder.parse_extra_options(None, str(source), str(tmp), precision, target, str(cache), kv)
-                builder.create_model(None, str(source), str(tmp), precision, target, str(cache), **extra)
+            parity = check_parity(tmp, model_dir, prompts, new_tokens, adapter_path=adapter_path,
+                                  tolerance=tol, execution_provider=provider, show=show)
         except Exception as e:
-            raise ExportError(f"the model builder failed: {e}\n--- builder output ---\n{buf.getvalue()[-4000:]}") from e
-        finally:
-            log_path.write_text(buf.getvalue(), encoding="utf-8")
-        build_seconds = time.perf_counter() - tb
-        shutil.rmtree(cache, ignore_errors=True)
+            if provider is None:
+                raise
+            # A CUDA graph that does not run on the CPU EP after all: report it, don't fail the export.
+            report["parity"] = {"skipped": f"{precision} for {target} does not run on the CPU EP here: "
+                                           f"{str(e).splitlines()[0][:300]}"}
+    else:
+        report["parity"] = {"skipped": f"{precision} for {target} cannot run on this machine"}
+    if parity is not None:
+        report["parity"] = {k: parity[k] for k in (
+            "max_abs_diff", "logit_scale", "relative_error", "greedy_identical", "greedy_compared",
+            "greedy_all_agree", "tokenizer_match", "logits_alignment_ok", "execution_provider", "seconds")
+            if k in parity}
+        if "passed" in parity:
+            report["parity"]["passed"] = parity["passed"]
+            report["parity"]["tolerance_relative"] = tol
+        if tol is not None and not parity["passed"]:
+            raise ParityError(
+                f"fp32 export differs from PyTorch by {parity['max_abs_diff']:.3g} (relative "
+                f"{parity['relative_error']:.3g} of the logit scale, tolerance {tol:g}); greedy "
+                f"{parity['greedy_identical']}/{parity['greedy_compared']}. Nothing was written to {out_dir}.",
+                parity,
+            )
+    if target == "cpu" or _cuda_available():
+        # Only where the graph runs on its own target: a CUDA graph timed on the CPU says nothing.
+        from phi3local.export.measure import MEASUREMENTS_FILE, measure_serving
 
-        tokenizer_files = copy_tokenizer_files(model_dir, tmp)
-        switch = longrope_switch_of(hf_config)
-        if switch is not None:
-            write_json(tmp / LONGROPE_FILE, {"original_max_position_embeddings": switch})
-        genai_cfg = _fix_genai_config(tmp, stop_ids)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        model_bytes = sum(s for n, s in files.items() if n.endswith((".onnx", ".onnx.data")))
-        report = {
-            "model_dir": str(model_dir),
-            "adapter_path": str(adapter_path) if adapter_path else None,
-            "precision": precision,
-            "target": target,
-            "export_seconds": round(build_seconds, 3),
-            "model_bytes": model_bytes,
-            "files": files,
-            "source_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
-            "vocab_size": config["vocab_size"],
-            "vocab_collision": collisions,
-            "vocab_collision_fix": "has_lm_head matched only get_output_embeddings()" if collisions else None,
-            "eos_token_id": genai_cfg["model"]["eos_token_id"],
-            "tokenizer_files": tokenizer_files,
-            "versions": export_versions(),
-        }
-
-        parity = None
-        provider = None
-        if target == "cuda" and not _cuda_available():
-            # No CUDA here: fp16 and int4 CUDA graphs still run on the CPU EP, so parity can be measured
-            # (bf16 MatMul has no CPU kernel; the fp32 CUDA graph does not load on the CPU EP).
-            provider = "cpu" if precision in ("fp16", "int4") else None
-        runnable = target == "cpu" or _cuda_available() or provider == "cpu"
-        if check and runnable:
-            from phi3local.export.parity import check_parity
-
-            tol = FP32_PARITY_TOLERANCE if precision == "fp32" else None
-            try:
-                parity = check_parity(tmp, model_dir, prompts, new_tokens, adapter_path=adapter_path,
-                                      tolerance=tol, execution_provider=provider, show=show)
-            except Exception as e:
-                if provider is None:
-                    raise
-                # A CUDA graph that does not run on the CPU EP after all: report it, don't fail the export.
-                parity = None
-                report["parity"] = {"skipped": f"{precision} for {target} does not run on the CPU EP here: "
-                                               f"{str(e).splitlines()[0][:300]}"}
-        if parity is not None:
-            report["parity"] = {k: parity[k] for k in (
-                "max_abs_diff", "logit_scale", "relative_error", "greedy_identical", "greedy_compared",
-                "greedy_all_agree", "tokenizer_match", "logits_alignment_ok", "execution_provider", "seconds")
-                if k in parity}
-            if "passed" in parity:
-                report["parity"]["passed"] = parity["passed"]
-                report["parity"]["tolerance_relative"] = tol
-            if tol is not None and not parity["passed"]:
-                raise ParityError(
-                    f"fp32 export differs from PyTorch by {parity['max_abs_diff']:.3g} (relative "
-                    f"{parity['relative_error']:.3g} of the logit scale, tolerance {tol:g}); greedy "
-                    f"{parity['greedy_identical']}/{parity['greedy_compared']}. Nothing was written to {out_dir}.",
-                    parity,
-                )
-        elif check and not runnable:
-            report["parity"] = {"skipped": f"{precision} for {target} cannot run on this machine"}
-        if check and (target == "cpu" or _cuda_available()):
-            # Only where the graph runs on its own target: a CUDA graph timed on the CPU says nothing.
-            from phi3local.export.measure import MEASUREMENTS_FILE, measure_serving
-
-            report["measurements"] = measure_serving(tmp)
-            write_json(tmp / MEASUREMENTS_FILE, report["measurements"])
-        report["seconds"] = round(time.perf_counter() - t0, 3)
-        # The model as shipped: everything but the reports.
-        report["size_bytes"] = dir_size(tmp) - sum(
-            (tmp / n).stat().st_size for n in REPORT_FILES if (tmp / n).exists())
-        write_json(tmp / "export_report.json", report)
-
-    if parity is not None:  # point the report at the published folder
-        parity["onnx_dir"] = str(out_dir)
-        write_json(out_dir / "parity.json", parity)
-    if show:
-        _print_report(report)
-    return report
+        report["measurements"] = measure_serving(tmp)
+        write_json(tmp / MEASUREMENTS_FILE, report["measurements"])
+    return parity
 
 
 def _cuda_available() -> bool:
