@@ -80,8 +80,7 @@ def torch_answers(model_dir: Path | str, chats: Sequence[dict], max_new_tokens: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from phi3local.model.tokenizer import load_tokenizer
-    from phi3local.train.recipe import stop_token_ids
+    from phi3local.model.tokenizer import load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -91,7 +91,7 @@ def check_longrope_switch(config: dict, model_dir: Path) -> None:
     context up to a multiple of 256: a switch below 256 (the tiny stand-ins' 64; the real models' is 4096) would
     never get its short factors, so every prompt PyTorch runs on them would differ."""
     from phi3local.export.gguf_parity import CONTEXT_PAD
-    from phi3local.export.onnx import longrope_switch_of
+    from phi3local.model.shapes import longrope_switch_of
 
     switch = longrope_switch_of(config)
     if switch is not None and switch < CONTEXT_PAD:
@@ -207,7 +207,8 @@ def export_gguf(model_dir: Path, out_dir: Path, quant: str | None = None, fmt: s
 def write_ollama(tmp: Path, model_dir: Path, gguf_path: Path, out_dir: Path) -> dict:
     """The Modelfile beside the GGUF (its template checked against the tokenizer's), and the `ollama create` line."""
     from phi3local.export.ollama import MODELFILE, create_command, ollama_name, write_modelfile
-    from phi3local.export.tokenizer_files import collect_stop_ids, load_hf_tokenizer
+    from phi3local.export.tokenizer_files import load_hf_tokenizer
+    from phi3local.model.tokenizer import collect_stop_ids
 
     tokenizer = load_hf_tokenizer(model_dir)
     meta = read_metadata(gguf_path, ("tokenizer.ggml.add_bos_token",))

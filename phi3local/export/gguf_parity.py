@@ -39,7 +39,8 @@ from phi3local.export.parity import (
     overall,
     within_tolerance,
 )
-from phi3local.export.tokenizer_files import collect_stop_ids, load_hf_tokenizer
+from phi3local.export.tokenizer_files import load_hf_tokenizer
+from phi3local.model.tokenizer import collect_stop_ids
 from phi3local.serve.json_files import read_json, write_json
 
 # Worst position's max |logit diff| as a fraction of the logit scale that each type must meet. f16/bf16: llama.cpp
@@ -160,7 +161,7 @@ def check_gguf_parity(gguf_path: Path, hf_model_dir: Path, quant: str, prompts=N
     tolerance: given (default: TOLERANCES[quant] when the type has one), `passed` says whether every prompt's
         worst position is within tolerance x its logit scale.
     """
-    from phi3local.export.onnx import longrope_switch_of
+    from phi3local.model.shapes import longrope_switch_of
 
     gguf_path, hf_model_dir = Path(gguf_path), Path(hf_model_dir)
     t0 = time.perf_counter()

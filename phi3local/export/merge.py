@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from phi3local.errors import Phi3LocalError
-from phi3local.export.tokenizer_files import collect_stop_ids, copy_tokenizer_files, find_tokenizer_dir, load_hf_tokenizer
+from phi3local.export.tokenizer_files import copy_tokenizer_files, find_tokenizer_dir, load_hf_tokenizer
 from phi3local.folders import check_output_dir, dir_size, staged
 from phi3local.model.pretrained import from_pretrained
+from phi3local.model.tokenizer import collect_stop_ids
 from phi3local.serve.json_files import as_id_list, read_json, write_json
 from phi3local.versions import export_versions
 

@@ -34,8 +34,10 @@ import time
 from pathlib import Path
 
 from phi3local.errors import Phi3LocalError
-from phi3local.export.tokenizer_files import collect_stop_ids, copy_tokenizer_files
+from phi3local.export.tokenizer_files import copy_tokenizer_files
 from phi3local.folders import check_output_dir, dir_size, staged
+from phi3local.model.shapes import longrope_switch_of
+from phi3local.model.tokenizer import collect_stop_ids
 from phi3local.serve.chat import LONGROPE_FILE
 from phi3local.serve.json_files import as_id_list, read_json, write_json
 from phi3local.versions import export_versions
@@ -276,17 +278,6 @@ def check_cpu_partial_rotary(config: dict, model_dir: Path) -> None:
             "Use a head_dim and factor that meet it (Phi-4-mini: 96 of 128)")
 
 
-def longrope_switch_of(config: dict) -> int | None:
-    """original_max_position_embeddings of a LongRoPE config (either form), else None."""
-    from phi3local.model.shapes import shape_from_config
-
-    shape = shape_from_config(config)
-    if shape.rope_type != "longrope":
-        return None
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return int(shape.original_max_position_embeddings or rope["original_max_position_embeddings"])
-
-
 def _fix_genai_config(out: Path, stop_ids: list[int]) -> dict:
     cfg = read_json(out / "genai_config.json")
     model = cfg["model"]
@@ -457,7 +448,7 @@ def complete_folder(tmp: Path, model_dir: Path, stop_ids: list[int]) -> dict:
     """What the runtime reads beside the graph: the tokenizer files, the LongRoPE switch and a genai_config with
     every stop id. Returns the report's fields about the folder."""
     tokenizer_files = copy_tokenizer_files(model_dir, tmp)
-    switch = longrope_switch_of(read_json(Path(model_dir) / "config.json"))
+    switch = longrope_switch_of(Path(model_dir))
     if switch is not None:
         write_json(tmp / LONGROPE_FILE, {"original_max_position_embeddings": switch})
     genai_cfg = _fix_genai_config(tmp, stop_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from phi3local.serve.json_files import as_id_list, read_json, write_json
+from phi3local.serve.json_files import read_json, write_json
 
 # Files that make up a tokenizer folder. onnxruntime-genai (onnxruntime-extensions) needs tokenizer.json
 # AND tokenizer_config.json: without the config it fails with "Failed to open a json file".
@@ -18,8 +18,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 
-# Tokens that end a Phi-3 turn or text, when the vocabulary has them.
-STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -77,38 +75,3 @@ def load_hf_tokenizer(folder: Path):
     if template:
         kwargs["chat_template"] = template
     return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **kwargs)
-
-
-def token_ids_in_vocab(tokenizer_json: Path, tokens) -> dict[str, int]:
-    """Ids of the given token strings in tokenizer.json (added tokens and model vocabulary)."""
-    data = read_json(tokenizer_json)
-    vocab = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    model_vocab = data.get("model", {}).get("vocab")
-    found = {}
-    for tok in tokens:
-        if tok in vocab:
-            found[tok] = int(vocab[tok])
-        elif isinstance(model_vocab, dict) and tok in model_vocab:
-            found[tok] = int(model_vocab[tok])
-    return found
-
-
-def collect_stop_ids(model_dir: Path, tokenizer_dir: Path | None = None) -> list[int]:
-    """Every id that ends generation: eos of config/generation_config/tokenizer, `<|end|>`, `<|endoftext|>`."""
-    model_dir = Path(model_dir)
-    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
-    ids: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        if (model_dir / name).is_file():
-            ids += as_id_list(read_json(model_dir / name).get("eos_token_id"))
-    tok_json = tokenizer_dir / "tokenizer.json"
-    if tok_json.is_file():
-        ids += list(token_ids_in_vocab(tok_json, STOP_TOKENS).values())
-        cfg_path = tokenizer_dir / "tokenizer_config.json"
-        if cfg_path.is_file():
-            eos = read_json(cfg_path).get("eos_token")
-            if isinstance(eos, dict):
-                eos = eos.get("content")
-            if eos:
-                ids += list(token_ids_in_vocab(tok_json, [eos]).values())
-    return sorted(set(ids))

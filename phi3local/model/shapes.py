@@ -125,7 +125,9 @@ def shape_from_config(config: dict | Path) -> ModelShape:
         num_key_value_heads=config.get("num_key_value_heads") or heads,
         intermediate_size=config["intermediate_size"], vocab_size=config["vocab_size"],
         max_position_embeddings=config.get("max_position_embeddings", 4096), head_dim=config.get("head_dim"),
-        original_max_position_embeddings=config.get("original_max_position_embeddings")
+        # transformers 5 may keep it inside rope_parameters only
+        original_max_position_embeddings=(config.get("original_max_position_embeddings")
+                                          or rope.get("original_max_position_embeddings"))
         if rope_type in ("longrope", "su") else None,
         rope_type="longrope" if rope_type == "su" else rope_type,
         partial_rotary_factor=config.get("partial_rotary_factor") or 1.0,
@@ -140,7 +142,16 @@ def longrope_switch(name_or_path: str) -> int | None:
     None without LongRoPE or when the model is neither (batching then plans as for plain RoPE)."""
     folder = Path(name_or_path).expanduser()
     if (folder / "config.json").is_file():
-        shape = shape_from_config(folder)
-    else:
-        shape = known_shape(name_or_path)
+        return longrope_switch_of(folder)
+    shape = known_shape(name_or_path)
     return shape.original_max_position_embeddings if shape is not None and shape.rope_type == "longrope" else None
+
+
+def longrope_switch_of(config: dict | Path) -> int | None:
+    """The LongRoPE switch point of a config.json (a path or its parsed dict, either LongRoPE form), else None:
+    where training batches keep long documents apart, the export writes longrope.json and llama.cpp's
+    context must stay at or below it."""
+    shape = shape_from_config(config)
+    if shape.rope_type != "longrope":
+        return None
+    return int(shape.original_max_position_embeddings)

@@ -16,6 +16,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from phi3local.errors import Phi3LocalError
+from phi3local.serve.json_files import as_id_list, read_json
 
 # Phi-3-mini-4k-instruct's chat template (current Hub revision): system-aware, every turn closed by
 # <|end|>, and <|endoftext|> after the last turn unless a generation prompt is asked for.
@@ -194,3 +195,54 @@ def _sync_bos_eos_flags(tokenizer: PreTrainedTokenizerFast) -> None:
     added = len(probe) > len(tokenizer.backend_tokenizer.encode("a", add_special_tokens=False).ids)
     tokenizer.add_bos_token = added and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
     tokenizer.add_eos_token = added and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
+
+
+# The tokens that end a Phi chat turn (with the tokenizer's own eos): generation stops at any of them.
+STOP_TOKENS = ("<|end|>", "<|endoftext|>")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Every id that ends a turn: STOP_TOKENS that the vocabulary has, plus the tokenizer's eos."""
+    ids = []
+    for token in (*STOP_TOKENS, tokenizer.eos_token):
+        if token is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is not None and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def token_ids_in_vocab(tokenizer_json: Path, tokens) -> dict[str, int]:
+    """Ids of the given token strings in tokenizer.json (added tokens and model vocabulary)."""
+    data = read_json(tokenizer_json)
+    vocab = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    model_vocab = data.get("model", {}).get("vocab")
+    found = {}
+    for tok in tokens:
+        if tok in vocab:
+            found[tok] = int(vocab[tok])
+        elif isinstance(model_vocab, dict) and tok in model_vocab:
+            found[tok] = int(model_vocab[tok])
+    return found
+
+
+def collect_stop_ids(model_dir: Path, tokenizer_dir: Path | None = None) -> list[int]:
+    """Every id that ends generation: eos of config/generation_config/tokenizer, `<|end|>`, `<|endoftext|>`."""
+    model_dir = Path(model_dir)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        if (model_dir / name).is_file():
+            ids += as_id_list(read_json(model_dir / name).get("eos_token_id"))
+    tok_json = tokenizer_dir / "tokenizer.json"
+    if tok_json.is_file():
+        ids += list(token_ids_in_vocab(tok_json, STOP_TOKENS).values())
+        cfg_path = tokenizer_dir / "tokenizer_config.json"
+        if cfg_path.is_file():
+            eos = read_json(cfg_path).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if eos:
+                ids += list(token_ids_in_vocab(tok_json, [eos]).values())
+    return sorted(set(ids))

@@ -41,6 +41,7 @@ from phi3local.model.load import (
     revision_kwargs,
 )
 from phi3local.model.shapes import longrope_switch
+from phi3local.model.tokenizer import stop_token_ids
 from phi3local.train import auto_settings, distributed
 from phi3local.train import checkpoint as ckpt
 from phi3local.train.batching import collate, plan_epoch, resolved_pad_to_multiple_of, rows_for_attention  # noqa: F401
@@ -49,7 +50,7 @@ from phi3local.train.memory_plan import plan_table, resolved_optimizer
 from phi3local.train.metrics import MetricsLog, NullMetricsLog
 from phi3local.train.plots import plot_losses
 from phi3local.train.tasks import Documents, task_for
-from phi3local.train.tasks.base import add_stats, stop_token_ids
+from phi3local.train.tasks.base import add_stats
 from phi3local.train.tasks.classification import classification_metrics  # noqa: F401 (its old home)
 from phi3local.units import format_bytes
 

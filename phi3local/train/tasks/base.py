@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from phi3local.model.flops import StepFlops, lora_step_flops
+from phi3local.model.tokenizer import stop_token_ids
 
 
 @dataclass
@@ -143,18 +144,6 @@ def val_loss_metrics(loss_sum: float, units: float, correct: float) -> dict[str,
     50 is e^50: math.exp would overflow on a diverged run)."""
     loss = loss_sum / max(units, 1)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_accuracy": correct / max(units, 1)}
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Every id that ends a turn: Phi-3's <|end|> and <|endoftext|>, plus the tokenizer's eos."""
-    ids = []
-    for token in ("<|end|>", "<|endoftext|>", tokenizer.eos_token):
-        if token is None:
-            continue
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if tid is not None and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
-    return ids
 
 
 @torch.no_grad()
