@@ -129,7 +129,7 @@ def cmd_export(args) -> int:
             raise Phi3LocalError(f"--adapter is for --format onnx; merge first for --format {args.format}: "
                                  + hints.command("merge", args.adapter, "--out", "MERGED"))
         report = export_gguf(Path(args.model), Path(args.out), quant=args.quant, fmt=args.format,
-                             overwrite=args.overwrite, show=False)
+                             overwrite=args.overwrite, parity=args.parity, show=False)
         _print_report(args, report, gguf_table(report, Path(args.out)))
         return 0
     if args.quant:
@@ -138,7 +138,7 @@ def cmd_export(args) -> int:
 
     report = export_onnx(Path(args.model), Path(args.out), precision=args.precision, target=args.target,
                          adapter_path=Path(args.adapter) if args.adapter else None, overwrite=args.overwrite,
-                         show=False)
+                         parity=args.parity, show=False)
     _print_report(args, report, summaries.export_table(report, Path(args.out)))
     return 0
 
@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight precision of the ONNX export")
     p.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="execution provider it runs on")
     p.add_argument("--adapter", help="export an unmerged LoRA adapter into the graph instead of merging first")
+    p.add_argument("--parity", default="full", choices=["full", "short", "none"],
+                   help="check against PyTorch: full also runs a LongRoPE model's prompts past its switch (at 3.8B "
+                        "on a CPU most of an hour), short only the short prompts, none nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.add_argument("--json", action="store_true", help="print the report (export_report.json) instead of a table")
     p.set_defaults(func=cmd_export)

@@ -21,6 +21,20 @@ KNOWN_WARNINGS = (
 # The Hub `kernels` package (pulled in by transformers for bitsandbytes kernels) warns on every load in offline
 # mode that it skipped a publisher check for a kernel we do not download.
 QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+# (logger, text) of single log messages to drop. transformers 5 asks every LongRoPE config as the Hub has it
+# (Phi-3.5-mini, Phi-4-mini: original_max_position_embeddings beside max_position_embeddings) to state a `factor`
+# instead, on every load, in one 330-character line; it derives the same factor from the two.
+QUIET_MESSAGES = (("transformers.modeling_rope_utils", "rope_parameters['original_max_position_embeddings']"),)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, texts: list[str]):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.texts)
 
 
 def silence_known_noise() -> None:
@@ -28,6 +42,10 @@ def silence_known_noise() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in {name for name, _ in QUIET_MESSAGES}:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):  # once, however often this is called
+            logger.addFilter(_DropMessages([text for n, text in QUIET_MESSAGES if n == name]))
     silence_loading_bars()
 
 

@@ -68,6 +68,8 @@ def export_table(report: dict, out_dir: Path) -> Summary:
         rows.append(("parity", f"max |Δlogit| {parity['max_abs_diff']:.2g} = {parity['relative_error']:.1e} of "
                                f"scale{verdict}"))
         rows.append(("greedy tokens", f"{parity['greedy_identical']}/{parity['greedy_compared']} equal to PyTorch"))
+        if parity.get("long_context"):
+            rows.append(("long context", parity["long_context"]))
     elif "skipped" in parity:
         rows.append(("parity", f"not measured: {parity['skipped']}"))
     rows.append(("details", f"{out_dir / 'export_report.json'}, {out_dir / 'parity.json'}"))

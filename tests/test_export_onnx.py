@@ -106,7 +106,7 @@ def test_int4_export_runs_and_reports(int4, fp32):
 def test_int4_export_equals_int4_rounded_pytorch(merged, tmp_path):
     """With float activations (accuracy_level=0) the int4 graph is exactly the int4-rounded model."""
     out = tmp_path / "int4-acc0"
-    export_onnx(merged, out, precision="int4", extra_options={"accuracy_level": 0}, check=False, show=False)
+    export_onnx(merged, out, precision="int4", extra_options={"accuracy_level": 0}, parity="none", show=False)
     ref = fake_quantize_int4_(load_reference_model(merged))
     parity = check_parity(out, merged, new_tokens=8, reference_model=ref, tolerance=1e-4)
     assert parity["passed"], parity["relative_error"]
@@ -245,7 +245,7 @@ from pathlib import Path
 from phi3local.export.onnx import _import_builder, export_onnx
 _import_builder()
 if sys.argv[1] != "imports-only":
-    export_onnx(Path(sys.argv[1]), Path(sys.argv[2]), "int4", check=False, show=False)
+    export_onnx(Path(sys.argv[1]), Path(sys.argv[2]), "int4", parity="none", show=False)
 """
 
 
@@ -312,7 +312,7 @@ def test_parity_never_holds_every_positions_logits_twice_over(tmp_path):
     tiny model and a prompt of ~475 positions (its context is 512), 380 MB of logits each; above the loaded models parity needs
     under 2.6 of them (measured: 5.2 before, 2.1 now)."""
     model = H.build_tiny_model(tmp_path / "model", vocab_size=200064, hidden_size=64, intermediate_size=128)
-    export_onnx(model, tmp_path / "onnx", "fp32", check=False, show=False)
+    export_onnx(model, tmp_path / "onnx", "fp32", parity="none", show=False)
     loaded, _ = _peak_anon_of_parity(str(model), str(tmp_path / "onnx"), "0")
     peak, tokens = _peak_anon_of_parity(str(model), str(tmp_path / "onnx"), "95")
     logits_bytes = int(tokens) * 200064 * 4

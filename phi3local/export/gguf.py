@@ -33,6 +33,7 @@ from phi3local.export.gguf_convert import (
     stage_converter_input,
     tensor_types,
 )
+from phi3local.export.parity import PARITY_LEVELS
 from phi3local.folders import check_output_dir, dir_size, staged
 from phi3local.serve.json_files import read_json, write_json
 from phi3local.versions import export_versions
@@ -141,12 +142,13 @@ def describe(gguf_path: Path) -> dict:
     }
 
 
-def check(gguf_path: Path, model_dir: Path, quant: str, prompts, new_tokens: int, show: bool) -> dict:
+def check(gguf_path: Path, model_dir: Path, quant: str, prompts, new_tokens: int, show: bool,
+          long_context: bool = True) -> dict:
     """Parity against PyTorch (gguf_parity); GGUFParityError when a type with a tolerance misses it."""
     from phi3local.export.gguf_parity import check_gguf_parity
 
     import_llama_cpp()
-    parity = check_gguf_parity(gguf_path, model_dir, quant, prompts, new_tokens, show=show)
+    parity = check_gguf_parity(gguf_path, model_dir, quant, prompts, new_tokens, long_context=long_context, show=show)
     if "passed" in parity and not parity["passed"]:
         raise GGUFParityError(
             f"{quant} GGUF differs from PyTorch by {parity['max_abs_diff']:.3g} (relative {parity['relative_error']:.3g} "
@@ -163,12 +165,14 @@ def parity_summary(parity: dict) -> dict:
 
 
 def export_gguf(model_dir: Path, out_dir: Path, quant: str | None = None, fmt: str = "gguf", *, overwrite: bool = False,
-                check_parity: bool = True, prompts=None, new_tokens: int = 32, show: bool = True) -> dict:
+                parity: str = "full", prompts=None, new_tokens: int = 32, show: bool = True) -> dict:
     """Export the merged HF folder model_dir to out_dir as model-<quant>.gguf (+ Modelfile for fmt="ollama").
 
     quant: f32 | f16 | bf16 | q8_0 (llama.cpp's converter) or q4_k_m, q5_k_m, q6_k, q4_0, ... (its quantizer);
         default f16 for gguf, q4_k_m for ollama.
-    check_parity: compare with PyTorch (parity.json); f32/f16/bf16/q8_0 must meet gguf_parity.TOLERANCES.
+    parity: full | short | none (export.parity.PARITY_LEVELS): compare with PyTorch (parity.json), with a
+        LongRoPE model's long prompt (full) or without (short); f32/f16/bf16/q8_0 must meet
+        gguf_parity.TOLERANCES. none: no comparison.
     Returns the report also written to out_dir/export_report.json.
     """
     t0 = time.perf_counter()
@@ -178,6 +182,8 @@ def export_gguf(model_dir: Path, out_dir: Path, quant: str | None = None, fmt: s
     quant = (quant or default_quant(fmt)).lower()
     if quant not in QUANTS:
         raise GGUFExportError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
+    if parity not in PARITY_LEVELS:
+        raise GGUFExportError(f"parity must be one of {PARITY_LEVELS}, got {parity!r}")
     check_output_dir(out_dir, "export", overwrite)
     config = check_source(model_dir)
 
@@ -189,9 +195,11 @@ def export_gguf(model_dir: Path, out_dir: Path, quant: str | None = None, fmt: s
             "source_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
             "vocab_size": config.get("vocab_size"), "versions": {**export_versions(), **_gguf_versions()},
         }
-        parity = None
-        if check_parity:
-            parity = check(gguf_path, model_dir, quant, prompts, new_tokens, show)
+        level, parity = parity, None
+        if level == "none":
+            report["parity"] = {"skipped": "--parity none"}
+        else:
+            parity = check(gguf_path, model_dir, quant, prompts, new_tokens, show, long_context=level == "full")
             report["parity"] = parity_summary(parity)
         if fmt == "ollama":
             report["ollama"] = write_ollama(tmp, model_dir, gguf_path, out_dir)
@@ -252,6 +260,10 @@ def gguf_table(report: dict, out_dir: Path):
         rows.append(("greedy tokens", f"{parity['greedy_identical']}/{parity['greedy_compared']} equal to PyTorch"))
         rows.append(("tokenizer", "llama.cpp encodes the prompts as transformers" if parity.get("tokenizer_match")
                      else "llama.cpp encodes some prompts DIFFERENTLY (see parity.json)"))
+        if (parity.get("longrope") or {}).get("skipped"):
+            rows.append(("long context", parity["longrope"]["skipped"]))
+    elif "skipped" in parity:
+        rows.append(("parity", f"not measured: {parity['skipped']}"))
     next_command = None
     if "ollama" in report:
         rows.append(("Modelfile", f"{out_dir / 'Modelfile'} (template renders as the chat template: "

@@ -29,6 +29,7 @@ import numpy as np
 
 from phi3local.export.parity import (
     DEFAULT_PROMPTS,
+    SHORT_PARITY_NOTE,
     ReferenceLogits,
     _hf_greedy,
     _prompt_text,
@@ -153,11 +154,12 @@ def _compare(model, tokenizer, llm, text: str, new_tokens: int, stop_ids: list[i
 
 def check_gguf_parity(gguf_path: Path, hf_model_dir: Path, quant: str, prompts=None, new_tokens: int = 32, *,
                       tolerance: float | None = None, out_path: Path | None = None, reference_model=None,
-                      show: bool = False) -> dict:
+                      long_context: bool = True, show: bool = False) -> dict:
     """Compare gguf_path (llama.cpp) with the PyTorch model in hf_model_dir; write parity.json beside the GGUF.
 
     prompts: texts or message lists (chat template); default: the ONNX parity prompts, and for a LongRoPE model
         one prompt past the switch (decoded through stop tokens).
+    long_context: False leaves that prompt out (`--parity short`); the report says so.
     tolerance: given (default: TOLERANCES[quant] when the type has one), `passed` says whether every prompt's
         worst position is within tolerance x its logit scale.
     """
@@ -184,7 +186,9 @@ def check_gguf_parity(gguf_path: Path, hf_model_dir: Path, quant: str, prompts=N
         results.append(_compare(model, tokenizer, llm, text, new_tokens, stop_ids, eog, switch))
     del llm
     longrope = None
-    if switch is not None and prompts is None:
+    if switch is not None and prompts is None and not long_context:
+        longrope = {"switch": switch, "skipped": SHORT_PARITY_NOTE}
+    elif switch is not None and prompts is None:
         long_text = longrope_prompts(tokenizer, switch, new_tokens)[-1]
         llm = load_gguf(gguf_path, max_ctx)
         results.append(_compare(model, tokenizer, llm, long_text, new_tokens, stop_ids, eog, switch, through_stops=True))

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from phi3local.errors import Phi3LocalError
+from phi3local.export.parity import PARITY_LEVELS
 from phi3local.export.tokenizer_files import copy_tokenizer_files
 from phi3local.folders import check_output_dir, dir_size, staged
 from phi3local.model.shapes import longrope_switch_of
@@ -311,7 +312,7 @@ def export_onnx(
     adapter_path: Path | None = None,
     *,
     overwrite: bool = False,
-    check: bool = True,
+    parity: str = "full",
     prompts=None,
     new_tokens: int = 32,
     vocab_collision: str = "fix",
@@ -322,9 +323,11 @@ def export_onnx(
 
     precision: int4 | fp16 | bf16 | fp32; target: cpu | cuda (fp16/bf16 need cuda).
     adapter_path: a peft adapter folder the builder applies on top of model_dir (unmerged LoRA MatMuls).
-    check: run check_parity (written to out_dir/parity.json) when the export can run here; an fp32 export
-        fails (ParityError, nothing written) if any position's max |logit diff| > 1e-4 x logit scale;
-        int4/fp16/bf16 report error and greedy agreement only.
+    parity: full | short | none (export.parity.PARITY_LEVELS): run check_parity (written to
+        out_dir/parity.json) when the export can run here, with a LongRoPE model's long prompts (full) or without
+        (short), and time the model (measurements.json); none checks nothing. An fp32 export fails
+        (ParityError, nothing written) if any position's max |logit diff| > 1e-4 x logit scale; int4/fp16/bf16
+        report error and greedy agreement only.
     vocab_collision: "fix" (export correctly, see the module docstring) or "refuse" (VocabCollisionError).
     extra_options: more builder options, as its --extra_options take them (e.g. {"block_size": 64} or
         {"accuracy_level": 0} for int4; the CPU int4 default accuracy_level=4 also rounds activations to int8).
@@ -333,7 +336,7 @@ def export_onnx(
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir, "export", overwrite)
-    config, collisions = check_request(model_dir, precision, target, vocab_collision)
+    config, collisions = check_request(model_dir, precision, target, vocab_collision, parity)
     builder, base_mod = _import_builder()
     kv = [f"{k}={v}" for k, v in (extra_options or {}).items()]
     if adapter_path is not None:
@@ -358,10 +361,12 @@ def export_onnx(
             "vocab_collision_fix": "has_lm_head matched only get_output_embeddings()" if collisions else None,
             "versions": export_versions(),
         }
-        parity = None
-        if check:
+        level, parity = parity, None
+        if level == "none":
+            report["parity"] = {"skipped": "--parity none"}
+        else:
             parity = check_export(tmp, model_dir, precision, target, adapter_path, prompts, new_tokens, report,
-                                  out_dir, show)
+                                  out_dir, show, long_context=level == "full")
         report["seconds"] = round(time.perf_counter() - t0, 3)
         # The model as shipped: everything but the reports.
         report["size_bytes"] = dir_size(tmp) - sum(
@@ -376,8 +381,11 @@ def export_onnx(
     return report
 
 
-def check_request(model_dir: Path, precision: str, target: str, vocab_collision: str) -> tuple[dict, list[str]]:
+def check_request(model_dir: Path, precision: str, target: str, vocab_collision: str,
+                  parity: str = "full") -> tuple[dict, list[str]]:
     """Refuse, before anything is built, what the builder cannot export right: (config.json, vocab collisions)."""
+    if parity not in PARITY_LEVELS:
+        raise ExportError(f"parity must be one of {PARITY_LEVELS}, got {parity!r}")
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if target not in TARGETS:
@@ -458,7 +466,7 @@ def complete_folder(tmp: Path, model_dir: Path, stop_ids: list[int]) -> dict:
 
 
 def check_export(tmp: Path, model_dir: Path, precision: str, target: str, adapter_path: Path | None, prompts,
-                 new_tokens: int, report: dict, out_dir: Path, show: bool) -> dict | None:
+                 new_tokens: int, report: dict, out_dir: Path, show: bool, long_context: bool = True) -> dict | None:
     """Parity against PyTorch where the graph runs here (fp32: ParityError past FP32_PARITY_TOLERANCE) and the
     serving measurements where it runs on its own target; both go into `report`. Returns the parity report."""
     parity = None
@@ -474,7 +482,8 @@ def check_export(tmp: Path, model_dir: Path, precision: str, target: str, adapte
 
         try:
             parity = check_parity(tmp, model_dir, prompts, new_tokens, adapter_path=adapter_path,
-                                  tolerance=tol, execution_provider=provider, show=show)
+                                  tolerance=tol, execution_provider=provider, long_context=long_context,
+                                  show=show)
         except Exception as e:
             if provider is None:
                 raise
@@ -486,7 +495,8 @@ def check_export(tmp: Path, model_dir: Path, precision: str, target: str, adapte
     if parity is not None:
         report["parity"] = {k: parity[k] for k in (
             "max_abs_diff", "logit_scale", "relative_error", "greedy_identical", "greedy_compared",
-            "greedy_all_agree", "tokenizer_match", "logits_alignment_ok", "execution_provider", "seconds")
+            "greedy_all_agree", "tokenizer_match", "logits_alignment_ok", "execution_provider", "long_context",
+            "seconds")
             if k in parity}
         if "passed" in parity:
             report["parity"]["passed"] = parity["passed"]
