@@ -38,6 +38,25 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide the speed of what the benchmarks run (fp32, bf16 and int8 matmuls): hosts named alike
+# ("AMD EPYC") differ in them, and two runs compare only where these are equal.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
+
+
+def cpu_isa() -> dict:
+    """torch's dispatch level and which of ISA_FLAGS the CPU reports (/proc/cpuinfo; empty where unreadable)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": [f for f in ISA_FLAGS if f in flags]}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -64,7 +83,8 @@ def environment(device: torch.device | str) -> dict:
     env = {
         "machine": {
             "hostname": platform.node(), "platform": platform.platform(), "arch": platform.machine(),
-            "cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_model_name(), "cpu_isa": cpu_isa(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
         },
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -7,6 +7,7 @@ import torch
 
 from kernels_bench import run_all
 from kernels_bench.common import Ctx, make_console
+from kernels_bench.report import ISA_FLAGS
 
 
 def check_result_file(path: Path, name: str) -> dict:
@@ -15,6 +16,11 @@ def check_result_file(path: Path, name: str) -> dict:
     env = doc["environment"]
     assert env["device"] == "cpu" and env["device_name"]
     assert env["machine"]["cpu_count"] >= 1 and "loadavg" in env
+    isa = env["machine"]["cpu_isa"]  # hosts named alike differ in these: results say which they ran on
+    assert isa["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    reported = next(set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("flags"))
+    assert isa["flags"] == [f for f in ISA_FLAGS if f in reported]
     for package in ("torch", "transformers", "peft", "bitsandbytes"):
         assert env["versions"][package], package
     assert doc["config"] and doc["rows"] and doc["created"] and doc["wall_s"] > 0
