@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="export an unmerged LoRA adapter into the graph instead of merging first")
     p.add_argument("--parity", default="full", choices=["full", "short", "none"],
                    help="check against PyTorch: full also runs a LongRoPE model's prompts past its switch (at 3.8B "
-                        "on a CPU most of an hour), short only the short prompts, none nothing")
+                        "on a CPU most of an hour), short only the short prompts (the same as full for other "
+                        "models), none nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.add_argument("--json", action="store_true", help="print the report (export_report.json) instead of a table")
     p.set_defaults(func=cmd_export)

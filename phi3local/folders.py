@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from phi3local.errors import Phi3LocalError
@@ -162,11 +163,13 @@ def remove(path: Path) -> None:
 @contextlib.contextmanager
 def staged(out_dir: Path, stage: str | None = None, overwrite: bool = False) -> Iterator[Path]:
     """Build out_dir whole or not at all: the block writes into a fresh folder beside it
-    (`.NAME.tmp-PID-*`), which replaces out_dir in one rename when the block ends and is removed when it
-    raises. stage: out_dir must be empty or that stage's own output (checked again before the rename, and
-    the folder is marked as it: `publish_dir`); None: the caller owns out_dir (a run's adapter)."""
+    (`.NAME.tmp-PID-*`), which replaces out_dir when the block ends (`replace_dir`) and is removed when it
+    raises. stage: out_dir must be empty or that stage's own output (checked again before the swap, and
+    the folder is marked as it: `publish_dir`); None: the caller owns out_dir (a run's adapter). What an
+    earlier, killed write left beside out_dir is tidied first (`settle`)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    settle(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -190,32 +193,60 @@ def publish_dir(tmp: Path, out_dir: Path, stage: str, overwrite: bool) -> None:
 
 def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished folder tmp to out_dir. An existing out_dir is first renamed aside
-    (`.NAME.old-PID-*`, deleted after), so out_dir is at every moment either the old folder or the new one."""
+    (`.NAME.old-PID-*`) and deleted after; if the second rename fails the old folder is put back. Only a
+    process killed between the two renames leaves out_dir missing, with the old folder beside it for
+    `settle` to restore."""
     tmp, out_dir = Path(tmp), Path(out_dir)
     old = None
     if out_dir.exists() or out_dir.is_symlink():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
     if old is not None:
-        remove(old)
+        try:
+            remove(old)
+        except OSError:  # the new folder is in place; a leftover copy is for the next settle
+            pass
 
 
-def settle(out_dir: Path, stale: Callable[[Path], bool] = lambda tmp: True) -> None:
-    """Tidy what a crash left beside out_dir: its staging folders `.NAME.tmp-*` are removed (those `stale`
-    says no live process writes), and a `.NAME.old-*` (a crash between replace_dir's two renames) is put
-    back as out_dir if out_dir is gone, else removed."""
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, but someone else's
+        return True
+    return True
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the process named in a `.NAME.tmp-PID-*` or `.NAME.old-PID-*` folder still runs."""
+    pid = path.name.rsplit(".tmp-" if ".tmp-" in path.name else ".old-", 1)[1].split("-", 1)[0]
+    return pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid))
+
+
+def settle(out_dir: Path) -> None:
+    """Tidy what killed writes left beside out_dir (those of live processes are theirs): staging folders
+    `.NAME.tmp-*` are removed; of the folders renamed aside, `.NAME.old-*` (a kill between replace_dir's two
+    renames), the newest is put back as out_dir if out_dir is gone, and the others are removed."""
     out_dir = Path(out_dir)
     if not out_dir.parent.is_dir():
         return
-    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        if stale(tmp):
-            remove(tmp)
-    for old in sorted(out_dir.parent.glob(f".{out_dir.name}.old-*")):
-        if out_dir.exists() or out_dir.is_symlink():
-            remove(old)
-        else:
-            os.replace(old, out_dir)
+    name = glob.escape(out_dir.name)
+    for tmp in out_dir.parent.glob(f".{name}.tmp-*"):
+        if not _writer_alive(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    olds = sorted((p for p in out_dir.parent.glob(f".{name}.old-*") if not _writer_alive(p)),
+                  key=lambda p: p.lstat().st_ctime, reverse=True)  # a rename sets ctime: newest first
+    if olds and not (out_dir.exists() or out_dir.is_symlink()):
+        os.replace(olds.pop(0), out_dir)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,8 @@ QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
 # (logger, text) of single log messages to drop. transformers 5 asks every LongRoPE config as the Hub has it
 # (Phi-3.5-mini, Phi-4-mini: original_max_position_embeddings beside max_position_embeddings) to state a `factor`
 # instead, on every load, in one 330-character line; it derives the same factor from the two.
-QUIET_MESSAGES = (("transformers.modeling_rope_utils", "rope_parameters['original_max_position_embeddings']"),)
+QUIET_MESSAGES = (("transformers.modeling_rope_utils",
+                   "field, to be used together with `max_position_embeddings` to determine a scaling factor"),)
 
 
 class _DropMessages(logging.Filter):

@@ -72,7 +72,8 @@ def export_table(report: dict, out_dir: Path) -> Summary:
             rows.append(("long context", parity["long_context"]))
     elif "skipped" in parity:
         rows.append(("parity", f"not measured: {parity['skipped']}"))
-    rows.append(("details", f"{out_dir / 'export_report.json'}, {out_dir / 'parity.json'}"))
+    details = [out_dir / name for name in ("export_report.json", "parity.json") if (out_dir / name).is_file()]
+    rows.append(("details", ", ".join(map(str, details))))
     return _table("export", rows, hints.command("chat", out_dir))
 
 

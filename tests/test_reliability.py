@@ -467,14 +467,61 @@ def test_a_staged_folder_is_whole_or_absent_and_replaces_only_its_own_stage(tmp_
 
 
 def test_settle_restores_a_folder_a_crash_left_renamed_aside_and_removes_stale_staging(tmp_path):
-    adapter = tmp_path / "run" / "adapter"
+    dead = 999_999_999  # above any pid_max: no process has it
+    run = tmp_path / "run"
+    adapter = run / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_model.safetensors").write_text("trained")
-    adapter.rename(tmp_path / "run" / ".adapter.old-1-ab")  # killed between replace_dir's two renames
-    (tmp_path / "run" / ".adapter.tmp-1-cd").mkdir()
-    ckpt.clean_stale_temporaries(tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter"]
+    adapter.rename(run / f".adapter.old-{dead}-ab")  # killed between replace_dir's two renames
+    (run / f".adapter.tmp-{dead}-cd").mkdir()
+    (run / ".tmp-adapter").mkdir()  # the staging folder of earlier releases
+    ckpt.clean_stale_temporaries(run)
+    assert sorted(p.name for p in run.iterdir()) == ["adapter"]
     assert (adapter / "adapter_model.safetensors").read_text() == "trained"
-    (tmp_path / "run" / ".adapter.old-2-ef").mkdir()  # out_dir exists: the old copy is the stale one
-    ckpt.clean_stale_temporaries(tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter"]
+    (run / f".adapter.old-{dead}-ef").mkdir()  # out_dir exists: the old copy is the stale one
+    ckpt.clean_stale_temporaries(run)
+    assert sorted(p.name for p in run.iterdir()) == ["adapter"]
+    # Two copies renamed aside: the newest is put back (by rename time, not by the pid in its name).
+    adapter.rename(run / f".adapter.old-{dead}-older")
+    time.sleep(0.05)
+    newer = run / f".adapter.old-{dead - 1}-newer"
+    newer.mkdir()
+    (newer / "adapter_model.safetensors").write_text("newer")
+    # A live writer's folders are its own: left alone.
+    live = run / f".adapter.tmp-{os.getppid()}-gh"
+    live.mkdir()
+    folders.settle(adapter)
+    assert (adapter / "adapter_model.safetensors").read_text() == "newer"
+    assert sorted(p.name for p in run.iterdir()) == [live.name, "adapter"]
+
+
+def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    out = tmp_path / "merged"
+    with folders.staged(out, "merge") as tmp:
+        (tmp / "model.safetensors").write_text("first")
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if Path(src).name.startswith(".merged.tmp-") and Path(dst) == out:  # the staging folder onto out_dir
+            raise OSError("simulated failure of the second rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(folders.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="simulated"), folders.staged(out, "merge", overwrite=True) as tmp:
+        (tmp / "model.safetensors").write_text("second")
+    monkeypatch.setattr(folders.os, "replace", real_replace)
+    renames = [c for c in calls if ".old-" in c[0] + c[1]]
+    assert renames[0][0] == "merged" and renames[-1][1] == "merged"  # moved aside, then put back
+    assert (out / "model.safetensors").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_resume_sees_a_checkpoint_a_kill_left_renamed_aside(tmp_path):
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-4"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    step.rename(run / "checkpoints" / ".step-4.old-999999999-ab")  # killed while step 4 was saved again
+    ckpt.restore_renamed_checkpoints(run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4"]

@@ -47,3 +47,15 @@ def test_phi4_shape():
     assert known_shape("microsoft/Phi-4-reasoning-plus").max_position_embeddings == 32768
     mini = known_shape("microsoft/Phi-4-mini-reasoning")
     assert (mini.rotary_dims, mini.original_max_position_embeddings, mini.tie_word_embeddings) == (96, 4096, True)
+
+
+def test_longrope_switch_of_each_config_form():
+    from phi3local.model.shapes import longrope_switch_of
+
+    base = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 128,
+            "vocab_size": 100, "max_position_embeddings": 256}
+    assert longrope_switch_of(base) is None  # plain RoPE
+    hub = {**base, "original_max_position_embeddings": 64, "rope_scaling": {"type": "longrope"}}
+    inside = {**base, "rope_parameters": {"rope_type": "longrope", "original_max_position_embeddings": 64}}
+    assert longrope_switch_of(hub) == longrope_switch_of(inside) == 64  # transformers 5 may keep it inside
+    assert longrope_switch_of({**base, "rope_parameters": {"rope_type": "longrope"}}) is None  # no switch named

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -425,25 +424,10 @@ def read_stats(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / "stats.json").read_text(encoding="utf-8"))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def clean_stale_temporaries(out_dir: Path) -> None:
     """Remove what a crashed prepare left next to out_dir: `.NAME.tmp-PID-*` of dead processes, and
     `.NAME.old-*` (restored as out_dir if a crash fell between the two renames)."""
-
-    def stale(tmp: Path) -> bool:
-        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        return not (pid.isdigit() and _pid_alive(int(pid)))
-
-    folders.settle(out_dir, stale)
+    folders.settle(out_dir)
 
 
 # ------------------------------------------------------------------------------------------- prepare

@@ -269,6 +269,7 @@ def gguf_table(report: dict, out_dir: Path):
         rows.append(("Modelfile", f"{out_dir / 'Modelfile'} (template renders as the chat template: "
                                   f"{len(report['ollama']['template_checks'])} chats)"))
         next_command = report["ollama"]["create"]
-    rows.append(("details", f"{out_dir / 'export_report.json'}, {out_dir / 'parity.json'}"))
+    details = [out_dir / name for name in ("export_report.json", "parity.json") if (out_dir / name).is_file()]
+    rows.append(("details", ", ".join(map(str, details))))
     # Summary.print writes the next command with hints.print_next: one unwrapped line, copied in one piece.
     return _table("export", rows, next_command)

@@ -325,7 +325,7 @@ def export_onnx(
     adapter_path: a peft adapter folder the builder applies on top of model_dir (unmerged LoRA MatMuls).
     parity: full | short | none (export.parity.PARITY_LEVELS): run check_parity (written to
         out_dir/parity.json) when the export can run here, with a LongRoPE model's long prompts (full) or without
-        (short), and time the model (measurements.json); none checks nothing. An fp32 export fails
+        (short); none checks nothing. The model is timed (measurements.json) at every level. An fp32 export fails
         (ParityError, nothing written) if any position's max |logit diff| > 1e-4 x logit scale; int4/fp16/bf16
         report error and greedy agreement only.
     vocab_collision: "fix" (export correctly, see the module docstring) or "refuse" (VocabCollisionError).
@@ -367,6 +367,7 @@ def export_onnx(
         else:
             parity = check_export(tmp, model_dir, precision, target, adapter_path, prompts, new_tokens, report,
                                   out_dir, show, long_context=level == "full")
+        measure_export(tmp, target, report)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         # The model as shipped: everything but the reports.
         report["size_bytes"] = dir_size(tmp) - sum(
@@ -467,8 +468,8 @@ def complete_folder(tmp: Path, model_dir: Path, stop_ids: list[int]) -> dict:
 
 def check_export(tmp: Path, model_dir: Path, precision: str, target: str, adapter_path: Path | None, prompts,
                  new_tokens: int, report: dict, out_dir: Path, show: bool, long_context: bool = True) -> dict | None:
-    """Parity against PyTorch where the graph runs here (fp32: ParityError past FP32_PARITY_TOLERANCE) and the
-    serving measurements where it runs on its own target; both go into `report`. Returns the parity report."""
+    """Parity against PyTorch where the graph runs here (fp32: ParityError past FP32_PARITY_TOLERANCE), into
+    `report`. Returns the parity report."""
     parity = None
     provider = None
     if target == "cuda" and not _cuda_available():
@@ -508,13 +509,17 @@ def check_export(tmp: Path, model_dir: Path, precision: str, target: str, adapte
                 f"{parity['greedy_identical']}/{parity['greedy_compared']}. Nothing was written to {out_dir}.",
                 parity,
             )
+    return parity
+
+
+def measure_export(tmp: Path, target: str, report: dict) -> None:
+    """The serving measurements (measurements.json, which `azure spec` sizes the deployment from), where the
+    graph runs on its own target: a CUDA graph timed on the CPU says nothing."""
     if target == "cpu" or _cuda_available():
-        # Only where the graph runs on its own target: a CUDA graph timed on the CPU says nothing.
         from phi3local.export.measure import MEASUREMENTS_FILE, measure_serving
 
         report["measurements"] = measure_serving(tmp)
         write_json(tmp / MEASUREMENTS_FILE, report["measurements"])
-    return parity
 
 
 def _cuda_available() -> bool:

@@ -152,6 +152,6 @@ def longrope_switch_of(config: dict | Path) -> int | None:
     where training batches keep long documents apart, the export writes longrope.json and llama.cpp's
     context must stay at or below it."""
     shape = shape_from_config(config)
-    if shape.rope_type != "longrope":
-        return None
+    if shape.rope_type != "longrope" or shape.original_max_position_embeddings is None:
+        return None  # without the key transformers takes max_position_embeddings: the factors never switch
     return int(shape.original_max_position_embeddings)

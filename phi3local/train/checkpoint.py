@@ -296,6 +296,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+def restore_renamed_checkpoints(run_dir: Path) -> None:
+    """Put back a checkpoint a kill left renamed aside while the same step was saved again
+    (`.step-N.old-*`, folders.replace_dir): before a resume picks its checkpoint, so it sees that step."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for step in {old.name[1:].split(".old-", 1)[0] for old in root.glob(".step-*.old-*")}:
+            folders.settle(root / step)
+
+
 def clean_stale_temporaries(run_dir: Path) -> None:
     """What a crash left in the run folder (call it holding the run's lock: nothing else writes there):
     checkpoints being written, and the adapter's or a re-saved checkpoint's staging (`folders.settle`)."""
@@ -303,9 +312,9 @@ def clean_stale_temporaries(run_dir: Path) -> None:
     if root.is_dir():
         for p in root.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)
-        for old in root.glob(".step-*.old-*"):
-            folders.settle(root / old.name[1:].split(".old-", 1)[0])
+    restore_renamed_checkpoints(run_dir)
     folders.settle(Path(run_dir) / "adapter")
+    shutil.rmtree(Path(run_dir) / ".tmp-adapter", ignore_errors=True)  # the adapter staging folder of earlier releases
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> None:

@@ -304,7 +304,9 @@ def _setup_locked(recipe: Recipe, run_dir: Path, held: ExitStack, resume: bool, 
             check_run_dir(run_dir, resume, overwrite)
         else:
             world.require_shared(run_dir / "recipe.yaml")
-        # Checked before anything in the run folder changes: a refused resume leaves it as it was.
+        if resume and world.is_main:
+            ckpt.restore_renamed_checkpoints(run_dir)  # a repair: a step a kill left renamed aside counts
+        # Checked before anything else in the run folder changes: a refused resume leaves it as it was.
         checkpoint = checkpoint_to_resume(recipe, run_dir, console) if resume else None
         if world.is_main:
             ckpt.clean_stale_temporaries(run_dir)  # safe: the lock says no other process is saving here

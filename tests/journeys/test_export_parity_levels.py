@@ -41,6 +41,8 @@ def test_parity_full_short_and_none_on_a_longrope_model(user):
     assert not (user.cwd / "none" / "parity.json").exists()
     assert json.loads((user.cwd / "none" / "export_report.json").read_text())["parity"] == {"skipped": "--parity none"}
     assert "not measured: --parity none" in " ".join(none.out.split())
+    assert "parity.json" not in none.out  # the details row names only files that exist
+    assert (user.cwd / "none" / "measurements.json").is_file()  # `azure spec` sizes the deployment from it
 
     bad = user.run("export", model, "--out", user.cwd / "bad", "--parity", "half").failed(2)
     assert "invalid choice: 'half'" in bad.out and not (user.cwd / "bad").exists()
