@@ -197,9 +197,7 @@ def merge_adapter(
     adapter_cfg = read_json(adapter_dir / "adapter_config.json")
     task = adapter_cfg.get("task_type") or "CAUSAL_LM"
     base = resolve_base(adapter_cfg.get("base_model_name_or_path"), adapter_dir)
-    base_is_dir = Path(base).is_dir()
-
-    tok_dir = find_tokenizer_dir(adapter_dir, Path(base) if base_is_dir else None)
+    tok_dir = find_tokenizer_dir(adapter_dir, Path(base) if Path(base).is_dir() else None)
     if tok_dir is None:
         raise MergeError(f"no tokenizer.json in {adapter_dir} or the base folder {base}")
     tokenizer = load_hf_tokenizer(tok_dir)
@@ -209,7 +207,20 @@ def merge_adapter(
     from phi3local.model.load import load_adapter
 
     peft_model = load_adapter(model, adapter_dir, MergeError).eval()
-    batches = _prompt_ids(tokenizer, list(prompts or DEFAULT_PROMPTS))
+    merged_model, check = merge_and_verify(peft_model, _prompt_ids(tokenizer, list(prompts or DEFAULT_PROMPTS)),
+                                           device, torch_dtype, verify_tolerance, out_dir)
+    report = {"adapter_dir": str(adapter_dir), "base_model": base, "task_type": task,
+              "dtype": str(torch_dtype).removeprefix("torch."), "device": str(device), **check}
+    write_merged(merged_model, out_dir, overwrite, report, adapter_dir, base, tok_dir, task, t0)
+    log.info("merged model saved to %s (max |diff| %.3g, %.3g x logit scale)", out_dir, report["max_abs_diff"],
+             report["relative_diff"])
+    return report
+
+
+def merge_and_verify(peft_model, batches: list, device: str, torch_dtype, verify_tolerance: float | None,
+                     out_dir: Path):
+    """Merge the adapter into the base weights and compare the merged model's logits with base+adapter's on
+    `batches`: (merged model, the report's check fields); MergeVerificationError over the tolerance."""
     unmerged = _logits(peft_model, batches, device)
     with peft_model.disable_adapter():
         base_only = _logits(peft_model, batches, device)
@@ -222,12 +233,7 @@ def merge_adapter(
     tol_rel = DEFAULT_TOLERANCE[torch_dtype] if verify_tolerance is None else float(verify_tolerance)
     tol_abs = tol_rel * scale
     adapter_effect = max(float((a - b).abs().max()) for a, b in zip(unmerged, base_only))
-    report = {
-        "adapter_dir": str(adapter_dir),
-        "base_model": base,
-        "task_type": task,
-        "dtype": str(torch_dtype).removeprefix("torch."),
-        "device": str(device),
+    check = {
         "prompts": len(batches),
         "max_abs_diff": max_diff,
         "max_abs_diff_per_prompt": per_prompt,
@@ -239,15 +245,21 @@ def merge_adapter(
         # How much the adapter changes the logits; 0 means the adapter is a no-op (e.g. zero-initialised B).
         "adapter_effect_max_abs": adapter_effect,
     }
-    if not report["passed"]:
+    if not check["passed"]:
         raise MergeVerificationError(
             f"merged model differs from base+adapter by {max_diff:.3g} (max |logit diff| over "
             f"{len(batches)} prompts), over the tolerance {tol_abs:.3g} = {tol_rel:g} x logit scale {scale:.3g} "
-            f"for {report['dtype']}; nothing was written to {out_dir}"
+            f"for {str(torch_dtype).removeprefix('torch.')}; nothing was written to {out_dir}"
         )
     if adapter_effect == 0.0:
         log.warning("the adapter does not change the logits at all (untrained or zero-initialised LoRA B)")
+    return merged_model, check
 
+
+def write_merged(merged_model, out_dir: Path, overwrite: bool, report: dict, adapter_dir: Path, base: str,
+                 tok_dir: Path, task: str, started: float) -> None:
+    """The merged folder, whole or not at all: weights, a clean config, the tokenizer, a generation_config with
+    every stop id (causal LMs) and merge_report.json (`report`, completed here)."""
     with staged(out_dir, "merge", overwrite) as tmp:
         merged_model.config.use_cache = True  # training turns it off; inference needs the KV cache
         merged_model.save_pretrained(tmp)
@@ -256,12 +268,9 @@ def merge_adapter(
         if task != "SEQ_CLS":
             report["stop_token_ids"] = _write_generation_config(tmp, adapter_dir, base, tok_dir)
         report["size_bytes"] = dir_size(tmp)
-        report["seconds"] = round(time.perf_counter() - t0, 3)
+        report["seconds"] = round(time.perf_counter() - started, 3)
         report["versions"] = export_versions()
         write_json(tmp / "merge_report.json", report)
-    log.info("merged model saved to %s (max |diff| %.3g, %.3g x logit scale)", out_dir, max_diff,
-             report["relative_diff"])
-    return report
 
 
 def _clean_config(path: Path) -> bool:
