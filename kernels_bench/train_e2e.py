@@ -237,7 +237,7 @@ def child_phi3local(size: str, packing: bool | str, run_dir: str, gradient_check
     variant (experiments behind recommended changes, `--extended`): `bf16_params` = after setup, cast the
     parameters that peft's
     prepare_model_for_kbit_training upcast to fp32 (embeddings, norms, lm_head) back to the compute dtype,
-    so activations stay in bf16 on CUDA; `autocast` = forward_loss under torch.autocast(compute dtype), as
+    so activations stay in bf16 on CUDA; `autocast` = the task's loss under torch.autocast(compute dtype), as
     TRL/Trainer run it (fp32 master weights, bf16 matmuls and attention).
     """
     from phi3local.data.prepare import load_prepared
@@ -297,14 +297,15 @@ def apply_variant(loop, run, variant: str | None) -> None:
             if p.dtype == torch.float32 and "lora_" not in name and p.__class__.__name__ != "Params4bit":
                 p.data = p.data.to(run.loaded.compute_dtype)
     elif variant == "autocast":
-        forward_loss = loop.forward_loss
+        task = run.task  # the object optimizer_step calls: its loss, under autocast, for this run only
+        loss = task.loss
 
-        def autocast_forward_loss(recipe, model, batch, count_correct=False):
+        def autocast_loss(model, batch, **kwargs):
             with torch.autocast(run.device.type, dtype=run.loaded.compute_dtype,
                                 enabled=run.loaded.compute_dtype != torch.float32):
-                return forward_loss(recipe, model, batch, count_correct)
+                return loss(model, batch, **kwargs)
 
-        loop.forward_loss = autocast_forward_loss
+        task.loss = autocast_loss
     elif variant is not None:
         raise ValueError(f"unknown variant {variant}")
 
