@@ -111,11 +111,12 @@ def test_train_e2e_tiny_reports_like_for_like_defaults_and_tuned_rows(tmp_path):
 def test_batch_ceiling_reports_the_bound_batching_could_reach(tmp_path):
     from kernels_bench import batch_ceiling
 
-    assert batch_ceiling.main(["--shapes", "64x1x128", "--precisions", "int4,fp32", "--new-tokens", "6",
+    assert batch_ceiling.main(["--shapes", "64x1x128", "--precisions", "int4,int4:0,fp32", "--new-tokens", "6",
                                "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "batch_ceiling.json").read_text())
-    assert [(r["model"], r["precision"]) for r in doc["rows"]] == [("h64 L1 i128", "int4"), ("h64 L1 i128", "fp32")]
+    assert [r["precision"] for r in doc["rows"]] == ["int4", "int4:0", "fp32"]
+    assert {r["model"] for r in doc["rows"]} == {"h64 L1 i128"}
     for row in doc["rows"]:
         assert row["step_1_s"] > 0 and row["step_8_s"] > 0
         assert abs(row["ceiling"] - 8 * row["step_1_s"] / row["step_8_s"]) < 1e-9
-    assert set(doc["summary"]["ceiling"]) == {"h64 L1 i128 int4", "h64 L1 i128 fp32"}
+    assert set(doc["summary"]["ceiling"]) == {"h64 L1 i128 int4", "h64 L1 i128 int4:0", "h64 L1 i128 fp32"}
