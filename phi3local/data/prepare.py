@@ -424,12 +424,6 @@ def read_stats(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / "stats.json").read_text(encoding="utf-8"))
 
 
-def clean_stale_temporaries(out_dir: Path) -> None:
-    """Remove what a crashed prepare left next to out_dir: `.NAME.tmp-PID-*` of dead processes, and
-    `.NAME.old-*` (restored as out_dir if a crash fell between the two renames)."""
-    folders.settle(out_dir)
-
-
 # ------------------------------------------------------------------------------------------- prepare
 
 
@@ -460,7 +454,7 @@ def prepare(recipe: Recipe, tokenizer, out_dir: str | Path | None = None, consol
     check_system_prompt(recipe)
 
     folders.check_output_dir(out_dir, "prepare", overwrite=True)  # before any work: never someone else's folder
-    clean_stale_temporaries(out_dir)
+    folders.settle(out_dir)  # before the reuse check: an earlier output a crash left renamed aside is reused
     inputs = {name: {"path": shown, "sha256": input_digest(path, shown)} for name, (path, shown) in files.items()}
     key = cache_key(recipe, inputs, tokenizer_fingerprint(tokenizer))
     stats_path = out_dir / "stats.json"
@@ -554,7 +548,6 @@ __all__ = [
     "cache_key",
     "check_max_seq_len",
     "check_system_prompt",
-    "clean_stale_temporaries",
     "demo_file",
     "encode_example",
     "encode_rows",

@@ -347,14 +347,14 @@ def export_onnx(
     stop_ids = collect_stop_ids(model_dir)
 
     with staged(out_dir, "export", overwrite) as tmp:
-        build_seconds = run_builder(builder, base_mod, model_dir, tmp, precision, target, kv, collisions)
+        build_seconds = run_builder(builder, base_mod, model_dir, config, tmp, precision, target, kv, collisions)
         report = {
             "model_dir": str(model_dir),
             "adapter_path": str(adapter_path) if adapter_path else None,
             "precision": precision,
             "target": target,
             "export_seconds": round(build_seconds, 3),
-            **complete_folder(tmp, model_dir, stop_ids),
+            **complete_folder(tmp, model_dir, config, stop_ids),
             "source_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
             "vocab_size": config["vocab_size"],
             "vocab_collision": collisions,
@@ -426,14 +426,13 @@ def check_request(model_dir: Path, precision: str, target: str, vocab_collision:
     return config, collisions
 
 
-def run_builder(builder, base_mod, model_dir: Path, tmp: Path, precision: str, target: str, kv: list[str],
+def run_builder(builder, base_mod, model_dir: Path, hf_config: dict, tmp: Path, precision: str, target: str, kv: list[str],
                 collisions: list[str]) -> float:
     """onnxruntime-genai's model builder from model_dir into tmp, with the project's patches; its output goes to
     tmp/builder.log (and into the error when it fails). Returns the build's seconds."""
     cache = tmp / "_builder_cache"
     log_path = tmp / "builder.log"
     patch = _lm_head_matches_output_embeddings(base_mod) if collisions else contextlib.nullcontext()
-    hf_config = read_json(Path(model_dir) / "config.json")
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
     started = time.perf_counter()
     buf = io.StringIO()
@@ -453,11 +452,11 @@ def run_builder(builder, base_mod, model_dir: Path, tmp: Path, precision: str, t
     return seconds
 
 
-def complete_folder(tmp: Path, model_dir: Path, stop_ids: list[int]) -> dict:
+def complete_folder(tmp: Path, model_dir: Path, config: dict, stop_ids: list[int]) -> dict:
     """What the runtime reads beside the graph: the tokenizer files, the LongRoPE switch and a genai_config with
     every stop id. Returns the report's fields about the folder."""
     tokenizer_files = copy_tokenizer_files(model_dir, tmp)
-    switch = longrope_switch_of(Path(model_dir))
+    switch = longrope_switch_of(config)
     if switch is not None:
         write_json(tmp / LONGROPE_FILE, {"original_max_position_embeddings": switch})
     genai_cfg = _fix_genai_config(tmp, stop_ids)

@@ -19,7 +19,6 @@ TOKENIZER_FILES = (
 )
 
 
-
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     """Copy the tokenizer files byte for byte and make sure tokenizer_config.json carries the chat template.
 

@@ -141,17 +141,18 @@ def longrope_switch(name_or_path: str) -> int | None:
     """The LongRoPE switch point (original_max_position_embeddings) of a local folder or a known Hub id;
     None without LongRoPE or when the model is neither (batching then plans as for plain RoPE)."""
     folder = Path(name_or_path).expanduser()
-    if (folder / "config.json").is_file():
-        return longrope_switch_of(folder)
-    shape = known_shape(name_or_path)
-    return shape.original_max_position_embeddings if shape is not None and shape.rope_type == "longrope" else None
+    shape = shape_from_config(folder) if (folder / "config.json").is_file() else known_shape(name_or_path)
+    return _switch(shape) if shape is not None else None
 
 
 def longrope_switch_of(config: dict | Path) -> int | None:
     """The LongRoPE switch point of a config.json (a path or its parsed dict, either LongRoPE form), else None:
     where training batches keep long documents apart, the export writes longrope.json and llama.cpp's
     context must stay at or below it."""
-    shape = shape_from_config(config)
+    return _switch(shape_from_config(config))
+
+
+def _switch(shape: ModelShape) -> int | None:
     if shape.rope_type != "longrope" or shape.original_max_position_embeddings is None:
         return None  # without the key transformers takes max_position_embeddings: the factors never switch
     return int(shape.original_max_position_embeddings)
